@@ -1,0 +1,153 @@
+"""train.py: it learns, logs, checkpoints, resumes exactly, and runs under torchrun."""
+import argparse
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from conftest import REPO, make_class_folders, tiny_train_args
+
+
+def run_train(*argv):
+    args = train.get_args_parser().parse_args(list(argv))
+    assert train.main(args) == 0
+    return args
+
+
+def scalars(log_dir):
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_end_to_end_learns_writes_checkpoints_and_tensorboard(tiny_data, tmp_path):
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "4", "--ema-decay", "0.9"))
+    best, last = load(tmp_path / "ckpt/best.pth"), load(tmp_path / "ckpt/last.pth")
+    assert last["epoch"] == 4 and last["step"] == 4 * 6  # 48 images / batch 8 = 6 steps an epoch
+    assert best["best_top1"] > 70, best["metrics"]       # 3 classes: chance is 33%
+    assert best["best_weights"] in ("raw", "ema")
+    assert best["classes"] == ["n00000001", "n00000002", "n00000003"]
+    assert best["model_config"]["arch"] == "small"
+    for key in ("model", "ema", "ema_model", "optimizer", "rng", "args", "class_names"):
+        assert best[key] is not None, key
+    tags = scalars(str(tmp_path / "runs/t"))
+    for tag in ("train/loss", "train/top1", "train/lr", "train/images_per_sec", "train/data_wait_fraction",
+                "epoch/train_loss", "epoch/train_top1", "epoch/time_sec", "val/loss", "val/top1", "val/top5",
+                "val_ema/top1", "val_ema/loss"):
+        assert tag in tags, (tag, sorted(tags))
+    steps = [s for s, _ in tags["train/loss"]]
+    assert steps == list(range(1, 25))
+    epoch_losses = [v for _, v in tags["epoch/train_loss"]]
+    assert epoch_losses[-1] < epoch_losses[0]  # the loss falls
+    events = EventAccumulator(str(tmp_path / "runs/t"))
+    events.Reload()
+    assert "train/augmented_batch" in events.Tags()["images"]
+
+
+def test_resume_mid_epoch_gives_the_same_weights_and_steps(tiny_data, tmp_path):
+    common = ["--epochs", "2", "--deterministic", "--ema-decay", "0.99", "--dropout", "0.5"]
+    run_train(*tiny_train_args(tiny_data, tmp_path / "straight", *common))
+    # stop at step 4 (in the middle of epoch 1 of 6 steps), then resume and finish
+    run_train(*tiny_train_args(tiny_data, tmp_path / "split", *common, "--max-steps", "4"))
+    stopped = load(tmp_path / "split/ckpt/last.pth")
+    assert stopped["step"] == 4 and stopped["epoch"] == 0 and stopped["batch_in_epoch"] == 4
+    run_train(*tiny_train_args(tiny_data, tmp_path / "split", *common, "--resume", "auto"))
+
+    a, b = load(tmp_path / "straight/ckpt/last.pth"), load(tmp_path / "split/ckpt/last.pth")
+    assert a["step"] == b["step"] == 12
+    for key in ("model", "ema_model"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    tags_a, tags_b = scalars(str(tmp_path / "straight/runs/t")), scalars(str(tmp_path / "split/runs/t"))
+    for tag in ("train/loss", "val/top1", "epoch/train_loss"):
+        assert [s for s, _ in tags_a[tag]] == [s for s, _ in tags_b[tag]], tag
+    torch.testing.assert_close([v for _, v in tags_a["train/loss"]], [v for _, v in tags_b["train/loss"]])
+
+
+def test_torchrun_two_processes_with_gloo(tmp_path):
+    data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=5)  # 15 val images: uneven
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29512",
+           os.path.join(REPO, "train.py"), *tiny_train_args(data, out, "--epochs", "2", "-b", "4")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load(out / "ckpt/last.pth")
+    assert ckpt["metrics"]["val_images"] == 15          # every validation image counted once, none padded
+    assert ckpt["step"] == 2 * 6                         # 48 images / (4 x 2 processes)
+    assert proc.stdout.count("epoch 2/2: train loss") == 1  # only rank 0 prints
+    assert os.listdir(out / "runs") == ["t"]
+    steps = [s for s, _ in scalars(str(out / "runs/t"))["train/loss"]]
+    assert steps == list(range(1, 13))                   # one writer: no step logged twice
+
+
+def test_bf16_autocast_ema_and_best_weights(tiny_data, tmp_path, monkeypatch):
+    """Best.pth keeps whichever weights scored best and says which; EMA weights really differ from raw."""
+    scores = iter([{"raw": 40.0, "ema": 60.0}, {"raw": 90.0, "ema": 70.0}, {"raw": 50.0, "ema": 55.0}])
+    real_evaluate = train.evaluate
+    current = {}
+
+    def fake_evaluate(model, loader, *args, desc="val", **kwargs):
+        result = real_evaluate(model, loader, *args, desc=desc, **kwargs)
+        if desc == "val":
+            current.update(next(scores))
+        result["top1"] = current["ema" if "ema" in desc else "raw"]
+        return result
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    saved = []
+    real_save = train.save
+    monkeypatch.setattr(train, "save", lambda ctx, epoch, name="last.pth": (saved.append((name, epoch)),
+                                                                              real_save(ctx, epoch, name)))
+    args = run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "3", "--amp", "--ema-decay", "0.9"))
+    assert train.autocast_for(torch.device("cpu"), args)[0]().fast_dtype == torch.bfloat16
+    assert ("best.pth", 1) in saved and ("best.pth", 2) in saved and ("best.pth", 3) not in saved
+    best = load(tmp_path / "ckpt/best.pth")
+    assert best["best_weights"] == "raw" and best["best_top1"] == 90.0 and best["epoch"] == 2
+    diff = max((best["ema_model"][k].float() - best["model"][k].float()).abs().max().item()
+               for k in best["model"] if best["model"][k].is_floating_point())
+    assert diff > 1e-4
+
+
+def test_lr_schedule_warmup_cosine_and_legacy():
+    args = argparse.Namespace(warmup_epochs=1, epochs=10, lr_scheduler="cosine", lr_step_size=3, lr_gamma=0.1)
+    factors = [train.lr_factor(step, 100, args) for step in range(1000)]
+    assert factors[0] == pytest.approx(0.01) and factors[99] == pytest.approx(1.0)
+    assert all(b <= a + 1e-12 for a, b in zip(factors[100:], factors[101:]))  # cosine decays monotonically
+    assert factors[100 + 450] == pytest.approx(0.5, abs=1e-2)
+    args.lr_scheduler, args.warmup_epochs = "legacy", 0
+    assert train.lr_factor(299, 100, args) == 1.0 and train.lr_factor(300, 100, args) == pytest.approx(0.99)
+    assert train.lr_factor(900, 100, args) == pytest.approx(0.99 ** 3)
+    args.lr_scheduler = "step"
+    assert train.lr_factor(350, 100, args) == pytest.approx(0.1)
+
+
+def test_bn_momentum_warm_up_is_a_running_mean_then_the_paper_value():
+    import model as model_lib
+    net = model_lib.build_model("small", 0.5, 10)
+    train.warm_up_bn_momentum(net, 0, 0.01)
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.momentum == 1.0
+    train.warm_up_bn_momentum(net, 9, 0.01)
+    assert bn.momentum == pytest.approx(0.1)
+    train.warm_up_bn_momentum(net, 500, 0.01)
+    assert bn.momentum == 0.01
+
+
+def test_weight_decay_skips_norm_and_bias():
+    import model as model_lib
+    net = model_lib.build_model("small", 0.5, 10)
+    args = train.get_args_parser().parse_args(["--wd", "1e-4"])
+    groups = train.make_optimizer(net, args, torch.device("cpu")).param_groups
+    assert groups[0]["weight_decay"] == 1e-4 and all(p.ndim > 1 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in groups[1]["params"])
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(net.parameters()))

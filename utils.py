@@ -1,0 +1,300 @@
+"""Helpers that are not the training recipe: errors, distributed setup, checkpoints, metrics, RNG, signals.
+
+train.py and evaluate.py import from here; this file imports neither of them.
+"""
+import os
+import pickle
+import random
+import signal
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_FORMAT = "mobilenetv3-torch/1"
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (flags, files). Shown as one line, no traceback."""
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def run_cli(main, args):
+    """Run main(args); turn user errors into one line on stderr and exit code 2."""
+    try:
+        return main(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        cleanup_distributed()
+
+
+# ---------------------------------------------------------------- devices and distributed
+
+def cpu_has_native_bf16():
+    """bf16 autocast on a CPU without AVX512-BF16 or AMX is emulated and about 10x slower than fp32 (measured)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown --device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def cpu_cores():
+    """CPU cores this process may use, shared among the processes torchrun started on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def default_workers():
+    """Data loader processes: this process's share of the CPU cores, at most 8."""
+    return min(8, cpu_cores())
+
+
+def setup_distributed(device_name="auto"):
+    """Initialise torch.distributed when launched by torchrun; returns (rank, world_size, device).
+
+    NCCL on GPUs, Gloo on CPUs. Multi-node works through torchrun's rendezvous (see README).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all ranks (in place) and return it; a no-op in a single process."""
+    if is_distributed():
+        if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
+            cpu = tensor.cpu()
+            dist.all_reduce(cpu)
+            tensor.copy_(cpu)
+        else:
+            dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(obj, src=0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------- metrics
+
+def correct_topk(logits, target, topk=(1, 5)):
+    """Number of samples whose target is within the top-k predictions, for each k (as a float tensor).
+
+    Counts rather than percentages so that sums over batches and ranks are exact.
+    target may be class indices or (mixup/cutmix) soft labels, scored against their argmax.
+    """
+    if target.ndim == 2:
+        target = target.argmax(dim=1)
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hits = pred.eq(target[:, None])
+    return torch.stack([hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]).float()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state, path):
+    """Write a checkpoint atomically: temp file in the same folder, flush + fsync, then rename over the old one.
+
+    A crash at any instant leaves either the old file or the new one, both whole. A failed write
+    (disk full, no permission) raises CheckpointError and leaves the old checkpoint untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp_path = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        tmp_path = None
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                              "the previous checkpoint (if any) is unchanged") from None
+    finally:
+        if tmp_path is not None and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def prepare_output_dir(folder):
+    """Create the checkpoint folder (failing now, not after an epoch) and remove temp files of killed writes."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-")
+        probe.close()
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to --output-dir {folder}: {e.strerror or e}") from None
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (never runs code from the file), with one-line errors."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
+    return obj
+
+
+def is_original_checkpoint(obj):
+    """The 2021 predecessor (ipcvl2021-mobilenetv3-torch-v2) saved model_state_dict/optimizer_state_dict/epoch/loss."""
+    if not isinstance(obj, dict) or "model_state_dict" not in obj:
+        return False
+    keys = obj["model_state_dict"].keys() if isinstance(obj["model_state_dict"], dict) else []
+    return "optimizer_state_dict" in obj or any("bottleneck" in k for k in keys)
+
+
+def check_finite(module):
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------- reproducibility
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """RNG states as plain types and tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_to_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------- signals
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the training loop finishes its step, saves and exits.
+
+    A second Ctrl-C falls back to the default behaviour (stop at once).
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n{self.signal_name} received: finishing this step and saving a checkpoint...",
+              file=sys.stderr, flush=True)
+
+    def __bool__(self):
+        return self.signal_name is not None
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker init: let only the main process handle Ctrl-C/SIGTERM, so it can save cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def flags_markdown(parser):
+    """The README's flag table for an argparse parser (tests/test_docs.py keeps the README in sync with it)."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flags = ", ".join(f"`{flag}`" for flag in action.option_strings)
+        if action.choices:
+            flags += " {" + ",".join(str(c) for c in action.choices) + "}"
+        default = "" if action.default is None or action.default is False else f"`{action.default}`"
+        rows.append(f"| {flags} | {default} | {(action.help or '').replace('|', '/')} |")
+    return "\n".join(rows)
