@@ -415,8 +415,9 @@ def save(ctx, epoch, name="last.pth"):
     """Rank 0 writes; never saves weights that are not finite (a diverged model never replaces a good checkpoint)."""
     if ctx.rank != 0:
         return
-    if not utils.check_finite(ctx.model_without_ddp):
-        print("warning: weights are not finite; keeping the previous checkpoint", file=sys.stderr)
+    if ctx.nonfinite_streak or not utils.check_finite(ctx.model_without_ddp):
+        print(f"warning: {'the last steps had a non-finite loss' if ctx.nonfinite_streak else 'weights are not finite'}"
+              f"; keeping the previous {name}", file=sys.stderr)
         return
     utils.save_checkpoint(checkpoint_state(ctx, epoch), os.path.join(ctx.args.output_dir, name))
 

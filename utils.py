@@ -5,6 +5,7 @@ train.py and evaluate.py import from here; this file imports neither of them.
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -196,8 +197,11 @@ def load_checkpoint(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): {first}") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:  # the file asks to call code on load: refuse it, and never retry without weights_only
+            raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): it references "
+                                  f"{unsafe.group(1)}, which a checkpoint has no reason to contain") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or not a checkpoint)") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,789 @@
+"""ImageNet data for training MobileNetV3: find the image files, decode them, augment them, batch them.
+
+    python dataset.py /path/to/imagenet     # show what is found there, without training
+    python dataset.py                       # make (or reuse) the demo dataset in data/demo and show it
+
+Layouts read by find_dataset(data_path), tried in this order:
+
+1. Kaggle's ILSVRC download: data_path holds ILSVRC/Data/CLS-LOC/train/<synset>/, the flat folder
+   ILSVRC/Data/CLS-LOC/val/, LOC_val_solution.csv and LOC_synset_mapping.txt.
+2. Class folders (torchvision's ImageFolder layout): data_path/train/<class>/<image> and, optionally,
+   data_path/val/<class>/<image>.
+3. A flat validation folder: train/ as in 2, and val/ holding the images directly plus a label file that maps
+   each image file name (with or without its extension) to a class folder name. The label file is looked for
+   in val/, then in data_path, under these names (LABEL_FILE_NAMES):
+       val_labels.csv  val_labels.txt  val.csv  val.txt  labels.csv  labels.txt  LOC_val_solution.csv
+   One image per line, "name,class" (CSV) or "name class" (whitespace separated). A header line is skipped,
+   further columns are ignored, and only the first word of the class column is read, so Kaggle's
+   "ImageId,PredictionString" file reads as well. Labels must be class names: numeric labels (Caffe's val.txt,
+   the devkit's ground truth) are refused, because their numbering depends on a class list we don't have.
+4. The official tar files: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz
+   in data_path and no train/ folder yet. torchvision.datasets.ImageNet extracts them (once; it needs scipy)
+   into train/<synset>/ and val/<synset>/, which are then read as layout 2. Do it with one process
+   (`python dataset.py PATH`) before a multi-process run.
+
+Classes are the sorted names of the training class folders (the order ImageFolder uses). The validation split
+is always mapped onto them by name, so its folder may hold a subset of the classes; a validation class that
+training does not know is an error. Hidden files and folders (".DS_Store", "._x.jpg") and files without an
+image extension (IMAGE_EXTENSIONS) are ignored; images in subfolders of a class folder count for that class.
+
+Listing 1.28 million files is slow on network disks, so the listing of a class-folder split is cached in
+~/.cache/mobilenetv3-torch (or $XDG_CACHE_HOME/mobilenetv3-torch), never in the data folder. The cache is
+reused while the modification times of the split folder and of its class folders are unchanged: adding,
+removing or renaming a file in a class folder invalidates it; changes inside nested subfolders do not.
+"""
+import colorsys
+import csv
+import hashlib
+import io
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from utils import UserError, ignore_stop_signals
+
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # torchvision has announced it will move its decoders to TorchCodec
+    decode_jpeg = None
+
+# torchvision 0.29 marks decode_jpeg deprecated in favour of TorchCodec; it still works and is our fast path.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+NORMS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # mean and std of the 2021 predecessor of this repository, for models trained with it
+    "legacy": ((0.4547857, 0.4349471, 0.40525291), (0.12003352, 0.12323549, 0.1392444)),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LABEL_FILE_NAMES = ("val_labels.csv", "val_labels.txt", "val.csv", "val.txt", "labels.csv", "labels.txt",
+                    "LOC_val_solution.csv")
+ILSVRC_TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar",
+               "devkit": "ILSVRC2012_devkit_t12.tar.gz"}
+KAGGLE_IMAGES = os.path.join("ILSVRC", "Data", "CLS-LOC")
+INDEX_CACHE_VERSION = 1
+# What a broken image file raises: PIL (OSError, SyntaxError, EOFError, DecompressionBombError),
+# libjpeg-turbo through torchvision (RuntimeError), odd headers (ValueError).
+DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+MAX_BAD_IN_A_ROW = 50  # then the data is broken, not a file
+SKIP_COUNTER_SLOTS = 256  # one per DataLoader worker process, plus the main process
+
+
+class DataError(UserError):
+    """A problem with the data that the user has to fix; the message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding the files
+
+
+class FileIndex:
+    """The image files of one split: paths relative to root, and their integer labels.
+
+    Two numpy arrays (fixed-width bytes and int64) rather than Python lists: DataLoader workers are forked,
+    and reading millions of Python objects there updates their reference counts, which copies their memory
+    pages into every worker. A numpy array is one object, so its pages stay shared.
+    """
+
+    def __init__(self, root, paths, labels):
+        self.root = str(root)
+        self.paths = np.asarray(paths, dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def path(self, i):
+        return os.path.join(self.root, os.fsdecode(self.paths[i]))
+
+    def __repr__(self):
+        return f"FileIndex({self.root!r}, {len(self)} images)"
+
+
+@dataclass
+class DataSplits:
+    layout: str  # what find_dataset detected, for the user
+    classes: list  # class ids: the sorted training class-folder names
+    class_names: list  # human-readable names, same order
+    train: FileIndex
+    val: FileIndex | None
+
+
+def find_dataset(data_path, cache_dir=None):
+    """Detect the layout of data_path (see the module docstring) and index its train and val images."""
+    root = existing_folder(data_path, "data folder")
+    kaggle = kaggle_root(root)
+    if kaggle:
+        train_dir = os.path.join(kaggle, KAGGLE_IMAGES, "train")
+        val_dir = os.path.join(kaggle, KAGGLE_IMAGES, "val")
+        train_layout = "Kaggle ILSVRC: ILSVRC/Data/CLS-LOC/train/<synset>/"
+    else:
+        train_dir = os.path.join(root, "train")
+        val_dir = os.path.join(root, "val")
+        train_layout = "class folders: train/<class>/"
+        if not os.path.isdir(train_dir) and has_ilsvrc_tars(root, "train"):
+            extract_ilsvrc_tars(root, [s for s in ("train", "val") if has_ilsvrc_tars(root, s)])
+            train_layout = "ILSVRC2012 tar files, extracted by torchvision into train/<synset>/"
+        if not os.path.isdir(train_dir):
+            raise DataError(f"no train/ folder in {root}: expected train/<class>/<image>, Kaggle's ILSVRC/ "
+                            f"folder or the ILSVRC2012 tar files (layouts: see dataset.py)")
+    classes, train = class_folder_index(train_dir, cache_dir)
+
+    if os.path.isdir(val_dir):
+        val, val_layout = find_val_split(root, classes, cache_dir)
+    else:
+        val, val_layout = None, "no val/ folder"
+
+    synset_names = read_synset_mapping(kaggle or root)
+    if synset_names:
+        class_names = [synset_names.get(name, name) for name in classes]
+    else:
+        class_names = imagenet_class_names(classes)
+    return DataSplits(f"{train_layout}; {val_layout}", classes, class_names, train, val)
+
+
+def find_val_split(data_path, classes, cache_dir=None):
+    """Index the validation images under data_path, labelled by name with the given class list.
+
+    data_path may be the dataset root or the validation folder itself, in any layout of the module docstring.
+    Returns (FileIndex, layout description).
+    """
+    root = existing_folder(data_path, "validation folder")
+    kaggle = kaggle_root(root)
+    if kaggle:
+        val_dir = os.path.join(kaggle, KAGGLE_IMAGES, "val")
+        label_dirs = [val_dir, kaggle]
+    elif os.path.isdir(os.path.join(root, "val")):
+        val_dir = os.path.join(root, "val")
+        label_dirs = [val_dir, root]
+    elif has_ilsvrc_tars(root, "val"):
+        extract_ilsvrc_tars(root, ["val"])
+        val_dir = os.path.join(root, "val")
+        label_dirs = [val_dir]
+    elif os.path.isdir(os.path.join(root, "train")):
+        raise DataError(f"no val/ folder in {root}")
+    else:  # the validation folder itself
+        val_dir = root
+        label_dirs = [root, os.path.dirname(root)]
+
+    visible = [entry for entry in folder_entries(val_dir) if not entry.name.startswith(".")]
+    loose_images = any(is_image_name(entry.name) and entry.is_file() for entry in visible)
+    label_file = find_label_file(label_dirs) if loose_images else None
+    if label_file:
+        index = flat_folder_index(val_dir, label_file, classes)
+        return index, f"flat val/ labelled by {os.path.basename(label_file)}"
+    if any(entry.is_dir() for entry in visible):
+        _, index = class_folder_index(val_dir, cache_dir, classes)
+        return index, "val/<class>/"
+    if loose_images:
+        raise DataError(f"{val_dir} holds images directly but no label file was found "
+                        f"(looked for {', '.join(LABEL_FILE_NAMES)} in {' and '.join(label_dirs)})")
+    raise DataError(f"no images in {val_dir}")
+
+
+def existing_folder(path, what):
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise DataError(f"{what} {path} does not exist")
+    if not os.path.isdir(path):
+        raise DataError(f"{what} {path} is not a folder")
+    if not any(not entry.name.startswith(".") for entry in folder_entries(path)):
+        raise DataError(f"{what} {path} is empty")
+    return path
+
+
+def kaggle_root(folder):
+    """The top folder of Kaggle's download if folder is it or lies inside its ILSVRC/ tree, else None."""
+    folder = os.path.abspath(folder)
+    candidate = folder
+    for _ in range(5):
+        inside = folder == candidate or (folder + os.sep).startswith(os.path.join(candidate, "ILSVRC") + os.sep)
+        if inside and os.path.isdir(os.path.join(candidate, KAGGLE_IMAGES)):
+            return candidate
+        candidate = os.path.dirname(candidate)
+    return None
+
+
+def folder_entries(folder):
+    try:
+        return list(os.scandir(folder))
+    except OSError as error:  # missing, not a folder, no permission
+        raise DataError(f"cannot list folder {folder}: {error.strerror}") from None
+
+
+def is_image_name(name):
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder, prefix=""):
+    """Paths of the image files under folder, relative to it and sorted; subfolders are searched too."""
+    found = []
+    for entry in sorted(folder_entries(folder), key=lambda entry: entry.name):
+        if entry.name.startswith("."):  # .DS_Store, macOS's ._name.jpg, .ipynb_checkpoints
+            continue
+        if entry.is_dir():
+            found += list_images(entry.path, prefix + entry.name + "/")
+        elif is_image_name(entry.name) and entry.is_file():
+            found.append(prefix + entry.name)
+    return found
+
+
+def class_folder_names(split_dir):
+    entries = folder_entries(split_dir)
+    archives = [entry.name for entry in entries if entry.name.endswith(".tar")]
+    if archives:  # torchvision extracts train/<synset>.tar files one by one: an interrupted extraction
+        raise DataError(f"{split_dir} still holds .tar archives ({archives[0]}...): finish extracting them into "
+                        f"class folders, or delete the folder and extract again")
+    return sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
+
+
+def scan_class_folders(split_dir, classes):
+    """(paths relative to split_dir, labels) of the images in split_dir/<class>/ for each class."""
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = list_images(os.path.join(split_dir, name), name + "/")
+        paths += [os.fsencode(path) for path in found]
+        labels += [label] * len(found)
+    return np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
+
+
+def class_folder_index(split_dir, cache_dir=None, classes=None):
+    """(folder classes, FileIndex) of split_dir/<class>/<image>, using the listing cache.
+
+    With classes given, labels are mapped onto that list by name instead of the folder's own order.
+    """
+    folder_classes, paths, labels = cached_class_folder_scan(split_dir, cache_dir)
+    if not folder_classes:
+        raise DataError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>")
+    if len(paths) == 0:
+        raise DataError(f"no image files in the class folders of {split_dir} "
+                        f"(looked for {' '.join(IMAGE_EXTENSIONS)})")
+    if classes is not None:
+        class_ids = {name: i for i, name in enumerate(classes)}
+        unknown = [name for name in folder_classes if name not in class_ids]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise DataError(f"class '{unknown[0]}'{more} in {split_dir} is not one of the "
+                            f"{len(classes)} training classes")
+        labels = np.array([class_ids[name] for name in folder_classes], dtype=np.int64)[labels]
+    return folder_classes, FileIndex(split_dir, paths, labels)
+
+
+def find_label_file(folders):
+    for folder in folders:
+        for name in LABEL_FILE_NAMES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def read_label_file(label_file):
+    """(image name, class name) pairs from lines "name,class,..." or "name class ..."."""
+    pairs = []
+    with open(label_file, newline="", encoding="utf-8", errors="replace") as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = next(csv.reader([line])) if "," in line else line.split()
+            if len(fields) < 2 or not fields[1].split():
+                raise DataError(f"line {line_number} of {label_file} is not 'image,class' or 'image class': "
+                                f"{line[:80]!r}")
+            pairs.append((fields[0].strip(), fields[1].split()[0]))
+    return pairs
+
+
+def flat_folder_index(val_dir, label_file, classes):
+    """FileIndex of the images directly in val_dir, labelled by label_file."""
+    names = sorted(entry.name for entry in folder_entries(val_dir) if is_image_name(entry.name) and entry.is_file())
+    file_of = {}  # file name, and file name without extension -> file name
+    for name in names:
+        file_of[name] = name
+        file_of.setdefault(os.path.splitext(name)[0], name)
+    class_ids = {name: i for i, name in enumerate(classes)}
+
+    label_of = {}
+    for number, (image, class_name) in enumerate(read_label_file(label_file)):
+        image = os.path.basename(image)
+        name = file_of.get(image) or file_of.get(os.path.splitext(image)[0])
+        if class_name not in class_ids:
+            if number == 0 and name is None:  # a header such as "ImageId,PredictionString"
+                continue
+            raise DataError(f"class '{class_name}' of {image} in {label_file} is not one of the "
+                            f"{len(classes)} training classes")
+        if name is not None:  # a line for an image that is not there is fine: a subset of the split
+            label_of[name] = class_ids[class_name]
+
+    unlabelled = [name for name in names if name not in label_of]
+    if unlabelled:
+        raise DataError(f"{len(unlabelled)} images in {val_dir} have no line in {label_file} "
+                        f"(the first: {unlabelled[0]})")
+    return FileIndex(val_dir, [os.fsencode(name) for name in names], [label_of[name] for name in names])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The listing cache
+
+
+def default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mobilenetv3-torch")
+
+
+def cached_class_folder_scan(split_dir, cache_dir=None):
+    """(classes, paths, labels) of split_dir, from the cache while its folders have not changed."""
+    split_dir = os.path.abspath(split_dir)
+    classes = class_folder_names(split_dir)
+    # Adding, removing or renaming a file changes the modification time of the folder that holds it.
+    stamps = [f"{INDEX_CACHE_VERSION} {split_dir} {os.stat(split_dir).st_mtime_ns}"]
+    stamps += [f"{name} {os.stat(os.path.join(split_dir, name)).st_mtime_ns}" for name in classes]
+    fingerprint = hashlib.sha256("\n".join(stamps).encode("utf-8", "surrogateescape")).hexdigest()
+    folder_key = hashlib.sha256(split_dir.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    cache_file = os.path.join(cache_dir or default_cache_dir(), f"index-{folder_key}.npz")
+
+    cached = load_index_cache(cache_file, fingerprint)
+    if cached is not None:
+        return cached
+    paths, labels = scan_class_folders(split_dir, classes)
+    save_index_cache(cache_file, fingerprint, classes, paths, labels)
+    return classes, paths, labels
+
+
+def load_index_cache(cache_file, fingerprint):
+    try:
+        with np.load(cache_file, allow_pickle=False) as saved:
+            if str(saved["fingerprint"]) != fingerprint:
+                return None
+            return [str(name) for name in saved["classes"]], saved["paths"], saved["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # missing, unreadable or corrupt: scan the folders again
+
+
+def save_index_cache(cache_file, fingerprint, classes, paths, labels):
+    partial = f"{cache_file}.{os.getpid()}.partial"
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        with open(partial, "wb") as f:
+            np.savez(f, fingerprint=np.array(fingerprint), classes=np.array(classes, dtype=np.str_),
+                     paths=paths, labels=labels)
+        os.replace(partial, cache_file)  # atomic, so parallel ranks never read half a file
+    except OSError:
+        if os.path.exists(partial):
+            os.remove(partial)
+        # no cache: the next run lists the folders again
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Class names and the ILSVRC2012 tar files
+
+
+def read_synset_mapping(folder):
+    """{synset: names} from Kaggle's LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca"), or {}."""
+    path = os.path.join(folder, "LOC_synset_mapping.txt")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        pairs = [line.strip().split(maxsplit=1) for line in f if line.strip()]
+    return {pair[0]: pair[1] if len(pair) > 1 else pair[0] for pair in pairs}
+
+
+def imagenet_class_names(classes):
+    """Human-readable names for class ids: torchvision's ImageNet categories for the ILSVRC-2012 synsets.
+
+    torchvision lists its 1000 categories in the order of the sorted ILSVRC-2012 synsets but does not ship the
+    synsets. So the categories are used only for exactly 1000 sorted synset-like ids (n + 8 digits) that start
+    and end with the first and last ILSVRC-2012 synsets; any other class list keeps its ids as names.
+    """
+    classes = list(classes)
+    is_ilsvrc = (len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", name) for name in classes)
+                 and classes == sorted(classes) and classes[0] == "n01440764" and classes[-1] == "n15075141")
+    if not is_ilsvrc:
+        return classes
+    from torchvision.models import MobileNet_V3_Large_Weights
+    return list(MobileNet_V3_Large_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def has_ilsvrc_tars(root, split):
+    return all(os.path.isfile(os.path.join(root, ILSVRC_TARS[name])) for name in (split, "devkit"))
+
+
+def extract_ilsvrc_tars(root, splits):
+    """Extract the official tar files into root/<split>/<synset>/ with torchvision.datasets.ImageNet."""
+    try:
+        import scipy.io  # noqa: F401  torchvision reads the devkit's meta.mat with it
+    except ImportError:
+        raise DataError(f"{root} holds the ILSVRC2012 tar files: pip install scipy so that "
+                        f"torchvision.datasets.ImageNet can extract them, or extract them yourself into "
+                        f"train/<synset>/ and val/<synset>/") from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DataError(f"{root} holds the ILSVRC2012 tar files: extract them with one process first: "
+                        f"python dataset.py {root}")
+    from torchvision.datasets import ImageNet
+    for split in splits:
+        print(f"extracting {ILSVRC_TARS[split]} into {os.path.join(root, split)} (once; this takes a while)",
+              file=sys.stderr, flush=True)
+        try:
+            ImageNet(root, split=split)
+        except RuntimeError as error:  # a missing or corrupt archive
+            raise DataError(" ".join(str(error).split())) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image_file(path):
+    """The image at path as a uint8 RGB tensor (3, H, W).
+
+    JPEGs are decoded by libjpeg-turbo through torchvision (faster than PIL, and the result is laid out
+    height-width-channel in memory, which the uint8 resize of RandomResizedCrop is fastest on). Other files,
+    and files whose extension lies (a PNG named .JPEG), go through PIL.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    # Image.open reads only the header: it tells the real format, and applies PIL's decompression-bomb limit
+    # (Image.MAX_IMAGE_PIXELS) to every file, including the JPEGs that decode_jpeg decodes.
+    with Image.open(io.BytesIO(data)) as image:
+        if decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        pixels = np.array(image.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def worker_slot():
+    """Which entry of a per-process counter this process may write: 0 in the main process, then one per worker."""
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else 1 + info.id % (SKIP_COUNTER_SLOTS - 1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of a FileIndex, decoded and transformed: (uint8 tensor (3, H, W), label).
+
+    An item is an index, or (index, sample seed) from EpochSampler: the transform then runs on torch's CPU
+    random generator seeded with it, so augmentation does not depend on which worker loads the sample, and a
+    resumed epoch sees exactly the images it would have seen.
+
+    A file that can't be decoded raises DataError when strict; otherwise it is reported on stderr, counted in
+    `skipped`, and replaced by the next readable file so that the batch keeps its size. A bad file is counted
+    each time it is read (once per epoch).
+    """
+
+    def __init__(self, index, transform, strict=False):
+        self.index = index
+        self.transform = transform
+        self.strict = strict
+        # In shared memory so that counts made in DataLoader workers are seen by the main process; one slot per
+        # process, so no two processes ever write the same number.
+        self.skip_counts = torch.zeros(SKIP_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+
+    def __len__(self):
+        return len(self.index)
+
+    @property
+    def skipped(self):
+        return int(self.skip_counts.sum())
+
+    def __getitem__(self, item):
+        position, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.load(position)
+        if self.transform is not None:
+            if seed is None:
+                image = self.transform(image)
+            else:
+                # fork_rng restores the generator afterwards: with workers=0 this runs in the training process.
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(seed)
+                    image = self.transform(image)
+        return image, label
+
+    def load(self, position):
+        for offset in range(min(MAX_BAD_IN_A_ROW, len(self.index))):
+            i = (position + offset) % len(self.index)
+            path = self.index.path(i)
+            try:
+                return decode_image_file(path), int(self.index.labels[i])
+            except DECODE_ERRORS as error:
+                reason = " ".join(str(error).split()) or type(error).__name__
+                if self.strict:
+                    raise DataError(f"cannot read image {path}: {reason}") from None
+                print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr, flush=True)
+                self.skip_counts[worker_slot()] += 1
+        raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row, from {self.index.path(position)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transforms: they run in the DataLoader workers on uint8 tensors; normalize_batch makes floats on the device.
+
+
+def train_transform(img_size, auto_augment=None, random_erase=0.0, norm="imagenet", min_scale=0.08):
+    """Inception-style random crop and flip, then optionally RandAugment ("ra"), TrivialAugmentWide ("ta_wide")
+    or AutoAugment's ImageNet policy ("imagenet"), then optionally random erasing with probability random_erase.
+    """
+    steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    if auto_augment == "ra":
+        steps.append(v2.RandAugment())
+    elif auto_augment == "ta_wide":
+        steps.append(v2.TrivialAugmentWide())
+    elif auto_augment == "imagenet":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+    elif auto_augment:
+        raise ValueError(f"unknown auto_augment {auto_augment!r}: use 'ra', 'ta_wide' or 'imagenet'")
+    if random_erase > 0:
+        # Erase with the mean colour, which normalize_batch turns into (almost exactly) zero.
+        mean_colour = [round(255 * value) for value in NORMS[norm][0]]
+        steps.append(v2.RandomErasing(p=random_erase, value=mean_colour))
+    return v2.Compose(steps)
+
+
+def val_transform(resize_size, crop_size):
+    """Resize the shorter side to resize_size, then take the centre crop (usually resize = crop / 0.875)."""
+    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)])
+
+
+def normalize_batch(images, mean, std, channels_last=False):
+    """uint8 (N, 3, H, W) batch -> float, scaled to [0, 1] and normalized, on the batch's device."""
+    # (x / 255 - mean) / std, written as (x - 255 mean) * 1 / (255 std): two in-place passes over one new tensor
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    scale = 1 / (torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255)
+    images = images.float().sub_(mean).mul_(scale)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def make_mixup_cutmix(mixup_alpha, cutmix_alpha, num_classes):
+    """A callable (float images, int labels) -> (images, soft labels), or None when both alphas are 0.
+
+    With both, each batch gets either MixUp or CutMix, chosen at random. Apply it to normalized float images.
+    """
+    choices = []
+    if mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and loading
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The order of one rank's samples in an epoch, a function of (seed, epoch) only.
+
+    shuffle=True (training): one permutation per epoch, from a generator seeded with seed + epoch; rank r takes
+    positions r, r + num_replicas, ...; the permutation is padded by wrapping around so that every rank gets
+    the same number of samples (or cut, with drop_last), as DistributedSampler does. Each sample comes with a
+    seed for its augmentation: items are (index, sample seed).
+    shuffle=False (validation): rank r takes indices r, r + num_replicas, ... with no padding, so that every
+    image is counted exactly once; items are plain indices.
+
+    set_epoch(epoch, skip_batches, batch_size) skips the first skip_batches * batch_size samples of this rank
+    without loading them, to resume in the middle of an epoch.
+    """
+
+    def __init__(self, num_samples, shuffle, seed=0, num_replicas=1, rank=0, drop_last=False):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip_batches=0, batch_size=1):
+        self.epoch = epoch
+        self.skip = skip_batches * batch_size
+
+    def rank_length(self):
+        if not self.shuffle:
+            return len(range(self.rank, self.num_samples, self.num_replicas))
+        if self.drop_last:
+            return self.num_samples // self.num_replicas
+        return -(-self.num_samples // self.num_replicas)  # ceiling division
+
+    def __len__(self):
+        return max(0, self.rank_length() - self.skip)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.rank + self.skip * self.num_replicas, self.num_samples, self.num_replicas))
+        total = self.rank_length() * self.num_replicas
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        seeds = torch.randint(0, 2**62, (total,), generator=generator)
+        if total > self.num_samples:  # pad by wrapping around
+            order = order.repeat(-(-total // self.num_samples))
+        mine = slice(self.rank + self.skip * self.num_replicas, total, self.num_replicas)
+        return zip(order[:total][mine].tolist(), seeds[mine].tolist())
+
+
+def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False):
+    """The DataLoader for training (train=True: incomplete last batch dropped) or validation."""
+    worker_options = {}
+    if workers > 0:
+        # Workers stay alive across epochs; 4 batches in flight each is cheap with uint8 images.
+        worker_options = {"persistent_workers": True, "prefetch_factor": 4}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+                      pin_memory=pin_memory,
+                      # Ctrl-C / SIGTERM go to the whole process group: only the training process acts on them
+                      worker_init_fn=ignore_stop_signals,
+                      # seeds torch, random and numpy in each worker the same way every run
+                      generator=torch.Generator().manual_seed(getattr(sampler, "seed", 0)),
+                      **worker_options)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo dataset
+
+
+DEMO_SHAPES = ("circle", "square", "triangle", "cross", "star")
+DEMO_HUES = (0, 72, 144, 216, 288)  # degrees: red, yellow-green, green-cyan, blue, magenta
+DEMO_VERSION = "demo v2"  # change it when the drawing changes, so that old demo folders are regenerated
+DEMO_MARKER = "COMPLETE"
+
+
+def make_demo_dataset(root="data/demo"):
+    """A small dataset of drawn shapes in root/{train,val}/<shape>/*.jpg, made once; returns its path.
+
+    Five classes, 200 training and 50 validation images each, 64x64 px. The same bytes every time (fixed
+    seed), and easy enough that a small MobileNetV3 learns it in about a minute on a CPU.
+    """
+    root = os.path.abspath(root)
+    if demo_is_complete(root):
+        return root
+    if os.path.exists(root) and not set(os.listdir(root)) <= {"train", "val", DEMO_MARKER}:
+        raise DataError(f"{root} exists and is not a demo dataset: move it away or choose another folder")
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    # Written in a temporary folder and renamed when complete, so that an interrupted run leaves no half demo.
+    partial = tempfile.mkdtemp(prefix=".demo-partial-", dir=os.path.dirname(root))
+    try:
+        rng = random.Random(0)
+        for split, per_class in (("train", 200), ("val", 50)):
+            for shape in DEMO_SHAPES:
+                folder = os.path.join(partial, split, shape)
+                os.makedirs(folder)
+                for i in range(per_class):
+                    draw_demo_image(shape, rng).save(os.path.join(folder, f"{shape}_{i:03d}.jpg"), quality=90)
+        with open(os.path.join(partial, DEMO_MARKER), "w") as f:
+            f.write(DEMO_VERSION)
+        if demo_is_complete(root):  # another process (a parallel rank) finished first
+            return root
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete or older demo
+        try:
+            os.rename(partial, root)
+        except OSError:
+            if not demo_is_complete(root):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return root
+
+
+def demo_is_complete(root):
+    try:
+        with open(os.path.join(root, DEMO_MARKER)) as f:
+            return f.read() == DEMO_VERSION
+    except OSError:
+        return False
+
+
+def draw_demo_image(shape, rng, size=64):
+    """One filled shape of random size, position and rotation on a noisy greyish gradient background.
+
+    Each shape has its own hue range (a colour shift of up to 20 degrees around DEMO_HUES) besides its outline:
+    a cue that survives small random crops, so that a MobileNetV3 learns the demo in about a minute on a CPU.
+    """
+    # Background: a gradient between two random low-saturation colours along a random direction, plus noise.
+    start, end = np.array(pale_colour(rng)), np.array(pale_colour(rng))
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    along = (x * np.cos(angle) + y * np.sin(angle) + 1.5) / 3
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 10, (size, size, 3))
+    background = start + along[..., None] * (end - start) + noise
+    image = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+
+    hue = DEMO_HUES[DEMO_SHAPES.index(shape)] + rng.uniform(-20, 20)
+    red, green, blue = colorsys.hsv_to_rgb((hue % 360) / 360, rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0))
+    colour = (round(255 * red), round(255 * green), round(255 * blue))
+    radius = rng.uniform(0.3, 0.45) * size
+    centre_x = size / 2 + rng.uniform(-0.12, 0.12) * size
+    centre_y = size / 2 + rng.uniform(-0.12, 0.12) * size
+    turn = rng.uniform(0, 2 * np.pi)
+
+    def polygon(radii, corners):
+        points = []
+        for k in range(corners):
+            a = turn + 2 * np.pi * k / corners
+            r = radii[k % len(radii)]
+            points.append((centre_x + r * np.cos(a), centre_y + r * np.sin(a)))
+        return points
+
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        r = radius * 0.85
+        draw.ellipse((centre_x - r, centre_y - r, centre_x + r, centre_y + r), fill=colour)
+    elif shape == "square":
+        draw.polygon(polygon([radius], 4), fill=colour)
+    elif shape == "triangle":
+        draw.polygon(polygon([radius], 3), fill=colour)
+    elif shape == "star":
+        draw.polygon(polygon([radius, radius * 0.4], 10), fill=colour)
+    elif shape == "cross":
+        # two long thin bars at right angles
+        centre = np.array([centre_x, centre_y])
+        for bar in (turn, turn + np.pi / 2):
+            along, across = np.array([np.cos(bar), np.sin(bar)]), np.array([-np.sin(bar), np.cos(bar)])
+            corners = [centre + radius * (a * along + 0.3 * b * across)
+                       for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+            draw.polygon([tuple(corner) for corner in corners], fill=colour)
+    else:
+        raise ValueError(f"unknown demo shape {shape!r}")
+    return image
+
+
+def pale_colour(rng):
+    grey = rng.uniform(60, 200)
+    return tuple(grey + rng.uniform(-25, 25) for _ in range(3))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Show what dataset.py finds in a data folder (extracting the "
+                                                 "ILSVRC2012 tar files first if that is what it holds).")
+    parser.add_argument("data_path", nargs="?", help="dataset folder (default: make or reuse data/demo)")
+    parser.add_argument("--cache-dir", default=None, help="where to cache file listings (default: "
+                                                          "$XDG_CACHE_HOME or ~/.cache, /mobilenetv3-torch)")
+    args = parser.parse_args()
+    try:
+        splits = find_dataset(args.data_path or make_demo_dataset(), args.cache_dir)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"layout: {splits.layout}")
+    print(f"classes: {len(splits.classes)}, e.g. " +
+          ", ".join(f"{c} ({n})" for c, n in list(zip(splits.classes, splits.class_names))[:3]))
+    print(f"train: {len(splits.train)} images in {splits.train.root}")
+    print(f"val: {len(splits.val)} images in {splits.val.root}" if splits.val else "val: none")

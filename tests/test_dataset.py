@@ -1,0 +1,554 @@
+"""Tests for dataset.py: the layouts it reads, odd and broken files, sampling, the listing cache, transforms and
+the demo dataset. Every dataset here is a few tiny images generated in tmp_path."""
+import csv
+import inspect
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset  # noqa: E402
+from dataset import DataError  # noqa: E402
+
+# torchvision 0.29 deprecates its decoders (dataset.py silences this, but pytest shows every warning)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: tiny generated images and dataset folders
+
+
+def image_pixels(size=(40, 32), seed=0):
+    """Smooth colour gradients with a little noise: JPEG keeps them close to the original."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    base = rng.integers(0, 160, 3)
+    pixels = base + np.stack([x * 2, y * 2, (x + y)], axis=-1) + rng.integers(0, 8, (height, width, 3))
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def save_image(path, mode="RGB", size=(40, 32), seed=0, format=None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_pixels(size, seed)).convert(mode).save(path, format=format)
+    return path
+
+
+def make_class_folders(split_dir, classes, per_class=2, extension=".jpg"):
+    for label, name in enumerate(classes):
+        for i in range(per_class):
+            save_image(Path(split_dir) / name / f"{name}_{i}{extension}", seed=10 * label + i)
+
+
+def age_folders(root):
+    """Give every folder under root an old modification time, so that any change to it is seen by the cache
+    even within the file system's timestamp granularity."""
+    for folder, _, _ in os.walk(root):
+        os.utime(folder, ns=(10**18, 10**18))
+
+
+@pytest.fixture
+def class_folder_data(tmp_path):
+    root = tmp_path / "data"
+    make_class_folders(root / "train", ["b", "a", "c"])
+    make_class_folders(root / "val", ["c", "a", "b"], per_class=1)
+    return root
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return str(tmp_path / "cache")
+
+
+def labelled_paths(index):
+    return [(os.path.relpath(index.path(i), index.root), int(index.labels[i])) for i in range(len(index))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts and the class mapping
+
+
+def test_class_folder_layout(class_folder_data, cache_dir):
+    splits = dataset.find_dataset(class_folder_data, cache_dir)
+    assert "class folders" in splits.layout
+    assert splits.classes == ["a", "b", "c"]
+    assert splits.classes == torchvision.datasets.ImageFolder(class_folder_data / "train").classes
+    assert splits.class_names == ["a", "b", "c"]
+    assert labelled_paths(splits.train) == [("a/a_0.jpg", 0), ("a/a_1.jpg", 0), ("b/b_0.jpg", 1),
+                                            ("b/b_1.jpg", 1), ("c/c_0.jpg", 2), ("c/c_1.jpg", 2)]
+    assert labelled_paths(splits.val) == [("a/a_0.jpg", 0), ("b/b_0.jpg", 1), ("c/c_0.jpg", 2)]
+    # memory-safe index: numpy arrays, not lists of str
+    assert splits.train.paths.dtype.kind == "S" and splits.train.labels.dtype == np.int64
+
+
+def test_missing_val_folder_gives_no_val_split(tmp_path, cache_dir):
+    make_class_folders(tmp_path / "train", ["a", "b"])
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert splits.val is None and len(splits.train) == 4
+
+
+def test_val_with_a_subset_of_classes_uses_the_training_mapping(tmp_path, cache_dir):
+    make_class_folders(tmp_path / "train", ["a", "b", "c"])
+    make_class_folders(tmp_path / "val", ["c"])
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert labelled_paths(splits.val) == [("c/c_0.jpg", 2), ("c/c_1.jpg", 2)]
+
+
+def test_val_class_unknown_to_training_is_named(tmp_path, cache_dir):
+    make_class_folders(tmp_path / "train", ["a", "b"])
+    make_class_folders(tmp_path / "val", ["a", "zebra"])
+    with pytest.raises(DataError, match="zebra"):
+        dataset.find_dataset(tmp_path, cache_dir)
+
+
+def test_find_val_split_maps_by_name_onto_a_given_class_list(class_folder_data, cache_dir):
+    classes = ["c", "x", "a", "b"]  # another order, and a class the folder does not have
+    for path in (class_folder_data, class_folder_data / "val"):  # dataset root or the val folder itself
+        index, layout = dataset.find_val_split(path, classes, cache_dir)
+        assert labelled_paths(index) == [("a/a_0.jpg", 2), ("b/b_0.jpg", 3), ("c/c_0.jpg", 0)]
+    with pytest.raises(DataError, match="'b'"):
+        dataset.find_val_split(class_folder_data, ["a", "c"], cache_dir)
+
+
+def make_kaggle_layout(root):
+    images = root / "ILSVRC" / "Data" / "CLS-LOC"
+    make_class_folders(images / "train", ["n01443537", "n01440764"], extension=".JPEG")
+    truth = {"ILSVRC2012_val_00000001": "n01440764", "ILSVRC2012_val_00000002": "n01443537",
+             "ILSVRC2012_val_00000003": "n01440764"}
+    for i, name in enumerate(truth):
+        save_image(images / "val" / f"{name}.JPEG", seed=i)
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ImageId", "PredictionString"])
+        for name, synset in truth.items():
+            writer.writerow([name, f"{synset} 10 20 30 40 {synset} 1 2 3 4 "])
+    (root / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\n"
+                                                 "n01443537 goldfish, Carassius auratus\n")
+    return images
+
+
+def test_kaggle_layout(tmp_path, cache_dir):
+    images = make_kaggle_layout(tmp_path)
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert "Kaggle" in splits.layout and "LOC_val_solution.csv" in splits.layout
+    assert splits.classes == ["n01440764", "n01443537"]
+    assert splits.class_names == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+    assert len(splits.train) == 4
+    expected = [("ILSVRC2012_val_00000001.JPEG", 0), ("ILSVRC2012_val_00000002.JPEG", 1),
+                ("ILSVRC2012_val_00000003.JPEG", 0)]
+    assert labelled_paths(splits.val) == expected
+    index, _ = dataset.find_val_split(images / "val", splits.classes, cache_dir)  # the val folder itself
+    assert labelled_paths(index) == expected
+
+
+@pytest.mark.parametrize("label_file, lines, where", [
+    ("val_labels.csv", ["filename,label", "v0.jpg,b", "v1.jpg,a", "v2.jpg,b"], "root"),
+    ("val.txt", ["v0 b", "v1\ta", "", "v2   b"], "val"),
+])
+def test_flat_val_folder_with_a_label_file(tmp_path, cache_dir, label_file, lines, where):
+    make_class_folders(tmp_path / "train", ["a", "b"])
+    for i in range(3):
+        save_image(tmp_path / "val" / f"v{i}.jpg", seed=i)
+    (tmp_path / ("val" if where == "val" else "") / label_file).write_text("\n".join(lines) + "\n")
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert label_file in splits.layout
+    assert labelled_paths(splits.val) == [("v0.jpg", 1), ("v1.jpg", 0), ("v2.jpg", 1)]
+
+
+def test_flat_val_folder_errors(tmp_path, cache_dir):
+    make_class_folders(tmp_path / "train", ["a", "b"])
+    save_image(tmp_path / "val" / "v0.jpg")
+    save_image(tmp_path / "val" / "v1.jpg")
+    with pytest.raises(DataError, match="no label file"):
+        dataset.find_dataset(tmp_path, cache_dir)
+    (tmp_path / "labels.csv").write_text("v0.jpg,a\n")
+    with pytest.raises(DataError, match="v1.jpg"):  # an image without a label
+        dataset.find_dataset(tmp_path, cache_dir)
+    for lines in ["v0.jpg,a\nv1.jpg,walrus\n", "v0.jpg,a\nv1.jpg,b\ngone.jpg,walrus\n"]:
+        (tmp_path / "labels.csv").write_text(lines)
+        with pytest.raises(DataError, match="walrus"):  # a label that is not a training class
+            dataset.find_dataset(tmp_path, cache_dir)
+
+
+def test_ilsvrc_tars_without_scipy_say_how_to_prepare_them(tmp_path, cache_dir, monkeypatch):
+    for name in dataset.ILSVRC_TARS.values():
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "scipy", None)  # makes `import scipy` fail
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(DataError, match=r"pip install scipy.*train/<synset>/ and val/<synset>/") as error:
+        dataset.find_dataset(tmp_path, cache_dir)
+    assert "\n" not in str(error.value)
+
+
+def test_ilsvrc_tars_are_extracted_with_torchvision(tmp_path, cache_dir, monkeypatch):
+    for name in dataset.ILSVRC_TARS.values():
+        (tmp_path / name).write_bytes(b"")
+    extracted = []
+
+    class FakeImageNet:  # stands in for torchvision.datasets.ImageNet, which extracts into <root>/<split>/<wnid>/
+        def __init__(self, root, split):
+            extracted.append(split)
+            make_class_folders(Path(root) / split, ["n01440764", "n01443537"], per_class=1, extension=".JPEG")
+
+    monkeypatch.setattr(torchvision.datasets, "ImageNet", FakeImageNet)
+    monkeypatch.setitem(sys.modules, "scipy", types.ModuleType("scipy"))
+    monkeypatch.setitem(sys.modules, "scipy.io", types.ModuleType("scipy.io"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert extracted == ["train", "val"]
+    assert "tar" in splits.layout and len(splits.train) == 2 and len(splits.val) == 2
+
+
+def test_missing_or_empty_folders_are_one_line_errors(tmp_path, cache_dir):
+    cases = [(tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "is empty"),
+             (tmp_path / "no_train", "no train/ folder"), (tmp_path / "no_classes", "no class folders"),
+             (tmp_path / "no_images", "no image files")]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_train" / "images").mkdir(parents=True)
+    (tmp_path / "no_classes" / "train").mkdir(parents=True)
+    (tmp_path / "no_classes" / "train" / "readme.txt").write_text("hello")
+    (tmp_path / "no_images" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "no_images" / "train" / "a" / "notes.txt").write_text("hello")
+    for path, message in cases:
+        with pytest.raises(DataError, match=message) as error:
+            dataset.find_dataset(path, cache_dir)
+        assert "\n" not in str(error.value)
+
+
+def test_non_image_and_hidden_files_are_ignored(tmp_path, cache_dir):
+    train = tmp_path / "train"
+    save_image(train / "a" / "x.jpg")
+    save_image(train / "a" / "Y.JPEG")
+    save_image(train / "a" / "z.PNG", format="PNG")
+    save_image(train / "a" / "nested" / "w.jpeg")
+    save_image(train / "a" / "._x.jpg")  # macOS resource fork
+    save_image(train / "a" / ".hidden" / "v.jpg")
+    (train / "a" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (train / "a" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (train / "a" / "notes.txt").write_text("not an image")
+    save_image(train / ".ipynb_checkpoints" / "x.jpg")  # a hidden folder is not a class
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert splits.classes == ["a"]
+    assert [path for path, _ in labelled_paths(splits.train)] == ["a/Y.JPEG", "a/nested/w.jpeg", "a/x.jpg",
+                                                                  "a/z.PNG"]
+
+
+def test_imagenet_class_names():
+    synsets = [f"n{number:08d}" for number in range(1440764, 1440764 + 999)] + ["n15075141"]
+    names = dataset.imagenet_class_names(synsets)
+    assert names[0] == "tench" and names[-1] == "toilet tissue" and len(names) == 1000
+    assert dataset.imagenet_class_names(synsets[:999]) == synsets[:999]  # not the 1000 ILSVRC classes
+    assert dataset.imagenet_class_names(["cat", "dog"]) == ["cat", "dog"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding odd files, and bad files
+
+
+@pytest.mark.parametrize("mode, format, name", [
+    ("RGB", "JPEG", "rgb.jpg"), ("L", "JPEG", "gray.jpg"), ("CMYK", "JPEG", "cmyk.jpg"),
+    ("P", "PNG", "palette.png"), ("RGBA", "PNG", "rgba.png"), ("RGB", "PNG", "png_named.JPEG"),
+    ("L", "PNG", "gray.png"), ("RGB", "BMP", "x.bmp"), ("RGB", "TIFF", "x.tiff"), ("RGB", "WEBP", "x.webp"),
+])
+def test_odd_files_decode_to_rgb(tmp_path, mode, format, name):
+    path = save_image(tmp_path / name, mode=mode, format=format)
+    image = dataset.decode_image_file(path)
+    expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 40)
+    assert (image.int() - expected.int()).abs().float().mean() < 1.0
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"  # only in the workspace
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="needs ../shared/data/imagenet-sample")
+def test_real_imagenet_jpegs_decode_like_pil():
+    files = sorted(SAMPLE.glob("*.JPEG"))
+    grayscale = [path for path in files if Image.open(path).mode == "L"]
+    for path in files[:10] + grayscale:
+        expected = np.array(Image.open(path).convert("RGB"))
+        assert np.array_equal(dataset.decode_image_file(path).permute(1, 2, 0).numpy(), expected)
+
+
+def test_palette_with_transparency_decodes(tmp_path):
+    path = tmp_path / "transparent.png"
+    Image.fromarray(image_pixels()).convert("P").save(path, transparency=0)
+    assert dataset.decode_image_file(path).shape == (3, 32, 40)
+
+
+def index_with_bad_files(tmp_path, count, bad):
+    """The index of count images in train/a/, where bad maps position -> 'truncated' or 'empty'."""
+    for i in range(count):
+        path = save_image(tmp_path / "data" / "train" / "a" / f"{i:02d}.jpg", seed=i)
+        if bad.get(i) == "truncated":
+            path.write_bytes(path.read_bytes()[:300])
+        elif bad.get(i) == "empty":
+            path.write_bytes(b"")
+    return dataset.find_dataset(tmp_path / "data", cache_dir=str(tmp_path / "cache")).train
+
+
+def test_bad_files_are_skipped_counted_and_replaced_by_the_next(tmp_path, capsys):
+    index = index_with_bad_files(tmp_path, 4, {1: "truncated", 2: "empty"})
+    images = dataset.ImageFiles(index, transform=None)
+    image, label = images[1]
+    assert torch.equal(image, dataset.decode_image_file(index.path(3)))
+    assert images.skipped == 2
+    warnings = capsys.readouterr().err
+    assert "01.jpg" in warnings and "02.jpg" in warnings
+
+
+def test_skip_count_is_seen_in_the_main_process_with_workers(tmp_path):
+    index = index_with_bad_files(tmp_path, 8, {2: "truncated", 5: "empty"})
+    images = dataset.ImageFiles(index, dataset.val_transform(16, 16))
+    loader = dataset.build_loader(images, dataset.EpochSampler(len(images), shuffle=False), batch_size=4,
+                                  workers=2, train=False)
+    batch_sizes = [len(batch) for batch, _ in loader]
+    assert batch_sizes == [4, 4]
+    assert images.skipped == 2
+
+
+def test_strict_mode_raises_naming_the_file(tmp_path):
+    index = index_with_bad_files(tmp_path, 2, {1: "truncated"})
+    with pytest.raises(DataError, match="01.jpg"):
+        dataset.ImageFiles(index, transform=None, strict=True)[1]
+
+
+def test_decompression_bomb_check_stays_on(tmp_path, monkeypatch):
+    assert not re.search(r"MAX_IMAGE_PIXELS\s*=", inspect.getsource(dataset))  # PIL's limit is left alone
+    jpeg = save_image(tmp_path / "big.jpg")
+    png = save_image(tmp_path / "big.png", format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x32 pixels is then more than twice the limit
+    for path in (jpeg, png):  # the libjpeg-turbo path and the PIL path
+        with pytest.raises(Image.DecompressionBombError):
+            dataset.decode_image_file(path)
+    index = dataset.FileIndex(tmp_path, [b"big.jpg"], [0])
+    with pytest.raises(DataError, match="big.jpg"):
+        dataset.ImageFiles(index, transform=None, strict=True)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EpochSampler and the loader
+
+
+def test_shuffled_order_depends_only_on_seed_and_epoch():
+    def order(seed, epoch):
+        sampler = dataset.EpochSampler(20, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    torch.manual_seed(1)
+    first = order(3, 2)
+    torch.manual_seed(2)  # the global RNG plays no part
+    assert order(3, 2) == first
+    assert order(3, 3) != first and order(4, 2) != first
+    assert sorted(index for index, _ in first) == list(range(20))
+    assert len({seed for _, seed in first}) == 20
+
+
+def test_shuffled_ranks_are_padded_disjoint_and_cover_everything():
+    def rank_indices(num_samples, replicas, drop_last=False):
+        shares = []
+        for rank in range(replicas):
+            sampler = dataset.EpochSampler(num_samples, True, seed=5, num_replicas=replicas, rank=rank,
+                                           drop_last=drop_last)
+            sampler.set_epoch(1)
+            shares.append([index for index, _ in sampler])
+            assert len(sampler) == len(shares[-1])
+        return shares
+
+    shares = rank_indices(12, 3)
+    assert [len(share) for share in shares] == [4, 4, 4]
+    assert sorted(sum(shares, [])) == list(range(12))  # disjoint and covering
+    shares = rank_indices(10, 3)  # padded by wrapping around: two indices come twice
+    assert [len(share) for share in shares] == [4, 4, 4] and set(sum(shares, [])) == set(range(10))
+    assert sorted(np.bincount(sum(shares, []))) == [1] * 8 + [2] * 2
+    shares = rank_indices(10, 3, drop_last=True)
+    assert [len(share) for share in shares] == [3, 3, 3] and len(set(sum(shares, []))) == 9
+
+
+def test_validation_ranks_count_every_image_once_without_padding():
+    shares = [list(dataset.EpochSampler(10, shuffle=False, num_replicas=3, rank=rank)) for rank in range(3)]
+    assert [len(share) for share in shares] == [4, 3, 3]
+    assert sorted(sum(shares, [])) == list(range(10))
+    assert all(isinstance(index, int) for index in shares[0])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_skip_batches_resumes_the_same_sequence(shuffle):
+    sampler = dataset.EpochSampler(23, shuffle, seed=7, num_replicas=2, rank=1)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, skip_batches=2, batch_size=3)
+    assert list(sampler) == full[6:] and len(sampler) == len(full) - 6
+    sampler.set_epoch(5)  # the next epoch starts from its beginning again
+    assert len(list(sampler)) == len(full)
+
+
+def test_augmentation_is_identical_with_0_and_2_workers_and_after_a_resume(tmp_path):
+    make_class_folders(tmp_path / "train", ["a", "b", "c"], per_class=4)
+    splits = dataset.find_dataset(tmp_path, str(tmp_path / "cache"))
+    images = dataset.ImageFiles(splits.train, dataset.train_transform(16, auto_augment="ta_wide",
+                                                                       random_erase=0.5))
+
+    def batches(workers, skip_batches=0):
+        sampler = dataset.EpochSampler(len(images), shuffle=True, seed=1)
+        sampler.set_epoch(3, skip_batches=skip_batches, batch_size=4)
+        return list(dataset.build_loader(images, sampler, batch_size=4, workers=workers, train=True))
+
+    in_process, with_workers = batches(0), batches(2)
+    assert len(in_process) == 3
+    for (images_0, labels_0), (images_2, labels_2) in zip(in_process, with_workers, strict=True):
+        assert torch.equal(images_0, images_2) and torch.equal(labels_0, labels_2)
+    resumed = batches(2, skip_batches=1)
+    for (images_full, _), (images_resumed, _) in zip(in_process[1:], resumed, strict=True):
+        assert torch.equal(images_full, images_resumed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The listing cache
+
+
+@pytest.fixture
+def count_scans(monkeypatch):
+    scans = []
+    scan = dataset.scan_class_folders
+
+    def counting_scan(split_dir, classes):
+        scans.append(split_dir)
+        return scan(split_dir, classes)
+
+    monkeypatch.setattr(dataset, "scan_class_folders", counting_scan)
+    return scans
+
+
+def test_index_cache_is_reused_until_a_folder_changes(tmp_path, cache_dir, count_scans):
+    make_class_folders(tmp_path / "train", ["a", "b"])
+    age_folders(tmp_path)
+    first = dataset.find_dataset(tmp_path, cache_dir)
+    second = dataset.find_dataset(tmp_path, cache_dir)
+    assert len(count_scans) == 1
+    assert labelled_paths(second.train) == labelled_paths(first.train) and second.classes == first.classes
+
+    make_class_folders(tmp_path / "train", ["c"], per_class=1)  # a new class folder
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert len(count_scans) == 2 and splits.classes == ["a", "b", "c"]
+
+    age_folders(tmp_path)
+    dataset.find_dataset(tmp_path, cache_dir)
+    save_image(tmp_path / "train" / "a" / "new.jpg")  # a new file in a class folder
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert len(count_scans) == 4 and len(splits.train) == 6
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, cache_dir, count_scans):
+    make_class_folders(tmp_path / "train", ["a", "b"])
+    dataset.find_dataset(tmp_path, cache_dir)
+    for cache_file in Path(cache_dir).iterdir():
+        cache_file.write_bytes(b"PK\3\4 not a zip file")
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert len(count_scans) == 2 and len(splits.train) == 4
+    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 4 and len(count_scans) == 2
+
+
+def test_read_only_data_folder_and_unwritable_cache(tmp_path, cache_dir):
+    data = tmp_path / "data"
+    make_class_folders(data / "train", ["a", "b"])
+    before = sorted(path for path in data.rglob("*"))
+    for folder, _, _ in os.walk(data):
+        os.chmod(folder, 0o555)
+    try:
+        assert len(dataset.find_dataset(data, cache_dir).train) == 4
+        not_a_folder = tmp_path / "file"
+        not_a_folder.write_text("a file where the cache folder should be")
+        assert len(dataset.find_dataset(data, str(not_a_folder)).train) == 4
+    finally:
+        for folder, _, _ in os.walk(data):
+            os.chmod(folder, 0o755)
+    assert sorted(path for path in data.rglob("*")) == before  # nothing written into the data folder
+    assert list(Path(cache_dir).glob("index-*.npz"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transforms, normalization, MixUp/CutMix
+
+
+@pytest.mark.parametrize("auto_augment", [None, "ra", "ta_wide", "imagenet"])
+def test_train_transform_gives_uint8_crops(auto_augment):
+    image = torch.from_numpy(image_pixels((50, 40))).permute(2, 0, 1)
+    out = dataset.train_transform(32, auto_augment=auto_augment, random_erase=0.25)(image)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+
+
+def test_val_transform_and_unknown_auto_augment():
+    image = torch.from_numpy(image_pixels((50, 40))).permute(2, 0, 1)
+    out = dataset.val_transform(36, 32)(image)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="auto_augment"):
+        dataset.train_transform(32, auto_augment="bogus")
+
+
+@pytest.mark.parametrize("norm", ["imagenet", "legacy"])
+def test_random_erasing_fills_with_the_mean(norm):
+    torch.manual_seed(0)
+    white = torch.full((3, 40, 40), 255, dtype=torch.uint8)
+    erased = dataset.train_transform(32, random_erase=1.0, norm=norm)(white)
+    normalized = dataset.normalize_batch(erased[None], *dataset.NORMS[norm])[0]
+    changed = (erased != 255).any(dim=0)
+    assert changed.any()
+    assert normalized[:, changed].abs().max() < 0.02  # the mean colour, rounded to uint8, normalizes to ~0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_batch_matches_the_formula(channels_last):
+    images = torch.randint(0, 256, (2, 3, 8, 6), dtype=torch.uint8)
+    mean, std = dataset.NORMS["imagenet"]
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    out = dataset.normalize_batch(images, mean, std, channels_last=channels_last)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_mixup_cutmix():
+    assert dataset.make_mixup_cutmix(0.0, 0.0, 10) is None
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 9, 3])
+    for mixup_alpha, cutmix_alpha in [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)]:
+        mixed, soft = dataset.make_mixup_cutmix(mixup_alpha, cutmix_alpha, 10)(images, labels)
+        assert mixed.shape == images.shape and soft.shape == (4, 10)
+        torch.testing.assert_close(soft.sum(dim=1), torch.ones(4))
+    both = dataset.make_mixup_cutmix(0.2, 1.0, 10)  # one of the two, chosen per batch
+    assert sorted(type(transform).__name__ for transform in both.transforms) == ["CutMix", "MixUp"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo dataset
+
+
+def test_demo_dataset_is_deterministic_complete_and_reused(tmp_path, cache_dir):
+    first = Path(dataset.make_demo_dataset(tmp_path / "one"))
+    second = Path(dataset.make_demo_dataset(tmp_path / "two"))
+    files = sorted(path.relative_to(first) for path in first.rglob("*.jpg"))
+    assert files == sorted(path.relative_to(second) for path in second.rglob("*.jpg"))
+    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in files)
+    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # no partial folders left behind
+
+    splits = dataset.find_dataset(first, cache_dir)
+    assert len(splits.classes) == 5 and len(splits.train) == 1000 and len(splits.val) == 250
+    assert Image.open(splits.train.path(0)).size == (64, 64)
+
+    a_file = first / files[0]
+    stamp = a_file.stat().st_mtime_ns
+    assert dataset.make_demo_dataset(first) == str(first) and a_file.stat().st_mtime_ns == stamp  # reused
+    (first / dataset.DEMO_MARKER).unlink()  # as if an older or interrupted run made it
+    a_file.write_bytes(b"")
+    dataset.make_demo_dataset(first)
+    assert a_file.read_bytes() == (second / files[0]).read_bytes()  # regenerated

@@ -1,0 +1,136 @@
+"""evaluate.py: exact metrics, class matching by name, torchvision interop, torchrun equality, report files."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import evaluate
+import utils
+from conftest import REPO, assert_clean_error, run_script
+
+
+def run_eval(*argv):
+    args = evaluate.get_args_parser().parse_args([str(a) for a in argv])
+    assert evaluate.main(args) == 0
+
+
+def test_topk_counts_on_a_hand_checked_case():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0],    # target 1: top-1 hit
+                           [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    # target 4: 5th best -> top-5 hit only
+                           [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    # target 5: worst -> miss
+                           [0.0, 0.0, 0.0, 0.0, 0.2, 0.1]])   # target 5: 2nd best -> top-5 hit
+    target = torch.tensor([1, 4, 5, 5])
+    assert utils.correct_topk(logits, target, (1, 5)).tolist() == [1.0, 3.0]
+    soft = torch.nn.functional.one_hot(target, 6).float() * 0.8 + 0.02  # mixup-style labels score by argmax
+    assert utils.correct_topk(logits, soft, (1, 5)).tolist() == [1.0, 3.0]
+
+
+def test_agrees_with_the_numbers_train_logged(trained, tiny_data, tmp_path):
+    best = torch.load(trained / "ckpt/best.pth", weights_only=True)
+    run_eval(trained / "ckpt/best.pth", "--data-path", tiny_data, "--workers", "0", "--json", tmp_path / "m.json")
+    metrics = json.load(open(tmp_path / "m.json"))
+    prefix = "val_ema_" if best["best_weights"] == "ema" else "val_"
+    assert metrics["weights"] == best["best_weights"]
+    if best["epoch"] == best["metrics"]["epoch"]:
+        assert metrics["top1"] == pytest.approx(best["metrics"][prefix + "top1"], abs=1e-9)
+        assert metrics["top5"] == pytest.approx(best["metrics"][prefix + "top5"], abs=1e-9)
+        assert metrics["loss"] == pytest.approx(best["metrics"][prefix + "loss"], rel=1e-4)
+    assert metrics["top1"] == pytest.approx(best["best_top1"], abs=1e-9)
+    assert metrics["images"] == 18
+
+
+def test_subset_and_reordered_classes_are_scored_by_name(trained, tiny_data, tmp_path):
+    full_csv, subset_csv = tmp_path / "full.csv", tmp_path / "subset.csv"
+    run_eval(trained / "ckpt/best.pth", "--data-path", tiny_data, "--workers", "0", "--per-class", full_csv)
+    # a validation folder with only the 2nd and 3rd classes: folder index 0 is checkpoint class 1
+    subset = tmp_path / "subset"
+    for name in ("n00000002", "n00000003"):
+        shutil.copytree(os.path.join(tiny_data, "val", name), subset / "val" / name)
+    run_eval(trained / "ckpt/best.pth", "--data-path", subset, "--workers", "0", "--per-class", subset_csv)
+    full = {r["class"]: r for r in csv.DictReader(open(full_csv))}
+    part = {r["class"]: r for r in csv.DictReader(open(subset_csv))}
+    assert sorted(part) == ["n00000002", "n00000003"]
+    for name in part:
+        assert part[name]["correct"] == full[name]["correct"] and part[name]["images"] == full[name]["images"]
+    # a class the checkpoint does not know is one clear error
+    os.makedirs(subset / "val" / "n09999999")
+    shutil.copy(next(iter((subset / "val" / "n00000002").iterdir())), subset / "val" / "n09999999" / "x.JPEG")
+    proc = run_script("evaluate.py", trained / "ckpt/best.pth", "--data-path", subset, "--workers", "0")
+    assert_clean_error(proc, "n09999999")
+
+
+@pytest.mark.parametrize("arch", ["large", "small"])
+def test_torchvision_state_dict_gives_torchvisions_logits(tmp_path, arch):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, f"mobilenet_v3_{arch}")(weights=None).eval()
+    for module in reference.modules():  # random BN statistics, so a wrong mapping cannot pass
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    net, info = evaluate.load_model_for_eval(str(tmp_path / "tv.pth"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (net.eval()(x) - reference(x)).abs().max().item() < 1e-5
+    assert info["config"]["arch"] == arch and info["val_resize_size"] == 256 and info["val_crop_size"] == 224
+
+
+def test_two_process_evaluation_equals_one_process(trained, tmp_path):
+    from conftest import make_class_folders
+    data = make_class_folders(tmp_path / "uneven", train_per_class=1, val_per_class=7)  # 21 images: 11 + 10
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run_eval(trained / "ckpt/best.pth", "--data-path", data, "--workers", "0", "-b", "4", "--json", one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
+           os.path.join(REPO, "evaluate.py"), str(trained / "ckpt/best.pth"), "--data-path", data,
+           "--workers", "0", "-b", "4", "--device", "cpu", "--json", str(two)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.load(open(one)), json.load(open(two))
+    assert a["images"] == b["images"] == 21 and b["processes"] == 2
+    assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_report_files_and_predictions(trained, tiny_data, tmp_path):
+    out = {k: tmp_path / k for k in ("m.json", "c.csv", "cm.png")}
+    run_eval(trained / "ckpt/best.pth", "--data-path", tiny_data, "--workers", "0", "--json", out["m.json"],
+             "--per-class", out["c.csv"], "--confusion", out["cm.png"], "--log-dir", tmp_path / "tb")
+    metrics = json.load(open(out["m.json"]))
+    for key in ("top1", "top5", "loss", "images", "classes", "images_per_sec", "batch_latency_ms", "weights"):
+        assert key in metrics, key
+    rows = list(csv.DictReader(open(out["c.csv"])))
+    assert len(rows) == metrics["classes"] == 3
+    assert sum(int(r["images"]) for r in rows) == metrics["images"]
+    assert 100 * sum(int(r["correct"]) for r in rows) / metrics["images"] == pytest.approx(metrics["top1"])
+    picture = Image.open(out["cm.png"])
+    assert picture.size[0] >= 3 and picture.size[0] == picture.size[1]
+    assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
+
+    image = os.path.join(tiny_data, "val", "n00000003", "n00000003_0.JPEG")
+    proc = run_script("evaluate.py", trained / "ckpt/best.pth", "--predict", image, tmp_path / "missing.jpg")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index(image + ":")
+    top = [line.split() for line in lines[at + 1:at + 4]]
+    assert len(top) == 3 and top[0][1] in ("n00000001", "n00000002", "n00000003")
+    assert sum(float(p.rstrip("%")) for p, _ in top) == pytest.approx(100, abs=0.1)
+    assert "missing.jpg: cannot read image" in proc.stdout
+
+
+def test_refuses_the_2021_checkpoint_and_conflicting_flags(trained, tmp_path):
+    original = {"model_state_dict": {"bottleneck_0_0.conv.weight": torch.zeros(1)},
+                "optimizer_state_dict": {}, "epoch": 203, "loss": 1.0}
+    torch.save(original, tmp_path / "original.pth")
+    proc = run_script("evaluate.py", tmp_path / "original.pth")
+    assert_clean_error(proc, "not the paper's MobileNetV3")
+    assert proc.returncode == 2
+    proc = run_script("evaluate.py", trained / "ckpt/best.pth", "--arch", "large")
+    assert_clean_error(proc, "--arch large conflicts")
+    assert proc.returncode == 2

@@ -1,0 +1,227 @@
+"""Reliability: kills, preemption, divergence, failed writes, bad inputs and hostile checkpoints lose nothing."""
+import glob
+import hashlib
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import REPO, assert_clean_error, make_class_folders, run_script, tiny_train_args
+
+# Runs train.main with torch.save slowed down after the bytes are written and before the rename, so a kill can be
+# aimed at the middle of a checkpoint write.
+SLOW_SAVE = """
+import sys, time, torch
+sys.path.insert(0, {repo!r})
+real_save = torch.save
+def slow_save(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    f.flush()
+    time.sleep(0.4)
+torch.save = slow_save
+import train, utils
+sys.exit(utils.run_cli(train.main, train.get_args_parser().parse_args(sys.argv[1:])))
+"""
+
+
+def start_training(argv, slow_save=False):
+    cmd = [sys.executable, "-c", SLOW_SAVE.format(repo=REPO)] if slow_save else [sys.executable, os.path.join(REPO, "train.py")]
+    return subprocess.Popen(cmd + [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+
+
+def wait_for(condition, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def all_checkpoints_load(folder):
+    paths = glob.glob(os.path.join(folder, "*.pth"))
+    for path in paths:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["format"] == utils.CHECKPOINT_FORMAT and "model" in ckpt, path
+    return len(paths)
+
+
+def test_kill_9_at_random_moments_then_resume_auto_finishes_the_run(tiny_data, tmp_path):
+    argv = tiny_train_args(tiny_data, tmp_path, "--epochs", "5", "--resume", "auto")
+    ckpt_dir = tmp_path / "ckpt"
+    rng = random.Random(0)
+    kills = 0
+    # 1) during a checkpoint write: the temp file exists, the rename has not happened yet
+    proc = start_training(argv, slow_save=True)
+    assert wait_for(lambda: glob.glob(str(ckpt_dir / ".tmp-*.pth-*")), timeout=120), proc.communicate()
+    proc.kill(), proc.wait()
+    kills += 1
+    all_checkpoints_load(ckpt_dir)
+    # 2) at random moments
+    for delay in (rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0)):
+        proc = start_training(argv)
+        assert wait_for(lambda: proc.poll() is not None or glob.glob(str(tmp_path / "runs/t/events*")), timeout=120)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        all_checkpoints_load(ckpt_dir)
+    proc = start_training(argv)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert kills >= 2
+    last = torch.load(ckpt_dir / "last.pth", weights_only=True)
+    assert last["epoch"] == 5 and last["step"] == 5 * 6 and last["batch_in_epoch"] == 0
+    assert all_checkpoints_load(ckpt_dir) == 2
+    assert not glob.glob(str(ckpt_dir / ".tmp-*"))  # temp files of killed writes are cleaned up on restart
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    data = make_class_folders(tmp_path / "data", train_per_class=24, val_per_class=2)  # 72 images: 18 steps of 4
+    common = ["--epochs", "2", "-b", "4", "--deterministic", "--ema-decay", "0.99"]
+    straight = run_script("train.py", *tiny_train_args(data, tmp_path / "a", *common))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    proc = start_training(tiny_train_args(data, tmp_path / "b", *common))
+    assert wait_for(lambda: os.path.exists(tmp_path / "b/runs/t") and glob.glob(str(tmp_path / "b/runs/t/events*")))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM received" in out and "--resume auto" in out
+    stopped = torch.load(tmp_path / "b/ckpt/last.pth", weights_only=True)
+    assert stopped["epoch"] == 0 and 0 < stopped["batch_in_epoch"] < 18, "the signal should land inside epoch 1"
+    resumed = run_script("train.py", *tiny_train_args(data, tmp_path / "b", *common, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a = torch.load(tmp_path / "a/ckpt/last.pth", weights_only=True)
+    b = torch.load(tmp_path / "b/ckpt/last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 36
+    for key in ("model", "ema_model"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+
+
+def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    real_step = train.train_step
+    calls = {"n": 0}
+
+    def poisoned_step(*args, **kwargs):
+        logits, loss = real_step(*args, **kwargs)
+        calls["n"] += 1
+        return logits, (loss * float("nan") if calls["n"] in poisoned else loss)
+
+    monkeypatch.setattr(train, "train_step", poisoned_step)
+    poisoned = {3, 4, 5}  # a few bad steps: skipped and counted, training goes on
+    run_args = tiny_train_args(tiny_data, tmp_path, "--epochs", "2")
+    assert train.main(train.get_args_parser().parse_args(run_args)) == 0
+    last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
+    assert last["nonfinite_steps"] == 3 and last["step"] == 12
+    before = hashlib.sha256(open(tmp_path / "ckpt/last.pth", "rb").read()).hexdigest()
+
+    calls["n"], poisoned = 0, set(range(2, 1000))  # then a loss that stays non-finite
+    with pytest.raises(utils.UserError, match="not finite for 20 steps"):
+        train.main(train.get_args_parser().parse_args(run_args + ["--epochs", "6", "--resume", "auto"]))
+    assert hashlib.sha256(open(tmp_path / "ckpt/last.pth", "rb").read()).hexdigest() == before
+
+
+def test_failed_checkpoint_write_is_one_error_and_the_old_file_survives(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": {"w": torch.ones(3)}}, path)
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # some bytes reach the temp file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(utils.CheckpointError, match="No space left on device"):
+        utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}}, path)
+    assert torch.load(path, weights_only=True)["model"]["w"].tolist() == [1, 1, 1]
+    assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
+
+
+def cli(capsys, *argv):
+    """Run train.py's main the way the command line does; returns (exit code, stderr)."""
+    code = utils.run_cli(train.main, train.get_args_parser().parse_args([str(a) for a in argv]))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["-b", "0"], "--batch-size must be at least 1"),
+    (["--width-mult", "0"], "--width-mult must be positive"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--resume", "nowhere.pth"], "--resume file not found"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in"),
+])
+def test_bad_flag_values_are_one_line(tiny_data, tmp_path, capsys, flags, message):
+    code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path), *flags)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_data_folders_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noimages/train/a").mkdir(parents=True)
+    (tmp_path / "noimages/train/a/readme.txt").write_text("not an image")
+    for folder, message in ((tmp_path / "missing", "is not a folder"), (tmp_path / "empty", "empty"),
+                            (tmp_path / "noimages", "no image files")):
+        code, err = cli(capsys, *tiny_train_args(folder, tmp_path / "out"))
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in err.lower(), err
+
+
+def test_resume_from_an_incompatible_or_broken_checkpoint(trained, tiny_data, tmp_path, capsys):
+    last = trained / "ckpt/last.pth"
+    code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path, "--resume", last, "--width-mult", "0.75"))
+    assert code == 2 and "width_mult" in err and err.count("\n") == 1, err
+    code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path, "--resume", last, "--arch", "large"))
+    assert code == 2 and "arch" in err, err
+    (tmp_path / "noise.pth").write_bytes(os.urandom(4096))
+    code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path, "--resume", tmp_path / "noise.pth"))
+    assert code == 2 and "not a readable PyTorch checkpoint" in err, err
+    torch.save({"just": "a dict"}, tmp_path / "other.pth")
+    code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path, "--resume", tmp_path / "other.pth"))
+    assert code == 2 and "not a checkpoint of this project" in err, err
+
+
+class CreatesAFile:
+    """Unpickling this runs code: it would create the file named in `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_malicious_pickle_is_refused_and_runs_nothing(tiny_data, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": CreatesAFile(str(marker))}, tmp_path / "evil.pth")
+    torch.load(tmp_path / "evil.pth", weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+    marker.unlink()
+    proc = run_script("evaluate.py", tmp_path / "evil.pth")
+    assert_clean_error(proc, "refused by the safe loader")
+    assert proc.returncode == 2
+    proc = run_script("train.py", *tiny_train_args(tiny_data, tmp_path / "o", "--resume", tmp_path / "evil.pth"))
+    assert_clean_error(proc, "refused by the safe loader")
+    assert not marker.exists()
+
+
+def test_bad_inputs_from_the_real_command_line_have_no_traceback(tmp_path):
+    proc = run_script("train.py", "--data-path", tmp_path / "nope")
+    assert_clean_error(proc, "is not a folder")
+    proc = run_script("train.py", "--arch", "huge")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("evaluate.py", tmp_path / "nope.pth")
+    assert_clean_error(proc, "checkpoint not found")
