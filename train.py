@@ -514,7 +514,10 @@ def main(args):
     net = model_lib.build_model(args.arch, args.width_mult, num_classes, dropout=args.dropout, bn_momentum=args.bn_momentum)
     params, madds = model_lib.count_params(net), model_lib.count_madds(net, args.img_size)
     if args.pretrained:
-        model_lib.load_pretrained(net, args.pretrained)
+        try:
+            model_lib.load_pretrained(net, args.pretrained)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--pretrained {args.pretrained}: {e}") from None
     if args.sync_bn and world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net.to(device)

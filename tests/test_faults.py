@@ -130,7 +130,8 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tin
 
     calls["n"], poisoned = 0, set(range(2, 1000))  # then a loss that stays non-finite
     with pytest.raises(utils.UserError, match="not finite for 20 steps"):
-        train.main(train.get_args_parser().parse_args(run_args + ["--epochs", "6", "--resume", "auto"]))
+        train.main(train.get_args_parser().parse_args(run_args + ["--epochs", "6", "--resume", "auto",
+                                                                  "--eval-every", "10"]))
     assert hashlib.sha256(open(tmp_path / "ckpt/last.pth", "rb").read()).hexdigest() == before
 
 

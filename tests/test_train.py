@@ -131,16 +131,13 @@ def test_lr_schedule_warmup_cosine_and_legacy():
     assert train.lr_factor(350, 100, args) == pytest.approx(0.1)
 
 
-def test_bn_momentum_warm_up_is_a_running_mean_then_the_paper_value():
+def test_bn_momentum_warm_up_covers_recent_steps_then_the_paper_value():
     import model as model_lib
     net = model_lib.build_model("small", 0.5, 10)
-    train.warm_up_bn_momentum(net, 0, 0.01)
-    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert bn.momentum == 1.0
-    train.warm_up_bn_momentum(net, 9, 0.01)
-    assert bn.momentum == pytest.approx(0.1)
-    train.warm_up_bn_momentum(net, 500, 0.01)
-    assert bn.momentum == 0.01
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for step, expected in ((0, 1.0), (10, 0.5), (90, 0.1), (990, 0.01), (5000, 0.01)):
+        train.warm_up_bn_momentum(net, step, 0.01)
+        assert all(bn.momentum == pytest.approx(expected) for bn in bns), step
 
 
 def test_weight_decay_skips_norm_and_bias():
