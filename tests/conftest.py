@@ -10,7 +10,10 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-torch.set_num_threads(1)  # tests run beside other processes: one thread avoids OpenMP oversubscription
+# Tests run beside other processes: one thread avoids OpenMP oversubscription, and the same thread count in this
+# process and in the scripts it starts keeps float results identical (train.py leaves threads alone when set).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # Three classes a small network separates in a few dozen steps: dominant red, green or blue, with noise.
 COLOURS = {"n00000001": (200, 40, 40), "n00000002": (40, 200, 40), "n00000003": (40, 40, 200)}

@@ -46,7 +46,7 @@ def test_agrees_with_the_numbers_train_logged(trained, tiny_data, tmp_path):
     assert metrics["images"] == 18
 
 
-def test_subset_and_reordered_classes_are_scored_by_name(trained, tiny_data, tmp_path):
+def test_subset_and_reordered_classes_are_scored_by_name(trained, tiny_data, tmp_path, capsys):
     full_csv, subset_csv = tmp_path / "full.csv", tmp_path / "subset.csv"
     run_eval(trained / "ckpt/best.pth", "--data-path", tiny_data, "--workers", "0", "--per-class", full_csv)
     # a validation folder with only the 2nd and 3rd classes: folder index 0 is checkpoint class 1
@@ -62,8 +62,9 @@ def test_subset_and_reordered_classes_are_scored_by_name(trained, tiny_data, tmp
     # a class the checkpoint does not know is one clear error
     os.makedirs(subset / "val" / "n09999999")
     shutil.copy(next(iter((subset / "val" / "n00000002").iterdir())), subset / "val" / "n09999999" / "x.JPEG")
-    proc = run_script("evaluate.py", trained / "ckpt/best.pth", "--data-path", subset, "--workers", "0")
-    assert_clean_error(proc, "n09999999")
+    code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args(
+        [str(trained / "ckpt/best.pth"), "--data-path", str(subset), "--workers", "0"]))
+    assert code == 2 and "n09999999" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["large", "small"])
@@ -124,13 +125,13 @@ def test_report_files_and_predictions(trained, tiny_data, tmp_path):
     assert "missing.jpg: cannot read image" in proc.stdout
 
 
-def test_refuses_the_2021_checkpoint_and_conflicting_flags(trained, tmp_path):
+def test_refuses_the_2021_checkpoint_and_conflicting_flags(trained, tmp_path, capsys):
     original = {"model_state_dict": {"bottleneck_0_0.conv.weight": torch.zeros(1)},
                 "optimizer_state_dict": {}, "epoch": 203, "loss": 1.0}
     torch.save(original, tmp_path / "original.pth")
-    proc = run_script("evaluate.py", tmp_path / "original.pth")
-    assert_clean_error(proc, "not the paper's MobileNetV3")
-    assert proc.returncode == 2
-    proc = run_script("evaluate.py", trained / "ckpt/best.pth", "--arch", "large")
-    assert_clean_error(proc, "--arch large conflicts")
-    assert proc.returncode == 2
+    for argv, message in (([tmp_path / "original.pth"], "not the paper's MobileNetV3"),
+                          ([trained / "ckpt/best.pth", "--arch", "large"], "--arch large conflicts"),
+                          ([trained / "ckpt/best.pth", "--width-mult", "1.0"], "--width-mult 1.0 conflicts")):
+        code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args([str(a) for a in argv]))
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
