@@ -34,6 +34,7 @@ removing or renaming a file in a class folder invalidates it; changes inside nes
 """
 import colorsys
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -556,12 +557,20 @@ def val_transform(resize_size, crop_size):
     return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)])
 
 
+@functools.lru_cache(maxsize=8)
+def normalization_constants(mean, std, device):
+    """255 * mean and 1 / (255 * std), made once per device: a new GPU tensor every batch would be a host-to-device
+    copy that waits for the GPU."""
+    mean_255 = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+    scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+    return mean_255, scale
+
+
 def normalize_batch(images, mean, std, channels_last=False):
     """uint8 (N, 3, H, W) batch -> float, scaled to [0, 1] and normalized, on the batch's device."""
     # (x / 255 - mean) / std, written as (x - 255 mean) * 1 / (255 std): two in-place passes over one new tensor
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    scale = 1 / (torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255)
-    images = images.float().sub_(mean).mul_(scale)
+    mean_255, scale = normalization_constants(tuple(mean), tuple(std), images.device)
+    images = images.float().sub_(mean_255).mul_(scale)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images

@@ -44,7 +44,8 @@ def get_args_parser():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (default: as in training)")
-    parser.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"])
+    parser.add_argument("--amp-dtype", default=None, choices=["auto", "float16", "bfloat16"],
+                        help="default: as in training")
     parser.add_argument("--json", default=None, metavar="FILE", help="write all metrics as JSON")
     parser.add_argument("--per-class", default=None, metavar="FILE", help="write per-class accuracy as CSV")
     parser.add_argument("--confusion", default=None, metavar="FILE.png", help="draw the confusion matrix")
@@ -78,6 +79,7 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
     info = {"classes": list(ckpt["classes"]), "class_names": list(ckpt["class_names"]), "weights": weights,
             "norm": ckpt.get("norm", "imagenet"), "val_resize_size": ckpt.get("val_resize_size"),
             "val_crop_size": ckpt.get("val_crop_size"), "amp": args.get("amp", False),
+            "amp_dtype": args.get("amp_dtype", "auto"),
             "data_path": args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config}
     return net, info
 
@@ -98,7 +100,8 @@ def _load_torchvision(path, state, arch, width_mult, num_classes):
         raise CheckpointError(str(e)) from None
     # torchvision's output i is the i-th class in sorted folder order; the classes come from the data folder.
     info = {"classes": None, "class_names": None, "weights": "torchvision state dict", "norm": "imagenet",
-            "val_resize_size": 256, "val_crop_size": 224, "amp": False, "data_path": None, "epoch": None,
+            "val_resize_size": 256, "val_crop_size": 224, "amp": False, "amp_dtype": "auto", "data_path": None,
+            "epoch": None,
             "config": model_lib.model_config(net)}
     return net, info
 
@@ -183,7 +186,10 @@ def main(args):
     crop = args.val_crop_size or info["val_crop_size"] or 224
     resize = args.val_resize_size or info["val_resize_size"] or round(crop / 0.875)
     use_amp = info["amp"] if args.amp is None else args.amp
-    autocast, _ = autocast_for(device, argparse.Namespace(amp=use_amp, amp_dtype=args.amp_dtype))
+    if args.amp is None and device.type == "cpu" and not utils.cpu_has_native_bf16():
+        use_amp = False  # emulated bf16 is ~10x slower here, as train.py decides too
+    amp_dtype = args.amp_dtype or info["amp_dtype"]
+    autocast, _ = autocast_for(device, argparse.Namespace(amp=use_amp, amp_dtype=amp_dtype))
     config = info["config"]
     say(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, {config['num_classes']} classes, "
         f"{info['weights']} weights | device {device} x{world_size} | {'amp' if use_amp else 'fp32'} | "
@@ -206,7 +212,9 @@ def main(args):
     sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
     loader = dataset.build_loader(val_set, sampler, args.batch_size, args.workers, train=False,
                                   pin_memory=device.type == "cuda")
-    num_classes = len(info["classes"])
+    num_classes = config["num_classes"]  # the model's outputs: may be more than the named classes
+    names = list(info["class_names"]) + [f"<output {i}>" for i in range(len(info["class_names"]), num_classes)]
+    classes = list(info["classes"]) + names[len(info["classes"]):]
     say(f"data: {data_path} ({layout}), {len(val_set)} images")
     start = time.perf_counter()
     result = evaluate(net, loader, device, autocast, norm, num_classes=num_classes, show_progress=rank == 0)
@@ -215,7 +223,7 @@ def main(args):
         return 0
 
     confusion = result.pop("confusion")
-    rows = per_class_rows(confusion, info["classes"], info["class_names"])
+    rows = per_class_rows(confusion, classes, names)
     batches = -(-len(val_set) // (args.batch_size * world_size))
     result.update({"classes": len(rows), "images_per_sec": result["images"] / elapsed,
                    "batch_latency_ms": 1000 * elapsed / max(batches, 1), "weights": info["weights"],
@@ -236,7 +244,7 @@ def main(args):
             writer.writerows((c, n, t, k, f"{a:.4f}") for c, n, t, k, a in rows)
     picture = None
     if args.confusion:
-        picture = draw_confusion(confusion, info["class_names"], args.confusion)
+        picture = draw_confusion(confusion, names, args.confusion)
     if args.log_dir:
         from torch.utils.tensorboard import SummaryWriter
         import numpy as np
@@ -244,7 +252,7 @@ def main(args):
             for key in ("top1", "top5", "loss", "images_per_sec"):
                 writer.add_scalar(f"eval/{key}", result[key], 0)
             if picture is None:
-                picture = draw_confusion(confusion, info["class_names"], os.path.join(args.log_dir, "confusion.png"))
+                picture = draw_confusion(confusion, names, os.path.join(args.log_dir, "confusion.png"))
             writer.add_image("eval/confusion", np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
     return 0
 

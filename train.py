@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -109,7 +110,7 @@ def get_args_parser():
 def validate_args(args):
     """Reject bad values with one line before anything starts."""
     positive = {"--batch-size": args.batch_size, "--accum-steps": args.accum_steps, "--eval-every": args.eval_every,
-                "--print-freq": args.print_freq}
+                "--print-freq": args.print_freq, "--lr-step-size": args.lr_step_size}
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
@@ -137,8 +138,8 @@ def validate_args(args):
                         "--random-erase": args.random_erase, "--max-steps": args.max_steps}.items():
         if not value >= 0:
             raise UserError(f"{flag} must be 0 or more (got {value})")
-    if args.label_smoothing >= 1 or args.random_erase > 1:
-        raise UserError("--label-smoothing must be below 1 and --random-erase at most 1")
+    if args.label_smoothing >= 1 or args.random_erase > 1 or not 0 <= args.dropout < 1:
+        raise UserError("--label-smoothing and --dropout must be below 1, --random-erase at most 1")
     if args.data_path is not None and not os.path.isdir(args.data_path):
         raise UserError(f"--data-path {args.data_path} is not a folder")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
@@ -229,18 +230,32 @@ def train_step(model, images, targets, criterion, scaler, autocast, accum_steps=
 
 
 def optimizer_step(optimizer, scaler, parameters, clip_grad_norm=0.0):
-    """Apply the accumulated gradients. With a GradScaler (CUDA fp16) the scaler itself skips a step whose
-    gradients are not finite; gradients are unscaled before clipping so the norm is the true one."""
-    if clip_grad_norm > 0:
-        if scaler:
-            scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
+    """Apply the accumulated gradients unless they are not finite; returns whether the update was applied.
+
+    The test is on the norm of the gradients of all micro-batches, after DDP's all-reduce, so every rank takes
+    the same decision. Gradients are unscaled first (GradScaler, CUDA fp16) so clipping sees the true norm.
+    Reading the norm is the one host sync per step; on CUDA fp16 the GradScaler makes the same one anyway.
+    """
     if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = nn.utils.get_total_norm(grads)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        if clip_grad_norm > 0:
+            nn.utils.clip_grads_with_norm_(parameters, clip_grad_norm, norm)
+        if scaler:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler:
+        scaler.update()  # after a non-finite step this lowers the loss scale
     optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def sum_dtype(device):
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 @torch.no_grad()
@@ -252,7 +267,7 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
     """
     model.eval()
     mean, std = dataset.NORMS[norm]
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    totals = torch.zeros(4, dtype=sum_dtype(device), device=device)  # loss sum, top-1 hits, top-5 hits, images
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes else None
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
@@ -262,7 +277,7 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
             logits = model(images)
         logits = logits.float()
         totals[0] += criterion(logits, targets)
-        totals[1:3] += utils.correct_topk(logits, targets, (1, 5)).double()
+        totals[1:3] += utils.correct_topk(logits, targets, (1, 5)).to(totals.dtype)
         totals[3] += targets.numel()
         if confusion is not None:
             pred = logits.argmax(dim=1)
@@ -291,7 +306,7 @@ def train_one_epoch(ctx, epoch, start_batch):
     mean, std = dataset.NORMS[a.norm]
     steps_per_epoch = ctx.steps_per_epoch
     window = {"loss": torch.zeros((), device=ctx.device), "top1": torch.zeros((), device=ctx.device), "n": 0}
-    epoch_sum = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, top-1 hits, images
+    epoch_sum = torch.zeros(3, dtype=sum_dtype(ctx.device), device=ctx.device)  # loss sum, top-1 hits, images
     epoch_start = window_start = time.perf_counter()
     data_wait = 0.0
     status = "done"
@@ -311,20 +326,16 @@ def train_one_epoch(ctx, epoch, start_batch):
         is_update = batch % a.accum_steps == 0
         for group, base_lr in zip(optimizer.param_groups, ctx.base_lrs):
             group["lr"] = base_lr * lr_factor(ctx.step, steps_per_epoch, a)
-        if ctx.step * a.bn_momentum <= 10:
+        if ctx.step * a.bn_momentum <= 10 and not a.compile:  # a changing float would recompile every step
             warm_up_bn_momentum(model, ctx.step, a.bn_momentum)
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not is_update else contextlib.nullcontext()
         with sync:
             logits, loss = train_step(model, images, targets, ctx.criterion, ctx.scaler, ctx.autocast, a.accum_steps)
         if is_update:
-            # Non-finite loss: skip the update. Checked on the host every step except with a GradScaler,
-            # which skips non-finite steps itself (and is the only per-step sync on CUDA fp16).
-            finite = True if ctx.scaler else bool(torch.isfinite(loss))
-            if finite:
-                optimizer_step(optimizer, ctx.scaler, model.parameters(), a.clip_grad_norm)
+            # a non-finite loss gives non-finite gradients: that update is skipped and counted
+            if optimizer_step(optimizer, ctx.scaler, ctx.params, a.clip_grad_norm):
                 ctx.nonfinite_streak = 0
             else:
-                optimizer.zero_grad(set_to_none=True)
                 ctx.nonfinite_steps += 1
                 ctx.nonfinite_streak += 1
             if ctx.ema is not None:
@@ -334,7 +345,9 @@ def train_one_epoch(ctx, epoch, start_batch):
         window["loss"] += loss.float()
         window["top1"] += hits
         window["n"] += targets.shape[0]
-        epoch_sum += torch.stack([loss.double() * targets.shape[0], hits.double(), torch.tensor(targets.shape[0], dtype=torch.float64, device=ctx.device)])
+        epoch_sum[0] += loss.to(epoch_sum.dtype) * targets.shape[0]  # no new device tensors: no hidden syncs
+        epoch_sum[1] += hits
+        epoch_sum[2] += targets.shape[0]
         bar.update(1)
         if is_update and ctx.step % a.print_freq == 0:
             # the only host syncs of the loop: once every --print-freq steps
@@ -359,13 +372,15 @@ def train_one_epoch(ctx, epoch, start_batch):
         if ctx.nonfinite_streak >= MAX_NONFINITE_STREAK:
             status = "diverged"
             break
-        if is_update and (ctx.stop or (a.max_steps and ctx.step >= a.max_steps)):
+        # every rank must stop at the same step, whichever of them got the signal
+        if is_update and (utils.any_rank(ctx.stop) or (a.max_steps and ctx.step >= a.max_steps)):
             if batch < len(ctx.loader) + start_batch:
                 status = "stopped"
             ctx.batch_in_epoch = batch
             break
         fetch_start = time.perf_counter()
     bar.close()
+    optimizer.zero_grad(set_to_none=True)  # micro-batches left over when accum_steps does not divide the epoch
     if status == "done":
         ctx.batch_in_epoch = 0
     utils.all_reduce_sum(epoch_sum)
@@ -400,7 +415,8 @@ def checkpoint_state(ctx, epoch):
         "best_weights": ctx.best_weights,
         "metrics": ctx.metrics,
         "nonfinite_steps": ctx.nonfinite_steps,
-        "rng": utils.get_rng_state(),
+        "rng": ctx.rng_states,            # one per rank: each rank's dropout/mixup stream resumes exactly
+        "world_size": ctx.world_size,
         "args": {k: v for k, v in vars(a).items()},
         "classes": list(ctx.classes),
         "class_names": list(ctx.class_names),
@@ -412,14 +428,17 @@ def checkpoint_state(ctx, epoch):
 
 
 def save(ctx, epoch, name="last.pth"):
-    """Rank 0 writes; never saves weights that are not finite (a diverged model never replaces a good checkpoint)."""
+    """Rank 0 writes; never saves weights that are not finite (a diverged model never replaces a good checkpoint).
+    Returns whether the checkpoint was written. Every rank must call it (the RNG states are gathered)."""
+    ctx.rng_states = utils.gather_objects(utils.get_rng_state())
     if ctx.rank != 0:
-        return
+        return True
     if ctx.nonfinite_streak or not utils.check_finite(ctx.model_without_ddp):
         print(f"warning: {'the last steps had a non-finite loss' if ctx.nonfinite_streak else 'weights are not finite'}"
               f"; keeping the previous {name}", file=sys.stderr)
-        return
+        return False
     utils.save_checkpoint(checkpoint_state(ctx, epoch), os.path.join(ctx.args.output_dir, name))
+    return True
 
 
 def resume(ctx, path):
@@ -434,19 +453,33 @@ def resume(ctx, path):
                                         f"this run has {key}={want.get(key)!r}")
     if list(ckpt.get("classes", [])) != list(ctx.classes):
         raise utils.CheckpointError(f"cannot resume from {path}: its class list differs from this dataset's")
+    if ckpt["batch_in_epoch"]:
+        a, saved = ctx.args, ckpt["args"]
+        now = (a.batch_size, a.accum_steps, ctx.world_size)
+        then = (saved["batch_size"], saved["accum_steps"], ckpt.get("world_size", 1))
+        if now != then:
+            raise utils.CheckpointError(f"{path} stopped inside an epoch with batch size, accum steps and processes "
+                                        f"{then}; resume it with the same (this run has {now})")
     ctx.model_without_ddp.load_state_dict(ckpt["model"])
-    ctx.optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:
+        raise utils.CheckpointError(f"cannot resume the optimizer from {path} ({e}); was --opt or --wd-norm-bias "
+                                    "changed?") from None
     if ctx.scaler and ckpt.get("scaler"):
         ctx.scaler.load_state_dict(ckpt["scaler"])
     if ctx.ema is not None and ckpt.get("ema"):
         ctx.ema.load_state_dict(ckpt["ema"])
+        ctx.ema.decay = ctx.args.ema_decay  # the decay given now wins over the saved one
     ctx.step = ckpt["step"]
     ctx.best_top1 = ckpt["best_top1"]
     ctx.best_weights = ckpt["best_weights"]
     ctx.metrics = ckpt.get("metrics", {})
     ctx.nonfinite_steps = ckpt.get("nonfinite_steps", 0)
     ctx.batch_in_epoch = ckpt["batch_in_epoch"]
-    utils.set_rng_state(ckpt["rng"])
+    rng = ckpt["rng"]
+    utils.set_rng_state(rng[ctx.rank] if isinstance(rng, list) and len(rng) == ctx.world_size else
+                        rng[0] if isinstance(rng, list) else rng)
     return ckpt["epoch"]
 
 
@@ -516,8 +549,11 @@ def main(args):
     if args.pretrained:
         try:
             model_lib.load_pretrained(net, args.pretrained)
-        except (ValueError, RuntimeError) as e:
-            raise UserError(f"--pretrained {args.pretrained}: {e}") from None
+        except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+            reason = "not a readable state dict" if isinstance(e, pickle.UnpicklingError) else e
+            raise UserError(f"--pretrained {args.pretrained}: {reason}") from None
+    if args.sync_bn and world_size > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     if args.sync_bn and world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net.to(device)
@@ -528,6 +564,7 @@ def main(args):
     ctx.args, ctx.rank, ctx.world_size, ctx.device, ctx.stop = args, rank, world_size, device, stop
     ctx.classes, ctx.class_names = splits.classes, splits.class_names
     ctx.model_without_ddp = net
+    ctx.params = list(net.parameters())
     ctx.optimizer = make_optimizer(net, args, device)
     ctx.base_lrs = [args.lr for _ in ctx.optimizer.param_groups]
     ctx.ema = make_ema(net, args.ema_decay)
@@ -541,7 +578,8 @@ def main(args):
 
     start_epoch = 0
     resume_path = os.path.join(args.output_dir, "last.pth") if args.resume == "auto" else args.resume
-    if resume_path and os.path.isfile(resume_path):
+    # rank 0 decides, so that every rank resumes or none does (multi-node runs need a shared --output-dir)
+    if utils.broadcast_object(bool(resume_path) and os.path.isfile(resume_path)):
         start_epoch = resume(ctx, resume_path)
         say(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {ctx.step}"
             + (f", batch {ctx.batch_in_epoch} of the epoch" if ctx.batch_in_epoch else ""))
@@ -562,7 +600,7 @@ def main(args):
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps on resume
-        ctx.writer = SummaryWriter(os.path.join(args.log_dir, run_name), purge_step=ctx.step + 1 if ctx.step else None)
+        ctx.writer = SummaryWriter(os.path.join(args.log_dir, run_name), purge_step=ctx.step + 1)
 
     precision = "fp32" if not args.amp else ("fp16 + GradScaler" if ctx.scaler else "bf16 autocast")
     say(f"device {device} x{world_size} | precision {precision} | channels_last {args.channels_last}"
@@ -583,7 +621,7 @@ def main(args):
                             f"training stopped, last good checkpoint kept in {args.output_dir}. "
                             "Try a lower --lr or --clip-grad-norm")
         if status == "stopped":
-            save(ctx, epoch)
+            saved = save(ctx, epoch)
             break
         t = ctx.last_train
         say(f"epoch {epoch + 1}/{args.epochs}: train loss {t['loss']:.4f} top-1 {t['top1']:.2f}% "
@@ -598,8 +636,8 @@ def main(args):
         last_epoch = epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last_epoch:
             validate_and_track_best(ctx, val_loader, val_autocast, epoch)
-        save(ctx, epoch + 1)
-        if stop or (args.max_steps and ctx.step >= args.max_steps):
+        saved = save(ctx, epoch + 1)
+        if utils.any_rank(stop) or (args.max_steps and ctx.step >= args.max_steps):
             status = "stopped"
             break
 
@@ -610,8 +648,11 @@ def main(args):
         ctx.writer.close()
     if status == "stopped":
         why = f"{stop.signal_name} received" if stop else f"--max-steps {args.max_steps} reached"
-        say(f"{why}: saved {os.path.join(args.output_dir, 'last.pth')} at step {ctx.step}. "
-            f"Resume with the same command plus --resume auto")
+        if saved:
+            say(f"{why}: saved {os.path.join(args.output_dir, 'last.pth')} at step {ctx.step}. "
+                f"Resume with the same command plus --resume auto")
+        else:
+            say(f"{why}: the weights were not saved (see the warning); the previous checkpoint is kept")
         return 0
     if rank == 0:
         best = os.path.join(args.output_dir, "best.pth")
@@ -626,6 +667,8 @@ def main(args):
 def validate_and_track_best(ctx, val_loader, autocast, epoch):
     a, net = ctx.args, ctx.model_without_ddp
     show = ctx.rank == 0
+    # DDP syncs BN statistics only at each forward: give every rank rank 0's (the ones saved) before scoring
+    utils.broadcast_tensors(list(net.buffers()) + (list(ctx.ema.shadow_params) if ctx.ema else []))
     results = {"raw": evaluate(net, val_loader, ctx.device, autocast, a.norm, ctx.channels_last, show_progress=show)}
     if ctx.ema is not None:
         with ctx.ema.average_parameters():

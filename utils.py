@@ -2,6 +2,7 @@
 
 train.py and evaluate.py import from here; this file imports neither of them.
 """
+import multiprocessing
 import os
 import pickle
 import random
@@ -31,12 +32,17 @@ def run_cli(main, args):
     try:
         return main(args) or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # an error raised in a DataLoader worker arrives with the worker's traceback: keep its last line
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        print(f"error: {lines[-1].split(': ', 1)[-1] if len(lines) > 1 else str(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        # loader workers ignore SIGTERM (see ignore_stop_signals), so end them here rather than at exit
+        for child in multiprocessing.active_children():
+            child.kill()
         cleanup_distributed()
 
 
@@ -116,6 +122,36 @@ def all_reduce_sum(tensor):
         else:
             dist.all_reduce(tensor)
     return tensor
+
+
+def any_rank(flag):
+    """True on every rank when flag is true on any rank: decisions that change the flow must agree."""
+    if not is_distributed():
+        return bool(flag)
+    box = torch.tensor([float(bool(flag))])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
+def broadcast_tensors(tensors, src=0):
+    """Copy rank src's tensors to every rank (BN statistics drift apart per rank between DDP's broadcasts)."""
+    if is_distributed():
+        for tensor in tensors:
+            if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
+                cpu = tensor.cpu()
+                dist.broadcast(cpu, src)
+                tensor.copy_(cpu)
+            else:
+                dist.broadcast(tensor, src)
+
+
+def gather_objects(obj):
+    """A list with every rank's obj (in rank order); [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def broadcast_object(obj, src=0):

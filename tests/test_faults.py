@@ -114,10 +114,11 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tin
     real_step = train.train_step
     calls = {"n": 0}
 
-    def poisoned_step(*args, **kwargs):
-        logits, loss = real_step(*args, **kwargs)
+    def poisoned_step(model, images, targets, criterion, *args):
         calls["n"] += 1
-        return logits, (loss * float("nan") if calls["n"] in poisoned else loss)
+        if calls["n"] in poisoned:  # a loss that is NaN before backward, so the gradients are NaN too
+            return real_step(model, images, targets, lambda *a: criterion(*a) * float("nan"), *args)
+        return real_step(model, images, targets, criterion, *args)
 
     monkeypatch.setattr(train, "train_step", poisoned_step)
     poisoned = {3, 4, 5}  # a few bad steps: skipped and counted, training goes on
