@@ -40,7 +40,10 @@ def run_cli(main, args):
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        # loader workers ignore SIGTERM (see ignore_stop_signals), so end them here rather than at exit
+        # loader workers ignore SIGTERM (see ignore_stop_signals), so end them here rather than at exit, after
+        # taking back the DataLoader's SIGCHLD handler, which would report their end as an error
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for child in multiprocessing.active_children():
             child.kill()
         cleanup_distributed()
