@@ -169,11 +169,11 @@ def predict(net, paths, crop, resize, norm, device, class_names, topk=5):
 
 
 def main(args):
-    if args.workers is None:
-        args.workers = utils.default_workers()
-    if args.batch_size < 1 or args.workers < 0:
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch-size must be at least 1 and --workers 0 or more")
     rank, world_size, device = utils.setup_distributed(args.device)
+    if args.workers is None:
+        args.workers = utils.default_workers(device)
     say = print if rank == 0 else (lambda *a, **k: None)
     net, info = load_model_for_eval(args.checkpoint, args.weights, args.arch, args.width_mult, args.num_classes)
     data_path = args.data_path or info["data_path"]

@@ -83,9 +83,11 @@ def cpu_cores():
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def default_workers():
-    """Data loader processes: this process's share of the CPU cores, at most 8."""
-    return min(8, cpu_cores())
+def default_workers(device=None):
+    """Data loader processes: this process's share of the CPU cores, at most 8. When the model also trains on the
+    CPU, half of them (measured on 2 cores: 1 worker + 2 compute threads 21.3 img/s, 2 workers 19.6)."""
+    cores = cpu_cores()
+    return max(1, min(8, cores // 2 if device is not None and device.type == "cpu" else cores))
 
 
 def setup_distributed(device_name="auto"):
