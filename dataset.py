@@ -32,15 +32,18 @@ Listing 1.28 million files is slow on network disks, so the listing of a class-f
 reused while the modification times of the split folder and of its class folders are unchanged: adding,
 removing or renaming a file in a class folder invalidates it; changes inside nested subfolders do not.
 """
+import atexit
 import colorsys
 import csv
 import functools
 import hashlib
 import io
+import multiprocessing
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -646,6 +649,17 @@ class EpochSampler(torch.utils.data.Sampler):
             order = order.repeat(-(-total // self.num_samples))
         mine = slice(self.rank + self.skip * self.num_replicas, total, self.num_replicas)
         return zip(order[:total][mine].tolist(), seeds[mine].tolist())
+
+
+def end_loader_workers():
+    """Workers ignore SIGTERM (ignore_stop_signals), which is what multiprocessing sends them at exit: end them first."""
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would call their end an error
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
+atexit.register(end_loader_workers)  # runs before multiprocessing's own exit handler (registered earlier)
 
 
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False):

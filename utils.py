@@ -2,7 +2,6 @@
 
 train.py and evaluate.py import from here; this file imports neither of them.
 """
-import multiprocessing
 import os
 import pickle
 import random
@@ -40,13 +39,7 @@ def run_cli(main, args):
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        # loader workers ignore SIGTERM (see ignore_stop_signals), so end them here rather than at exit, after
-        # taking back the DataLoader's SIGCHLD handler, which would report their end as an error
-        if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for child in multiprocessing.active_children():
-            child.kill()
-        cleanup_distributed()
+        cleanup_distributed()  # loader workers are ended at exit by dataset.end_loader_workers
 
 
 # ---------------------------------------------------------------- devices and distributed

@@ -1,0 +1,25 @@
+"""benchmark.py runs end to end on tiny settings and writes every figure (speed is not checked here)."""
+import json
+
+import benchmark
+
+FIGURES = ("model_only", "model_only_channels_last_on", "torchvision", "ours_width_1", "ours_vs_torchvision",
+           "full_pipeline", "loader_ours", "loader_ours_normalized", "loader_imagefolder", "loader_vs_imagefolder",
+           "index_cold", "index_cached", "index_imagefolder", "workers_uss_FileIndex", "workers_uss_list",
+           "evaluation", "peak_rss_main", "peak_rss_workers", "precision_fp32", "precision_bf16", "adam_foreach",
+           "adam_for-loop", "adam_fused", "ema_update_torch-ema", "ema_update_one_foreach_lerp")
+
+
+def test_benchmark_writes_every_figure(tiny_data, tmp_path):
+    out = tmp_path / "bench.json"
+    args = benchmark.get_args_parser().parse_args([
+        "--data-path", tiny_data, "--device", "cpu", "--arch", "small", "--width-mult", "0.5", "-b", "4",
+        "--img-size", "32", "--workers", "1", "--threads", "1", "--windows", "1", "--steps", "1",
+        "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--json", str(out)])
+    assert benchmark.main(args) == 0
+    assert not benchmark.child_pids()  # every loader closed: no worker left (they ignore SIGTERM) to block exit
+    result = json.loads(out.read_text())
+    missing = [key for key in FIGURES if key not in result["figures"]]
+    assert not missing, missing
+    assert result["figures"]["full_pipeline"]["median"] > 0
+    assert result["figures"]["ours_vs_torchvision"]["ratio"] > 0
