@@ -320,6 +320,8 @@ def train_one_epoch(ctx, epoch, start_batch):
             images, targets = ctx.mixup(images, targets)
         if ctx.step == 0 and batch == 0 and ctx.writer:
             log_augmented_images(ctx.writer, images, mean, std)
+        if batch % a.accum_steps == 0:  # first micro-batch of an update: remember the BN statistics
+            torch._foreach_copy_(ctx.bn_backup, ctx.bn_buffers)
         batch += 1
         is_update = batch % a.accum_steps == 0
         for group, base_lr in zip(optimizer.param_groups, ctx.base_lrs):
@@ -334,6 +336,8 @@ def train_one_epoch(ctx, epoch, start_batch):
             if optimizer_step(optimizer, ctx.scaler, ctx.params, a.clip_grad_norm):
                 ctx.nonfinite_streak = 0
             else:
+                # the forward passes already moved the BN running statistics (maybe to NaN): take them back
+                torch._foreach_copy_(ctx.bn_buffers, ctx.bn_backup)
                 ctx.nonfinite_steps += 1
                 ctx.nonfinite_streak += 1
             if ctx.ema is not None:
@@ -561,6 +565,8 @@ def main(args):
     ctx.classes, ctx.class_names = splits.classes, splits.class_names
     ctx.model_without_ddp = net
     ctx.params = list(net.parameters())
+    ctx.bn_buffers = [b for b in net.buffers() if b.is_floating_point()]
+    ctx.bn_backup = [b.detach().clone() for b in ctx.bn_buffers]
     ctx.optimizer = make_optimizer(net, args, device)
     ctx.base_lrs = [args.lr for _ in ctx.optimizer.param_groups]
     ctx.ema = make_ema(net, args.ema_decay)

@@ -116,8 +116,8 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tin
 
     def poisoned_step(model, images, targets, criterion, *args):
         calls["n"] += 1
-        if calls["n"] in poisoned:  # a loss that is NaN before backward, so the gradients are NaN too
-            return real_step(model, images, targets, lambda *a: criterion(*a) * float("nan"), *args)
+        if calls["n"] in poisoned:  # NaN inputs: NaN activations (and BN statistics), loss and gradients
+            return real_step(model, images * float("nan"), targets, criterion, *args)
         return real_step(model, images, targets, criterion, *args)
 
     monkeypatch.setattr(train, "train_step", poisoned_step)
@@ -126,6 +126,7 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tin
     assert train.main(train.get_args_parser().parse_args(run_args)) == 0
     last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
     assert last["nonfinite_steps"] == 3 and last["step"] == 12
+    assert all(torch.isfinite(v).all() for v in last["model"].values())  # BN statistics were taken back
     before = hashlib.sha256(open(tmp_path / "ckpt/last.pth", "rb").read()).hexdigest()
 
     calls["n"], poisoned = 0, set(range(2, 1000))  # then a loss that stays non-finite
