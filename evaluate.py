@@ -171,6 +171,9 @@ def predict(net, paths, crop, resize, norm, device, class_names, topk=5):
 def main(args):
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch-size must be at least 1 and --workers 0 or more")
+    for path in (args.json, args.per_class, args.confusion):  # fail now, not after a long evaluation
+        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise UserError(f"cannot write {path}: its folder does not exist or is not writable")
     rank, world_size, device = utils.setup_distributed(args.device)
     if args.workers is None:
         args.workers = utils.default_workers(device)
@@ -219,6 +222,7 @@ def main(args):
     start = time.perf_counter()
     result = evaluate(net, loader, device, autocast, norm, num_classes=num_classes, show_progress=rank == 0)
     elapsed = time.perf_counter() - start
+    skipped = int(utils.all_reduce_sum(torch.tensor([val_set.skipped]))[0])  # every rank's unreadable files
     if rank != 0:
         return 0
 
@@ -228,7 +232,7 @@ def main(args):
     result.update({"classes": len(rows), "images_per_sec": result["images"] / elapsed,
                    "batch_latency_ms": 1000 * elapsed / max(batches, 1), "weights": info["weights"],
                    "checkpoint": args.checkpoint, "data_path": data_path, "resize": resize, "crop": crop,
-                   "norm": norm, "amp": bool(use_amp), "processes": world_size, "skipped_images": val_set.skipped})
+                   "norm": norm, "amp": bool(use_amp), "processes": world_size, "skipped_images": skipped})
     print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
           f"({result['images']} images, {result['classes']} classes, {result['images_per_sec']:.0f} img/s, "
           f"{result['batch_latency_ms']:.1f} ms/batch)")
