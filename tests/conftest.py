@@ -81,3 +81,8 @@ def trained(tiny_data, tmp_path_factory):
     args = train.get_args_parser().parse_args(tiny_train_args(tiny_data, out, "--epochs", "3", "--ema-decay", "0.9"))
     assert train.main(args) == 0
     return out
+
+
+def pytest_configure(config):
+    # dataset.py silences torchvision 0.29's deprecation notice for decode_jpeg; pytest resets filters per test
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision")
