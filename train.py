@@ -419,7 +419,7 @@ def checkpoint_state(ctx, epoch):
         "nonfinite_steps": ctx.nonfinite_steps,
         "rng": ctx.rng_states,            # one per rank: each rank's dropout/mixup stream resumes exactly
         "world_size": ctx.world_size,
-        "args": {k: v for k, v in vars(a).items()},
+        "args": dict(vars(a)),
         "classes": list(ctx.classes),
         "class_names": list(ctx.class_names),
         "norm": a.norm,
@@ -613,9 +613,7 @@ def main(args):
         f"x {world_size} = {args.batch_size * args.accum_steps * world_size} | {ctx.steps_per_epoch} steps/epoch, "
         f"{args.epochs} epochs")
 
-    val_autocast = ctx.autocast
     status = "done"
-    epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
         status = train_one_epoch(ctx, epoch, ctx.batch_in_epoch)
         if status == "diverged":
@@ -637,7 +635,7 @@ def main(args):
             say(f"warning: {skipped} unreadable image(s) skipped so far (see the lines above)")
         last_epoch = epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last_epoch:
-            validate_and_track_best(ctx, val_loader, val_autocast, epoch)
+            validate_and_track_best(ctx, val_loader, ctx.autocast, epoch)
         saved = save(ctx, epoch + 1)
         if utils.any_rank(stop) or (args.max_steps and ctx.step >= args.max_steps):
             status = "stopped"
@@ -686,14 +684,14 @@ def validate_and_track_best(ctx, val_loader, autocast, epoch):
     which = max(results, key=lambda k: (results[k]["top1"], k == "ema"))  # ties go to the EMA
     top1 = results[which]["top1"]
     is_best = top1 > ctx.best_top1
+    if is_best:
+        ctx.best_top1, ctx.best_weights = top1, which
     ctx.metrics = {"val_top1": results["raw"]["top1"], "val_top5": results["raw"]["top5"],
-                   "val_loss": results["raw"]["loss"], "val_images": results["raw"]["images"], "epoch": epoch + 1}
+                   "val_loss": results["raw"]["loss"], "val_images": results["raw"]["images"], "epoch": epoch + 1,
+                   "best_top1": ctx.best_top1}
     if "ema" in results:
         ctx.metrics.update({"val_ema_top1": results["ema"]["top1"], "val_ema_top5": results["ema"]["top5"],
                             "val_ema_loss": results["ema"]["loss"]})
-    if is_best:
-        ctx.best_top1, ctx.best_weights = top1, which
-    ctx.metrics["best_top1"] = ctx.best_top1
     if is_best:
         save(ctx, epoch + 1, "best.pth")
     if ctx.rank == 0:

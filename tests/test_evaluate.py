@@ -13,7 +13,7 @@ from PIL import Image
 
 import evaluate
 import utils
-from conftest import REPO, assert_clean_error, run_script
+from conftest import REPO, run_script
 
 
 def run_eval(*argv):

@@ -2,7 +2,6 @@
 import glob
 import hashlib
 import os
-import pickle
 import random
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """train.py: it learns, logs, checkpoints, resumes exactly, and runs under torchrun."""
 import argparse
-import glob
 import os
 import subprocess
 import sys
