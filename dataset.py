@@ -34,6 +34,7 @@ removing or renaming a file in a class folder invalidates it; changes inside nes
 """
 import atexit
 import colorsys
+import contextlib
 import csv
 import functools
 import hashlib
@@ -82,6 +83,8 @@ INDEX_CACHE_VERSION = 1
 # What a broken image file raises: PIL (OSError, SyntaxError, EOFError, DecompressionBombError),
 # libjpeg-turbo through torchvision (RuntimeError), odd headers (ValueError).
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What is not the file's fault when decoding on a GPU: never reported as a bad image
+DEVICE_FAILURES = (torch.OutOfMemoryError,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ())
 MAX_BAD_IN_A_ROW = 50  # then the data is broken, not a file
 SKIP_COUNTER_SLOTS = 256  # one per DataLoader worker process, plus the main process
 
@@ -452,22 +455,30 @@ def extract_ilsvrc_tars(root, splits):
 # Decoding
 
 
+def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK")):
+    """(data, size): a JPEG in one of jpeg_modes (what decode_jpeg decodes) as its bytes in a 1-D uint8 tensor
+    and its (height, width); any other image decoded by PIL, as a uint8 RGB tensor (3, H, W), and None.
+
+    Image.open reads only the header: it tells the real format (a PNG named .JPEG goes through PIL), and it
+    applies PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) to every file, the JPEGs included.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+        if decode_jpeg is not None and image.format == "JPEG" and image.mode in jpeg_modes:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), (image.height, image.width)
+        pixels = np.array(image.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1), None
+
+
 def decode_image_file(path):
     """The image at path as a uint8 RGB tensor (3, H, W).
 
     JPEGs are decoded by libjpeg-turbo through torchvision (faster than PIL, and the result is laid out
-    height-width-channel in memory, which the uint8 resize of RandomResizedCrop is fastest on). Other files,
-    and files whose extension lies (a PNG named .JPEG), go through PIL.
+    height-width-channel in memory, which the uint8 resize of RandomResizedCrop is fastest on); other files by PIL.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    # Image.open reads only the header: it tells the real format, and applies PIL's decompression-bomb limit
-    # (Image.MAX_IMAGE_PIXELS) to every file, including the JPEGs that decode_jpeg decodes.
-    with Image.open(io.BytesIO(data)) as image:
-        if decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        pixels = np.array(image.convert("RGB"))
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+    data, size = read_image_file(path)
+    return data if size is None else decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
 def worker_slot():
@@ -505,7 +516,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         position, seed = item if isinstance(item, tuple) else (item, None)
-        image, label = self.load(position)
+        image, label, _ = self.load(position)
         if self.transform is not None:
             if seed is None:
                 image = self.transform(image)
@@ -516,19 +527,163 @@ class ImageFiles(torch.utils.data.Dataset):
                     image = self.transform(image)
         return image, label
 
-    def load(self, position):
+    def load(self, position, read=decode_image_file):
+        """(read(path), label, position read) for the file at position, or for the next readable one after it."""
         for offset in range(min(MAX_BAD_IN_A_ROW, len(self.index))):
             i = (position + offset) % len(self.index)
-            path = self.index.path(i)
             try:
-                return decode_image_file(path), int(self.index.labels[i])
+                return read(self.index.path(i)), int(self.index.labels[i]), i
             except DECODE_ERRORS as error:
-                reason = " ".join(str(error).split()) or type(error).__name__
-                if self.strict:
-                    raise DataError(f"cannot read image {path}: {reason}") from None
-                print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr, flush=True)
-                self.skip_counts[worker_slot()] += 1
+                self.report_bad_file(self.index.path(i), error)
         raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row, from {self.index.path(position)}")
+
+    def report_bad_file(self, path, error):
+        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = re.sub(r"^decode_jpeg, \S+:\d+, ", "", reason)  # torchvision's source location says nothing here
+        if self.strict:
+            raise DataError(f"cannot read image {path}: {reason}") from None
+        print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr, flush=True)
+        self.skip_counts[worker_slot()] += 1
+
+    def batch_to(self, device, images, labels):
+        """A batch from the loader, on the training device: (uint8 images (N, 3, H, W), labels)."""
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of EncodedImageFiles, as few tensors as possible (each tensor a worker sends is a file descriptor
+    in the training process): the JPEG files' bytes end to end, their lengths (0 for an image the worker
+    finished itself), those finished images, and each sample's plan [position, top, left, height, width, flip]."""
+    jpeg_bytes: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    plans: torch.Tensor
+
+
+class EncodedImageFiles(ImageFiles):
+    """Training samples for decoding on the training device (train.py --decode-on device).
+
+    The loader workers only read each file and draw its RandomResizedCrop box and flip, with the same random
+    calls as train_transform, so a sample seed gives the same crop either way; batch_to then decodes the
+    batch's JPEGs in one call on the device (nvjpeg on CUDA) and crops, resizes and flips them there. This
+    frees the CPU cores for machines with many GPUs and few cores each. On the CPU the images are identical
+    to ImageFiles' with train_transform; on CUDA nvjpeg and the float resize differ from them by about 1 level.
+    Files nvjpeg can't take (PNGs, CMYK JPEGs) are decoded and cropped in the worker as usual.
+    """
+
+    DEVICE_JPEG_MODES = ("RGB", "L")  # torchvision's nvjpeg decoder does not take CMYK
+
+    def __init__(self, index, img_size, min_scale=0.08, strict=False):
+        super().__init__(index, transform=None, strict=strict)
+        if decode_jpeg is None:
+            raise DataError("decoding on the device needs torchvision.io.decode_jpeg, which this torchvision lacks")
+        self.img_size = img_size
+        self.crop = v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)
+
+    def __getitem__(self, item):
+        """(file bytes, 1-D, or the finished image (3, S, S); plan; label)."""
+        position, seed = item if isinstance(item, tuple) else (item, None)
+        read = functools.partial(read_image_file, jpeg_modes=self.DEVICE_JPEG_MODES)
+        (data, size), label, position = self.load(position, read=read)
+        image_size = size or tuple(data.shape[-2:])
+        # as in ImageFiles: a seeded sample draws from its own generator, which is then put back as it was
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)
+            # the same calls, in the same order, as RandomResizedCrop then RandomHorizontalFlip in train_transform
+            box = self.crop.make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
+            flip = bool(torch.rand(1) < 0.5)
+        plan = torch.tensor([position, box["top"], box["left"], box["height"], box["width"], flip])
+        if size is None:  # already decoded by PIL: finish it here
+            data = self.crop_resize_flip(data, plan)
+        return data, plan, label
+
+    def crop_resize_flip(self, image, plan):
+        top, left, height, width, flip = plan[1:].tolist()
+        image = v2.functional.resized_crop(image, top, left, height, width, [self.img_size, self.img_size],
+                                           antialias=True)
+        return v2.functional.horizontal_flip(image) if flip else image
+
+    def collate(self, samples):
+        data, plans, labels = zip(*samples)
+        jpegs = [d for d in data if d.dim() == 1]
+        finished = [d for d in data if d.dim() == 3]
+        return EncodedBatch(
+            jpeg_bytes=torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8),
+            lengths=torch.tensor([len(d) if d.dim() == 1 else 0 for d in data]),
+            finished=torch.stack(finished) if finished else torch.empty(0, 3, self.img_size, self.img_size,
+                                                                         dtype=torch.uint8),
+            plans=torch.stack(plans)), torch.tensor(labels)
+
+    def batch_to(self, device, batch, labels):
+        """Decode the batch's JPEGs on the device, then crop, resize and flip each: (uint8 (N, 3, S, S), labels).
+
+        An image that fails to decode is reported like a bad file in a worker, and replaced by the batch's
+        previous good image (and label), so the batch keeps its size."""
+        rows = batch.lengths.nonzero().flatten().tolist()
+        jpegs = torch.split(batch.jpeg_bytes, batch.lengths[rows].tolist())
+        if device.type == "cuda":
+            # torchvision's nvjpeg decoder writes from its own stream without waiting for ours
+            # (pytorch/vision#9606): it could overwrite memory that kernels still queued here are about to read
+            torch.cuda.current_stream(device).synchronize()
+        decoded = dict(zip(rows, self.decode_jpegs(list(jpegs), batch.plans[rows, 0].tolist(), device)))
+        images = torch.empty(len(labels), 3, self.img_size, self.img_size, dtype=torch.uint8, device=device)
+        finished = iter(batch.finished.to(device, non_blocking=True))
+        good = []
+        for i, plan in enumerate(batch.plans):
+            if i not in decoded:
+                images[i] = next(finished)
+            elif decoded[i] is not None:
+                images[i] = self.crop_resize_flip(decoded[i], plan)
+            else:
+                continue
+            good.append(i)
+        if not good:
+            raise DataError(f"no image of a batch could be decoded, from {self.index.path(int(batch.plans[0, 0]))}")
+        labels = labels.clone()
+        for i in sorted(set(range(len(labels))) - set(good)):
+            source = max((j for j in good if j < i), default=good[0])  # the previous good image, else the first
+            images[i], labels[i] = images[source], labels[source]
+        return images, labels.to(device, non_blocking=True)
+
+    def decode_jpegs(self, jpegs, positions, device):
+        """Decoded images on device (None for a file that can't be decoded): the whole list in one call, and
+        one by one only when that call fails (a batched decode stops at its first broken file)."""
+        if not jpegs:
+            return []
+        try:
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        except DEVICE_FAILURES:
+            raise
+        except RuntimeError:
+            pass
+        images = []
+        for data, position in zip(jpegs, positions):
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                continue
+            except DEVICE_FAILURES:
+                raise
+            except RuntimeError as error:
+                reason = error
+            try:  # libjpeg-turbo reads some files nvjpeg refuses
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB).to(device))
+            except RuntimeError:
+                images.append(None)
+                self.report_bad_file(self.index.path(position), reason)
+        return images
+
+    @staticmethod
+    def check_device(device):
+        """Raise DataError unless this torchvision can decode JPEGs on device (nvjpeg on CUDA)."""
+        from torchvision.io import encode_jpeg
+        try:
+            decode_jpeg([encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))], mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            reason = " ".join(str(error).split()).split(". ")[0]
+            raise DataError(f"--decode-on device: this torchvision cannot decode JPEGs on {device} ({reason}); "
+                            "use --decode-on workers") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -573,10 +728,9 @@ def normalize_batch(images, mean, std, channels_last=False):
     """uint8 (N, 3, H, W) batch -> float, scaled to [0, 1] and normalized, on the batch's device."""
     # (x / 255 - mean) / std, written as (x - 255 mean) * 1 / (255 std): two in-place passes over one new tensor
     mean_255, scale = normalization_constants(tuple(mean), tuple(std), images.device)
-    images = images.float().sub_(mean_255).mul_(scale)
-    if channels_last:
+    if channels_last:  # reordered as uint8, a quarter of the bytes; float() and the in-place ops keep the order
         images = images.contiguous(memory_format=torch.channels_last)
-    return images
+    return images.float().sub_(mean_255).mul_(scale)
 
 
 def make_mixup_cutmix(mixup_alpha, cutmix_alpha, num_classes):
@@ -662,19 +816,29 @@ def end_loader_workers():
 atexit.register(end_loader_workers)  # runs before multiprocessing's own exit handler (registered earlier)
 
 
-def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False):
-    """The DataLoader for training (train=True: incomplete last batch dropped) or validation."""
+def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False, worker_nice=0):
+    """The DataLoader for training (train=True: incomplete last batch dropped) or validation.
+
+    worker_nice > 0 lowers the workers' CPU priority: when the model trains on the same cores, the workers then
+    decode in the gaps the compute threads leave instead of stalling them (measured in README, Performance)."""
     worker_options = {}
     if workers > 0:
         # Workers stay alive across epochs; 4 batches in flight each is cheap with uint8 images.
         worker_options = {"persistent_workers": True, "prefetch_factor": 4}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-                      pin_memory=pin_memory,
-                      # Ctrl-C / SIGTERM go to the whole process group: only the training process acts on them
-                      worker_init_fn=ignore_stop_signals,
+                      pin_memory=pin_memory, collate_fn=getattr(dataset, "collate", None),
+                      worker_init_fn=functools.partial(start_worker, worker_nice),
                       # seeds torch, random and numpy in each worker the same way every run
                       generator=torch.Generator().manual_seed(getattr(sampler, "seed", 0)),
                       **worker_options)
+
+
+def start_worker(nice, worker_id):
+    """DataLoader worker start: Ctrl-C / SIGTERM go to the whole process group, and only the training process
+    acts on them (it saves, then ends the workers); then the worker's priority."""
+    ignore_stop_signals()
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ def get_args_parser():
     group.add_argument("--cutmix-alpha", type=float, default=0.0, help="cutmix alpha (0: off)")
     group.add_argument("--norm", default="imagenet", choices=sorted(dataset.NORMS), help="normalization statistics")
     group.add_argument("--strict-data", action="store_true", help="stop on an unreadable image instead of skipping it")
+    group.add_argument("--decode-on", default="workers", choices=["workers", "device"],
+                       help="where training JPEGs are decoded: loader workers (CPU), or the training device in "
+                            "batches (nvjpeg on CUDA; for few CPU cores per GPU; crop and flip only)")
 
     group = parser.add_argument_group("Model")
     group.add_argument("--arch", default="large", choices=model_lib.ARCHS, help="MobileNetV3 variant (paper, Tables 1 and 2)")
@@ -138,6 +141,9 @@ def validate_args(args):
             raise UserError(f"{flag} must be 0 or more (got {value})")
     if args.label_smoothing >= 1 or args.random_erase > 1 or not 0 <= args.dropout < 1:
         raise UserError("--label-smoothing and --dropout must be below 1, --random-erase at most 1")
+    if args.decode_on == "device" and (args.auto_augment or args.random_erase):
+        raise UserError("--decode-on device does the crop and flip only: drop --auto-augment and --random-erase, "
+                        "or decode on the workers")
     if args.data_path is not None and not os.path.isdir(args.data_path):
         raise UserError(f"--data-path {args.data_path} is not a folder")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
@@ -310,12 +316,14 @@ def train_one_epoch(ctx, epoch, start_batch):
     status = "done"
     batch = start_batch
     bar = tqdm(total=len(ctx.loader) + start_batch, initial=start_batch, desc=f"epoch {epoch + 1}/{a.epochs}",
-               disable=ctx.rank != 0, dynamic_ncols=True, leave=False)
+               disable=not ctx.show_progress, dynamic_ncols=True, leave=False)
     fetch_start = time.perf_counter()
     for images, targets in ctx.loader:
         data_wait += time.perf_counter() - fetch_start
-        images = dataset.normalize_batch(images.to(ctx.device, non_blocking=True), mean, std, ctx.channels_last)
-        targets = targets.to(ctx.device, non_blocking=True)
+        if ctx.compile_clock == 0.0:  # --compile: the first forward and backward compile the model
+            ctx.compile_clock = time.perf_counter()
+        images, targets = ctx.train_set.batch_to(ctx.device, images, targets)
+        images = dataset.normalize_batch(images, mean, std, ctx.channels_last)
         if ctx.mixup is not None:
             images, targets = ctx.mixup(images, targets)
         if ctx.step == 0 and batch == 0 and ctx.writer:
@@ -343,6 +351,14 @@ def train_one_epoch(ctx, epoch, start_batch):
             if ctx.ema is not None:
                 ctx.ema.update()
             ctx.step += 1
+            if ctx.compile_clock:
+                loss.item()  # wait for the device, once
+                seconds = time.perf_counter() - ctx.compile_clock
+                if ctx.rank == 0:
+                    tqdm.write(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
+                if ctx.writer:
+                    ctx.writer.add_scalar("perf/compile_first_step_sec", seconds, ctx.step)
+                ctx.compile_clock = None
         hits = utils.correct_topk(logits, targets, (1,))[0]
         window["loss"] += loss.float()
         window["top1"] += hits
@@ -489,14 +505,9 @@ class Context:
     """Everything the loop needs, in one place (a plain namespace)."""
 
 
-def main(args):
-    validate_args(args)
-    rank, world_size, device = utils.setup_distributed(args.device)
-    stop = utils.StopRequest()
-    say = print if rank == 0 else (lambda *a, **k: None)
-
-    demo = args.data_path is None
-    defaults = DEMO_DEFAULTS if demo else IMAGENET_DEFAULTS
+def resolve_defaults(args, device):
+    """Fill in the defaults that depend on the data (demo or not) and on the device, as --help says."""
+    defaults = DEMO_DEFAULTS if args.data_path is None else IMAGENET_DEFAULTS
     args.img_size = args.img_size or defaults["img_size"]
     args.epochs = args.epochs or defaults["epochs"]
     args.val_crop_size = args.val_crop_size or args.img_size
@@ -507,45 +518,65 @@ def main(args):
         args.channels_last = device.type in ("cuda", "cpu")
     if args.workers is None:
         args.workers = utils.default_workers(device)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    utils.seed_everything(args.seed + rank)
+    return args
 
-    if rank == 0:
-        utils.prepare_output_dir(args.output_dir)
 
-    # data
-    if demo:
+def build_data(args, rank, world_size, device):
+    """(splits, train set, val set, train loader, val loader) for this rank; makes the demo data if needed."""
+    if args.data_path is None:
         if rank == 0:
             args.data_path = dataset.make_demo_dataset(DEMO_DIR)
         args.data_path = utils.broadcast_object(args.data_path if rank == 0 else None)
     splits = dataset.find_dataset(args.data_path)
     if splits.val is None:
         raise UserError(f"no validation split found under {args.data_path} (see README: accepted layouts)")
-    num_classes = args.num_classes or len(splits.classes)
-    if num_classes < len(splits.classes):
-        raise UserError(f"--num-classes {num_classes} is smaller than the {len(splits.classes)} classes in the data")
-    train_set = dataset.ImageFiles(splits.train, dataset.train_transform(args.img_size, args.auto_augment,
-                                   args.random_erase, args.norm, args.min_scale), strict=args.strict_data)
+    if args.decode_on == "device":
+        dataset.EncodedImageFiles.check_device(device)
+        train_set = dataset.EncodedImageFiles(splits.train, args.img_size, args.min_scale, strict=args.strict_data)
+    else:
+        train_set = dataset.ImageFiles(splits.train, dataset.train_transform(args.img_size, args.auto_augment,
+                                       args.random_erase, args.norm, args.min_scale), strict=args.strict_data)
     val_set = dataset.ImageFiles(splits.val, dataset.val_transform(args.val_resize_size, args.val_crop_size),
                                  strict=args.strict_data)
     train_sampler = dataset.EpochSampler(len(train_set), shuffle=True, seed=args.seed, num_replicas=world_size,
                                          rank=rank, drop_last=True)
     val_sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
     pin = device.type == "cuda"
-    train_loader = dataset.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True, pin_memory=pin)
-    val_loader = dataset.build_loader(val_set, val_sampler, args.batch_size, args.workers, train=False, pin_memory=pin)
+    # on the CPU the workers share the cores with the model: they go last (measured: 0.93 of model-only speed
+    # against 0.87 at the same priority); a GPU's training process mostly waits, and its workers must not
+    nice = 19 if device.type == "cpu" else 0
+    train_loader = dataset.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True,
+                                        pin_memory=pin and args.decode_on == "workers", worker_nice=nice)
+    val_loader = dataset.build_loader(val_set, val_sampler, args.batch_size, args.workers, train=False,
+                                      pin_memory=pin, worker_nice=nice)
     train_sampler.set_epoch(0)
     if len(train_loader) < args.accum_steps:
         raise UserError(f"the training split has {len(train_set)} images: too few for one step of "
                         f"{args.batch_size} x {args.accum_steps} x {world_size} processes; lower --batch-size")
+    return splits, train_set, val_set, train_loader, val_loader
 
-    # model
+
+def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
+    """Data, model, optimizer, EMA and precision for training with args, as a Context; nothing runs yet.
+    main adds resuming, torch.compile, DDP and TensorBoard; benchmark.py uses it as it is."""
+    demo = args.data_path is None
+    resolve_defaults(args, device)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    utils.seed_everything(args.seed + rank)
+    if rank == 0:
+        utils.prepare_output_dir(args.output_dir)
+
+    splits, train_set, val_set, train_loader, val_loader = build_data(args, rank, world_size, device)
+    num_classes = args.num_classes or len(splits.classes)
+    if num_classes < len(splits.classes):
+        raise UserError(f"--num-classes {num_classes} is smaller than the {len(splits.classes)} classes in the data")
+
     net = model_lib.build_model(args.arch, args.width_mult, num_classes, dropout=args.dropout, bn_momentum=args.bn_momentum)
-    params, madds = model_lib.count_params(net), model_lib.count_madds(net, args.img_size)
+    num_params, madds = model_lib.count_params(net), model_lib.count_madds(net, args.img_size)
     if args.pretrained:
         try:
             model_lib.load_pretrained(net, args.pretrained)
@@ -561,9 +592,13 @@ def main(args):
         net = net.to(memory_format=torch.channels_last)
 
     ctx = Context()
-    ctx.args, ctx.rank, ctx.world_size, ctx.device, ctx.stop = args, rank, world_size, device, stop
-    ctx.classes, ctx.class_names = splits.classes, splits.class_names
-    ctx.model_without_ddp = net
+    ctx.args, ctx.rank, ctx.world_size, ctx.device = args, rank, world_size, device
+    ctx.stop, ctx.writer, ctx.show_progress = None, None, rank == 0
+    ctx.splits, ctx.classes, ctx.class_names = splits, splits.classes, splits.class_names
+    ctx.train_set, ctx.val_set, ctx.loader, ctx.val_loader = train_set, val_set, train_loader, val_loader
+    ctx.sampler = train_loader.sampler
+    ctx.model = ctx.model_without_ddp = net
+    ctx.num_params, ctx.madds, ctx.demo = num_params, madds, demo
     ctx.params = list(net.parameters())
     ctx.bn_buffers = [b for b in net.buffers() if b.is_floating_point()]
     ctx.bn_backup = [b.detach().clone() for b in ctx.bn_buffers]
@@ -573,10 +608,22 @@ def main(args):
     ctx.autocast, ctx.scaler = autocast_for(device, args)
     ctx.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     ctx.mixup = dataset.make_mixup_cutmix(args.mixup_alpha, args.cutmix_alpha, num_classes)
-    ctx.loader, ctx.sampler, ctx.channels_last = train_loader, train_sampler, args.channels_last
+    ctx.channels_last = args.channels_last
     ctx.steps_per_epoch = len(train_loader) // args.accum_steps
     ctx.step, ctx.best_top1, ctx.best_weights, ctx.metrics = 0, -1.0, None, {}
     ctx.nonfinite_steps, ctx.nonfinite_streak, ctx.batch_in_epoch = 0, 0, 0
+    ctx.compile_clock = None
+    return ctx
+
+
+def main(args):
+    validate_args(args)
+    rank, world_size, device = utils.setup_distributed(args.device)
+    stop = utils.StopRequest()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    ctx = build_context(args, rank, world_size, device)
+    ctx.stop = stop
+    demo, splits, net = ctx.demo, ctx.splits, ctx.model_without_ddp
 
     start_epoch = 0
     resume_path = os.path.join(args.output_dir, "last.pth") if args.resume == "auto" else args.resume
@@ -590,9 +637,8 @@ def main(args):
 
     model = net
     if args.compile:
-        t0 = time.perf_counter()
         model = torch.compile(net)
-        say(f"torch.compile: wrapped in {time.perf_counter() - t0:.1f}s (compiles on the first steps)")
+        ctx.compile_clock = 0.0  # train_one_epoch times the first step, which compiles
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx.model = model
@@ -606,8 +652,8 @@ def main(args):
 
     precision = "fp32" if not args.amp else ("fp16 + GradScaler" if ctx.scaler else "bf16 autocast")
     say(f"device {device} x{world_size} | precision {precision} | channels_last {args.channels_last}"
-        f" | MobileNetV3-{args.arch.capitalize()} {args.width_mult:g}: {params / 1e6:.2f}M params, "
-        f"{madds / 1e6:.1f}M MAdds at {args.img_size}px")
+        f" | MobileNetV3-{args.arch.capitalize()} {args.width_mult:g}: {ctx.num_params / 1e6:.2f}M params, "
+        f"{ctx.madds / 1e6:.1f}M MAdds at {args.img_size}px")
     say(f"data {args.data_path} ({splits.layout}{', demo' if demo else ''}): {len(splits.train)} train / "
         f"{len(splits.val)} val images, {len(splits.classes)} classes | batch {args.batch_size} x {args.accum_steps} "
         f"x {world_size} = {args.batch_size * args.accum_steps * world_size} | {ctx.steps_per_epoch} steps/epoch, "
@@ -630,12 +676,12 @@ def main(args):
             ctx.writer.add_scalar("epoch/train_loss", t["loss"], ctx.step)
             ctx.writer.add_scalar("epoch/train_top1", t["top1"], ctx.step)
             ctx.writer.add_scalar("epoch/time_sec", t["time"], ctx.step)
-        skipped = train_set.skipped + val_set.skipped
+        skipped = ctx.train_set.skipped + ctx.val_set.skipped
         if skipped:
             say(f"warning: {skipped} unreadable image(s) skipped so far (see the lines above)")
         last_epoch = epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last_epoch:
-            validate_and_track_best(ctx, val_loader, ctx.autocast, epoch)
+            validate_and_track_best(ctx, ctx.val_loader, ctx.autocast, epoch)
         saved = save(ctx, epoch + 1)
         if utils.any_rank(stop) or (args.max_steps and ctx.step >= args.max_steps):
             status = "stopped"

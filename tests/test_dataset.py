@@ -413,6 +413,60 @@ def test_augmentation_is_identical_with_0_and_2_workers_and_after_a_resume(tmp_p
         assert torch.equal(images_full, images_resumed)
 
 
+def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path):
+    make_class_folders(tmp_path / "train", ["a", "b"], per_class=4)
+    save_image(tmp_path / "train" / "a" / "gray.jpg", mode="L", size=(50, 30))
+    save_image(tmp_path / "train" / "b" / "cmyk.jpg", mode="CMYK", size=(30, 50))
+    save_image(tmp_path / "train" / "b" / "png_named.jpg", format="PNG")  # decoded and cropped in the worker
+    splits = dataset.find_dataset(tmp_path, str(tmp_path / "cache"))
+    on_workers = dataset.ImageFiles(splits.train, dataset.train_transform(16, min_scale=0.3))
+    on_device = dataset.EncodedImageFiles(splits.train, 16, min_scale=0.3)
+
+    def batches(images, workers):
+        sampler = dataset.EpochSampler(len(images), shuffle=True, seed=2)
+        sampler.set_epoch(1)
+        return list(dataset.build_loader(images, sampler, batch_size=5, workers=workers, train=True))
+
+    expected, encoded = batches(on_workers, 0), batches(on_device, 2)
+    assert len(expected) == 2
+    assert sum(len(batch.finished) for batch, _ in encoded) == 2  # the PNG and the CMYK JPEG, in the worker
+    for (images, labels), (batch, batch_labels) in zip(expected, encoded, strict=True):
+        decoded, decoded_labels = on_device.batch_to(torch.device("cpu"), batch, batch_labels)
+        assert decoded.dtype == torch.uint8 and decoded.shape == (5, 3, 16, 16)
+        assert torch.equal(decoded, images) and torch.equal(decoded_labels, labels)
+
+
+def test_device_decoding_replaces_a_broken_jpeg_with_the_batch_neighbour(tmp_path, capsys, monkeypatch):
+    index = index_with_bad_files(tmp_path, 4, {})
+    path = save_image(index.path(2), size=(200, 150))
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # the header reads, the pixels do not
+    images = dataset.EncodedImageFiles(index, 16)
+    batch, labels = images.collate([images[i] for i in (2, 1, 3)])
+    decoded, labels = images.batch_to(torch.device("cpu"), batch, labels)
+    assert torch.equal(decoded[0], decoded[1])  # the first is broken: the next good one stands in
+    assert not torch.equal(decoded[1], decoded[2])
+    assert images.skipped == 1
+    warning = capsys.readouterr().err
+    assert "02.jpg" in warning and "truncated" in warning and ".cpp" not in warning
+    with pytest.raises(DataError, match="02.jpg"):
+        strict = dataset.EncodedImageFiles(index, 16, strict=True)
+        strict.batch_to(torch.device("cpu"), *strict.collate([strict[2], strict[1]]))
+    with pytest.raises(DataError, match="no image of a batch"):
+        images.batch_to(torch.device("cpu"), *images.collate([images[2]]))
+    # a failing device is not a bad file
+    monkeypatch.setattr(dataset, "decode_jpeg", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):
+        images.batch_to(torch.device("cpu"), *images.collate([images[1]]))
+    assert images.skipped == 2
+
+
+def test_device_decoding_draws_a_new_crop_for_each_unseeded_sample(tmp_path):
+    index = index_with_bad_files(tmp_path, 4, {})
+    images = dataset.EncodedImageFiles(index, 16)
+    plans = [images[0][1][1:].tolist() for _ in range(4)]
+    assert len({tuple(plan) for plan in plans}) > 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The listing cache
 

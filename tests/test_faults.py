@@ -164,6 +164,7 @@ def cli(capsys, *argv):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--resume", "nowhere.pth"], "--resume file not found"),
     (["--ema-decay", "1.5"], "--ema-decay must be in"),
+    (["--decode-on", "device", "--auto-augment", "ra"], "--decode-on device does the crop and flip only"),
 ])
 def test_bad_flag_values_are_one_line(tiny_data, tmp_path, capsys, flags, message):
     code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path), *flags)

@@ -52,6 +52,15 @@ def test_end_to_end_learns_writes_checkpoints_and_tensorboard(tiny_data, tmp_pat
     assert "train/augmented_batch" in events.Tags()["images"]
 
 
+def test_decoding_on_the_device_trains_exactly_as_decoding_on_the_workers(tiny_data, tmp_path):
+    for where in ("workers", "device"):
+        run_train(*tiny_train_args(tiny_data, tmp_path / where, "--max-steps", "3", "--decode-on", where))
+    on_workers, on_device = load(tmp_path / "workers/ckpt/last.pth"), load(tmp_path / "device/ckpt/last.pth")
+    assert on_device["step"] == 3
+    for key, value in on_workers["model"].items():
+        assert torch.equal(value, on_device["model"][key]), key
+
+
 def test_resume_mid_epoch_gives_the_same_weights_and_steps(tiny_data, tmp_path):
     common = ["--epochs", "2", "--deterministic", "--ema-decay", "0.99", "--dropout", "0.5"]
     run_train(*tiny_train_args(tiny_data, tmp_path / "straight", *common))
