@@ -11,7 +11,9 @@ memory format, precision. So this measures, with train.py's and dataset.py's own
   1. the model-only training step on a synthetic batch, with train.py's defaults for the device (precision,
      memory format, optimizer implementation), and the alternatives to those defaults;
   2. this project's model against torchvision's mobilenet_v3_large at width 1.0 (the same architecture);
-  3. the full pipeline: JPEG files -> dataset.py's loader -> normalize_batch -> train_step + optimizer_step;
+  3. the full pipeline: train.py's own loop (train_one_epoch on a train.build_context) reading JPEG files
+     through dataset.py's loader; on CUDA also with fewer workers and with the JPEGs decoded on the GPU
+     (train.py --decode-on device), which shows how many CPU workers GPU decoding stands in for;
   4. the loader alone against torchvision's ImageFolder with the standard PIL transforms, per worker; the time
      to index a 100k-file tree; the memory of 4 workers over a 1.28M-entry index (FileIndex against a list);
   5. evaluation throughput through train.evaluate;
@@ -26,7 +28,7 @@ photo-like JPEGs; they are linked into train/<class>/ and val/<class>/ folders i
 """
 import argparse
 import contextlib
-import ctypes
+import functools
 import gc
 import json
 import os
@@ -34,6 +36,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +61,7 @@ TARGETS = {"ours_vs_torchvision": 1.0, "full_vs_model": 0.9, "loader_vs_imagefol
 QUICK = {"windows": 3, "window_seconds": 0.5, "index_files": 20_000, "index_entries": 320_000}
 SECTIONS = "123456CG"  # the table's order: the issue's six figures, the choices behind the defaults, GPU decoding
 LOADER_BATCHES = 8  # batches per timed window of the loader-alone comparison
+MEMORY_PROBE_STEPS = 5
 
 
 def get_args_parser():
@@ -88,7 +92,9 @@ def get_args_parser():
     parser.add_argument("--memory-workers", type=int, default=4, help="workers of the worker-memory test")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a CPU)")
     parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
-                        help="nvjpeg against CPU decoding (default: on with CUDA)")
+                        help="nvjpeg against CPU decoding, alone and in train.py's loop with --decode-on device "
+                             "(default: on with CUDA; on a CPU it times the loop with decoding in the training process)")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # bench_memory's child process
     parser.add_argument("--quick", action="store_true",
                         help=f"shorter windows and smaller index tests ({QUICK}): under 3 minutes on a GPU machine")
     return parser
@@ -116,11 +122,13 @@ def num_threads(threads):
 
 class Variant:
     """One contender of a comparison: run(steps) does `steps` steps of `items` images (or other items) each.
-    settle() runs after each of its windows, untimed."""
+    settle() runs after each of its windows, untimed. whole_windows: run a window in one call (a training loop,
+    whose every call ends with a host sync), else step by step, to end a window early on a suddenly busy machine."""
 
-    def __init__(self, name, run, items, threads=None, settle=None):
+    def __init__(self, name, run, items, threads=None, settle=None, whole_windows=False):
         self.name, self.run, self.items, self.threads = name, run, items, threads
         self.settle = settle or (lambda: None)
+        self.whole_windows = whole_windows
         self.steps = None
 
 
@@ -145,6 +153,9 @@ def compare(variants, args, device):
             with num_threads(v.threads):
                 sync(device)
                 start, done = time.perf_counter(), 0
+                if v.whole_windows:
+                    v.run(v.steps)
+                    done = v.steps
                 while done < v.steps:
                     v.run(1)
                     done += 1
@@ -246,15 +257,6 @@ def memory_mb(pid="self"):
     return out
 
 
-def reset_peak_memory():
-    """Give freed heap back to the OS and restart VmHWM from the current RSS, so the next peak is this phase's."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
 def total(values):
     values = [v for v in values if v is not None]
     return sum(values) if values else None
@@ -262,12 +264,12 @@ def total(values):
 
 # ---------------------------------------------------------------- train.py's step, with train.py's defaults
 
-def train_args(args, device, **overrides):
-    """train.py's arguments at their defaults, with the device-dependent ones resolved as train.main does."""
+def train_args(args, device, *flags, **overrides):
+    """train.py's arguments at their defaults, with the device-dependent ones resolved by train.resolve_defaults."""
     targs = train.get_args_parser().parse_args(["--arch", args.arch, "--width-mult", str(args.width_mult),
-                                                "-b", str(args.batch_size), "--img-size", str(args.img_size)])
-    targs.amp = device.type != "cpu" or utils.cpu_has_native_bf16()
-    targs.channels_last = device.type in ("cuda", "cpu")
+                                                "-b", str(args.batch_size), "--img-size", str(args.img_size), *flags])
+    train.validate_args(targs)
+    train.resolve_defaults(targs, device)
     vars(targs).update(overrides)
     return targs
 
@@ -340,43 +342,54 @@ def repeat_index(index, length):
 
 
 class Pipeline:
-    """dataset.py's loader over JPEG files feeding train.py's step, as train_one_epoch runs them. One long-lived
-    iterator, so windows measure the steady state, not epoch start-up."""
+    """train.py's own training loop, train_one_epoch, on a Context from train.build_context with train.py's
+    defaults, over the JPEG files in root/train. Each run(steps) is one call of train_one_epoch stopped by
+    --max-steps; the loader's iterator lives across the calls, so windows measure the steady state and not the
+    start of an epoch, as in a long ImageNet epoch."""
 
-    def __init__(self, trainer, index, args, workers, device):
-        self.trainer, self.device, self.epoch = trainer, device, 0
-        train_set = dataset.ImageFiles(repeat_index(index, args.batch_size * 500),
-                                       dataset.train_transform(args.img_size))
-        self.sampler = dataset.EpochSampler(len(train_set), shuffle=True, seed=0, drop_last=True)
-        self.loader = dataset.build_loader(train_set, self.sampler, args.batch_size, workers, train=True,
-                                           pin_memory=device.type == "cuda")
-        self.batches = iter(self.loader)
-
-    def next_batch(self):
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.epoch += 1
-            self.sampler.set_epoch(self.epoch)
-            self.batches = iter(self.loader)
-            return next(self.batches)
+    def __init__(self, args, device, root, out_folder, workers, decode_on="workers", worker_nice=None):
+        targs = train_args(args, device, "--data-path", root, "--workers", str(workers), "--decode-on", decode_on,
+                           "--output-dir", os.path.join(out_folder, "ckpt"), "--log-dir", out_folder)
+        with contextlib.redirect_stdout(sys.stderr):
+            self.ctx = train.build_context(targs, device=device)
+        self.ctx.show_progress = False
+        # the few hundred benchmark images, repeated: an "epoch" of 500 batches, as ImageNet's are long. The
+        # loader is train.py's own; its workers start with the first window, so they see the longer index.
+        self.ctx.train_set.index = repeat_index(self.ctx.train_set.index, args.batch_size * 500)
+        self.ctx.sampler.num_samples = len(self.ctx.train_set)
+        if worker_nice is not None:  # instead of train.py's choice, to show what that choice is worth
+            self.ctx.loader.worker_init_fn = functools.partial(dataset.start_worker, worker_nice)
+        self.ctx.loader = LiveLoader(self.ctx.loader)
 
     def run(self, steps):
-        mean, std = dataset.NORMS[self.trainer.norm]
-        for _ in range(steps):
-            images, targets = self.next_batch()
-            images = dataset.normalize_batch(images.to(self.device, non_blocking=True), mean, std,
-                                             self.trainer.channels_last)
-            train_iteration(self.trainer, images, targets.to(self.device, non_blocking=True))
+        self.ctx.args.max_steps = self.ctx.step + steps
+        train.train_one_epoch(self.ctx, epoch=0, start_batch=0)
 
     def close(self):
-        self.batches = self.loader = None  # persistent workers exit when their iterator is freed
+        self.ctx.loader = self.ctx = None  # persistent workers exit when their iterator is freed
         gc.collect()
+
+
+class LiveLoader:
+    """A loader whose every epoch goes on with the same iterator (a new one only when it runs out)."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, None  # its workers start with the first window, not before
+
+    def __len__(self):
+        return 10**9
+
+    def __iter__(self):
+        while True:
+            if self.batches is None:
+                self.batches = iter(self.loader)
+            yield from self.batches
+            self.batches = None
 
 
 # ---------------------------------------------------------------- the measurements
 
-def bench_training(report, args, device, splits):
+def bench_training(report, args, device, root, folder):
     """Sections 1, 2, 3 and 6, and the memory-format and thread choices, in one interleaved comparison.
     Returns the trainer with train.py's defaults and its model-only rates."""
     targs = train_args(args, device)
@@ -400,16 +413,28 @@ def bench_training(report, args, device, splits):
     ours = base if args.width_mult == 1.0 else model_only(f"this project's {args.arch} 1.0",
                                                            make_trainer(build(1.0), targs, device), *size)
 
-    # 3: the full pipeline with train.py's default workers, and with 1 worker to see whether fewer is better
-    pipelines = {args.workers: Pipeline(default, splits.train, args, args.workers, device)}
-    if args.workers > 1:
-        pipelines[1] = Pipeline(default, splits.train, args, 1, device)
-    full = {workers: Variant(f"full pipeline, {workers} worker{'s' * (workers > 1)}", pipe.run, args.batch_size,
-                             settle=wait_until_idle) for workers, pipe in pipelines.items()}
+    # 3: train.py's loop from JPEG files with its default workers, with 1 worker to see whether fewer is better,
+    # and on CUDA with fewer workers still, against decoding on the GPU (--decode-on device)
+    pipelines = {args.workers: Pipeline(args, device, root, folder, args.workers)}
+    for workers in [1] + ([2, 4] if device.type == "cuda" else []):
+        if workers < args.workers:
+            pipelines[workers] = Pipeline(args, device, root, folder, workers)
+    if device.type == "cpu":  # train.py lowers the workers' priority when they share the cores with the model
+        pipelines["same priority"] = Pipeline(args, device, root, folder, args.workers, worker_nice=0)
+    if args.gpu_decode:  # on a CPU (only when asked): decoded by the training process instead of the workers
+        for workers in (1, 2):
+            pipelines[f"device {workers}"] = Pipeline(args, device, root, folder, workers, decode_on="device")
+    full = {}
+    for key, pipe in pipelines.items():
+        workers = pipe.ctx.args.workers
+        where = f", JPEGs decoded on {device.type}" if pipe.ctx.args.decode_on == "device" else ""
+        where += ", workers at the same CPU priority" if key == "same priority" else ""
+        full[key] = Variant(f"full pipeline, {workers} worker{'s' * (workers > 1)}{where}", pipe.run,
+                            args.batch_size, settle=wait_until_idle, whole_windows=True)
     if other_threads:
         full["threads"] = Variant(f"full pipeline, {args.workers} worker{'s' * (args.workers > 1)}, {other_threads} "
                                   f"thread{'s' * (other_threads > 1)}", pipelines[args.workers].run, args.batch_size,
-                                  threads=other_threads, settle=wait_until_idle)
+                                  threads=other_threads, settle=wait_until_idle, whole_windows=True)
 
     variants = [base, *choices, *([ours] if ours is not base else []), tv, *full.values()]
     rates = compare(variants, args, device)
@@ -427,36 +452,57 @@ def bench_training(report, args, device, splits):
                key="ours_vs_torchvision")
     for workers, v in full.items():
         default_workers = workers == args.workers
-        key = {args.workers: "full_pipeline", "threads": "full_pipeline_other_threads"}.get(workers)
+        key = {args.workers: "full_pipeline", "threads": "full_pipeline_other_threads",
+               "same priority": "full_pipeline_workers_same_priority",
+               "device 1": "full_pipeline_gpu_decode_1_worker",
+               "device 2": "full_pipeline_gpu_decode_2_workers"}.get(workers)
         report.add("3", v.name + (" (train.py default)" if default_workers else ""), rates[v.name], "img/s",
                    variant=v, base=(rates[base.name], "full/model"),
                    target=TARGETS["full_vs_model"] if default_workers else None,
                    key=key or f"full_pipeline_{workers}_worker")
 
-    # 6: peak memory of a training process with train.py's defaults alone, over a few pipeline steps
-    keep = pipelines.pop(args.workers)
     for pipe in pipelines.values():
         pipe.close()
-    del variants, choices, tv, ours, full, pipelines
-    gc.collect()
-    reset_peak_memory()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    keep.run(3)
-    sync(device)
-    main_memory = memory_mb()
-    workers = [memory_mb(pid) for pid in child_pids()]
-    keep.close()
-    report.add("6", "peak RSS, training process", [main_memory["peak_rss"]], "MB", key="peak_rss_main",
-               note="VmHWM over 3 pipeline steps")
+    return default, rates[base.name]
+
+
+def bench_memory(report, args, device, root, folder):
+    """Section 6: the memory of a training process as train.py makes it, alone in a fresh interpreter (this one
+    holds every contender, and workers forked from it would inherit them): build_context, then
+    MEMORY_PROBE_STEPS steps of train_one_epoch, then the peak RSS of the process and of its workers."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", root, "--device", str(device),
+               "--arch", args.arch, "--width-mult", str(args.width_mult), "-b", str(args.batch_size),
+               "--img-size", str(args.img_size), "--workers", str(args.workers)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    probe = subprocess.run(command, capture_output=True, text=True, cwd=folder)
+    if probe.returncode != 0:
+        report.add("6", "memory of a training process", None, "", note="probe failed: " +
+                   (probe.stderr.strip().splitlines() or ["?"])[-1][:80])
+        return
+    memory = json.loads(probe.stdout.strip().splitlines()[-1])
+    main, workers = memory["main"], memory["workers"]
+    steps = f"VmHWM of a fresh train.py process, {MEMORY_PROBE_STEPS} steps"
+    report.add("6", "peak RSS, training process", [main["peak_rss"]], "MB", key="peak_rss_main", note=steps)
     report.add("6", f"peak RSS, its {len(workers)} loader workers (sum)", [total(w["peak_rss"] for w in workers)],
                "MB", key="peak_rss_workers", note="shared pages counted in each")
-    report.add("6", "PSS, process + workers", [total([main_memory["pss"]] + [w["pss"] for w in workers])], "MB",
+    report.add("6", "PSS, process + workers", [total([main["pss"]] + [w["pss"] for w in workers])], "MB",
                key="pss_total", note="shared pages split between them")
-    if device.type == "cuda":
-        report.add("6", "peak GPU memory allocated", [torch.cuda.max_memory_allocated(device) / 2**20], "MB",
-                   key="peak_gpu_memory")
-    return default, rates[base.name]
+    if memory["gpu_peak_mb"] is not None:
+        report.add("6", "peak GPU memory allocated", [memory["gpu_peak_mb"]], "MB", key="peak_gpu_memory")
+
+
+def memory_probe(args, device):
+    """The child process of bench_memory: prints one JSON line."""
+    with tempfile.TemporaryDirectory(prefix="mobilenetv3-memory-") as folder:
+        pipe = Pipeline(args, device, args.memory_probe, folder, args.workers)
+        pipe.run(MEMORY_PROBE_STEPS)
+        sync(device)
+        result = {"main": memory_mb(), "workers": [memory_mb(pid) for pid in child_pids()],
+                  "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        pipe.close()
+    print(json.dumps(result))
+    return 0
 
 
 def bench_precision(report, args, device):
@@ -782,10 +828,13 @@ def generate_images(folder, count=200, classes=10):
     return images
 
 
-def lay_out(images, root):
-    """root/train/<class>/ and root/val/<class>/ holding links to the images (copies where links fail)."""
+def lay_out(images, root, min_train=0):
+    """root/train/<class>/ and root/val/<class>/ holding links to the images (copies where links fail); train/
+    links them several times over when that is needed to hold min_train images (a batch of train.py's)."""
+    copies = {"train": max(1, -(-min_train // len(images))), "val": 1}
     for split in ("train", "val"):
-        for i, (path, name) in enumerate(images):
+        for i in range(len(images) * copies[split]):
+            path, name = images[i % len(images)]
             os.makedirs(os.path.join(root, split, name), exist_ok=True)
             target = os.path.join(root, split, name, f"{i:06d}_{os.path.basename(path)}")
             try:
@@ -886,16 +935,20 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.main sets it
     utils.seed_everything(0)
+    if args.memory_probe:
+        return memory_probe(args, device)
     env = environment(device)
     report = Report()
 
     with tempfile.TemporaryDirectory(prefix="mobilenetv3-benchmark-") as folder:
+        os.environ["XDG_CACHE_HOME"] = os.path.join(folder, "cache")  # dataset.py's index cache, for train.py's code
         images, data_description = source_images(args.data_path, folder, args.max_images)
-        root = lay_out(images, os.path.join(folder, "images"))
+        root = lay_out(images, os.path.join(folder, "images"), min_train=args.batch_size)
         splits = dataset.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
         print(f"benchmarking on {env['device_name']} ({device}) with {data_description} ...", flush=True)
 
-        trainer, step_rates = bench_training(report, args, device, splits)
+        trainer, step_rates = bench_training(report, args, device, root, folder)
+        bench_memory(report, args, device, root, folder)
         bench_eval(report, args, device, trainer, splits)
         bench_loader(report, args, device, splits, os.path.join(root, "train"))
         if args.index_files > 0:

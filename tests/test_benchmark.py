@@ -15,7 +15,7 @@ def test_benchmark_writes_every_figure(tiny_data, tmp_path):
     args = benchmark.get_args_parser().parse_args([
         "--data-path", tiny_data, "--device", "cpu", "--arch", "small", "--width-mult", "0.5", "-b", "4",
         "--img-size", "32", "--workers", "1", "--threads", "1", "--windows", "1", "--steps", "1",
-        "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--json", str(out)])
+        "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--gpu-decode", "--json", str(out)])
     assert benchmark.main(args) == 0
     assert not benchmark.child_pids()  # every loader closed: no worker left (they ignore SIGTERM) to block exit
     result = json.loads(out.read_text())
@@ -23,4 +23,5 @@ def test_benchmark_writes_every_figure(tiny_data, tmp_path):
     assert not missing, missing
     assert any(key.startswith("model_only_channels_last_") for key in result["figures"])  # the other memory format
     assert result["figures"]["full_pipeline"]["median"] > 0
+    assert result["figures"]["full_pipeline_gpu_decode_1_worker"]["median"] > 0  # train.py --decode-on device
     assert result["figures"]["ours_vs_torchvision"]["ratio"] > 0
