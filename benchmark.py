@@ -603,7 +603,8 @@ def bench_eval(report, args, device, trainer, splits):
     val_size = round(args.img_size / 0.875)
     val_set = dataset.ImageFiles(repeat_index(val_index, images), dataset.val_transform(val_size, args.img_size))
     loader = dataset.build_loader(val_set, dataset.EpochSampler(len(val_set), shuffle=False), args.batch_size,
-                                  args.workers, train=False, pin_memory=device.type == "cuda")
+                                  args.workers, train=False, pin_memory=device.type == "cuda",
+                                  worker_nice=utils.worker_nice(device))  # as evaluate.py and train.py
 
     def run(steps):
         for _ in range(steps):

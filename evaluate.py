@@ -214,7 +214,7 @@ def main(args):
     val_set = dataset.ImageFiles(index, dataset.val_transform(resize, crop))
     sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
     loader = dataset.build_loader(val_set, sampler, args.batch_size, args.workers, train=False,
-                                  pin_memory=device.type == "cuda")
+                                  pin_memory=device.type == "cuda", worker_nice=utils.worker_nice(device))
     num_classes = config["num_classes"]  # the model's outputs: may be more than the named classes
     names = list(info["class_names"]) + [f"<output {i}>" for i in range(len(info["class_names"]), num_classes)]
     classes = list(info["classes"]) + names[len(info["classes"]):]

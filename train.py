@@ -541,10 +541,7 @@ def build_data(args, rank, world_size, device):
     train_sampler = dataset.EpochSampler(len(train_set), shuffle=True, seed=args.seed, num_replicas=world_size,
                                          rank=rank, drop_last=True)
     val_sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
-    pin = device.type == "cuda"
-    # on the CPU the workers share the cores with the model: they go last (measured: 0.93 of model-only speed
-    # against 0.87 at the same priority); a GPU's training process mostly waits, and its workers must not
-    nice = 19 if device.type == "cpu" else 0
+    pin, nice = device.type == "cuda", utils.worker_nice(device)
     train_loader = dataset.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True,
                                         pin_memory=pin and args.decode_on == "workers", worker_nice=nice)
     val_loader = dataset.build_loader(val_set, val_sampler, args.batch_size, args.workers, train=False,

@@ -16,6 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
+import utils  # noqa: E402
 from dataset import DataError  # noqa: E402
 
 # torchvision 0.29 deprecates its decoders (dataset.py silences this, but pytest shows every warning)
@@ -411,6 +412,23 @@ def test_augmentation_is_identical_with_0_and_2_workers_and_after_a_resume(tmp_p
     resumed = batches(2, skip_batches=1)
     for (images_full, _), (images_resumed, _) in zip(in_process[1:], resumed, strict=True):
         assert torch.equal(images_full, images_resumed)
+
+
+class WorkerPriority(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return os.nice(0)  # this process's niceness
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities here")
+def test_workers_of_a_cpu_training_run_at_the_lowest_priority():
+    nice = utils.worker_nice(torch.device("cpu"))
+    loader = dataset.build_loader(WorkerPriority(), dataset.EpochSampler(2, shuffle=False), batch_size=1,
+                                  workers=1, train=False, worker_nice=nice)
+    assert [int(n) for n in loader] == [min(19, os.nice(0) + nice)] * 2 and nice > 0
+    assert utils.worker_nice(torch.device("cuda")) == 0  # a GPU's workers keep up with the training process
 
 
 def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path):
