@@ -42,6 +42,7 @@ import tempfile
 import time
 import warnings
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import torch
@@ -363,7 +364,9 @@ class Pipeline:
 
     def run(self, steps):
         self.ctx.args.max_steps = self.ctx.step + steps
-        train.train_one_epoch(self.ctx, epoch=0, start_batch=0)
+        if train.train_one_epoch(self.ctx, epoch=0, start_batch=0) != "stopped":  # "diverged": fewer steps ran
+            raise UserError(f"the loss was not finite for {train.MAX_NONFINITE_STREAK} steps in a row in the "
+                            "full-pipeline benchmark")
 
     def close(self):
         self.ctx.loader = self.ctx = None  # persistent workers exit when their iterator is freed
@@ -475,12 +478,16 @@ def bench_memory(report, args, device, root, folder):
                "--img-size", str(args.img_size), "--workers", str(args.workers)]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    probe = subprocess.run(command, capture_output=True, text=True, cwd=folder)
-    if probe.returncode != 0:
-        report.add("6", "memory of a training process", None, "", note="probe failed: " +
-                   (probe.stderr.strip().splitlines() or ["?"])[-1][:80])
+    try:
+        probe = subprocess.run(command, capture_output=True, text=True, cwd=folder, timeout=600)
+        memory = json.loads(probe.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        report.add("6", "memory of a training process", None, "", note="probe timed out")
         return
-    memory = json.loads(probe.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):  # it failed: its last words say why
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1][:80]
+        report.add("6", "memory of a training process", None, "", note=f"probe failed: {last}")
+        return
     main, workers = memory["main"], memory["workers"]
     steps = f"VmHWM of a fresh train.py process, {MEMORY_PROBE_STEPS} steps"
     report.add("6", "peak RSS, training process", [main["peak_rss"]], "MB", key="peak_rss_main", note=steps)
@@ -941,8 +948,8 @@ def main(args):
     env = environment(device)
     report = Report()
 
-    with tempfile.TemporaryDirectory(prefix="mobilenetv3-benchmark-") as folder:
-        os.environ["XDG_CACHE_HOME"] = os.path.join(folder, "cache")  # dataset.py's index cache, for train.py's code
+    with tempfile.TemporaryDirectory(prefix="mobilenetv3-benchmark-") as folder, \
+            mock.patch.dict(os.environ, XDG_CACHE_HOME=os.path.join(folder, "cache")):  # dataset.py's index cache
         images, data_description = source_images(args.data_path, folder, args.max_images)
         root = lay_out(images, os.path.join(folder, "images"), min_train=args.batch_size)
         splits = dataset.find_dataset(root, cache_dir=os.path.join(folder, "cache"))

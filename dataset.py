@@ -84,7 +84,8 @@ INDEX_CACHE_VERSION = 1
 # libjpeg-turbo through torchvision (RuntimeError), odd headers (ValueError).
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 # What is not the file's fault when decoding on a GPU: never reported as a bad image
-DEVICE_FAILURES = (torch.OutOfMemoryError,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ())
+DEVICE_FAILURES = tuple(getattr(torch, name) for name in ("OutOfMemoryError", "AcceleratorError") if hasattr(torch, name)) \
+    or (torch.cuda.OutOfMemoryError,)  # torch < 2.5
 MAX_BAD_IN_A_ROW = 50  # then the data is broken, not a file
 SKIP_COUNTER_SLOTS = 256  # one per DataLoader worker process, plus the main process
 
@@ -592,7 +593,8 @@ class EncodedImageFiles(ImageFiles):
             if seed is not None:
                 torch.default_generator.manual_seed(seed)
             # the same calls, in the same order, as RandomResizedCrop then RandomHorizontalFlip in train_transform
-            box = self.crop.make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
+            make_params = getattr(self.crop, "make_params", None) or self.crop._get_params  # torchvision < 0.21
+            box = make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
             flip = bool(torch.rand(1) < 0.5)
         plan = torch.tensor([position, box["top"], box["left"], box["height"], box["width"], flip])
         if size is None:  # already decoded by PIL: finish it here
@@ -639,9 +641,11 @@ class EncodedImageFiles(ImageFiles):
             else:
                 continue
             good.append(i)
-        if not good:
-            raise DataError(f"no image of a batch could be decoded, from {self.index.path(int(batch.plans[0, 0]))}")
         labels = labels.clone()
+        if not good:  # (a batch of 1, say) the next readable file of the index, decoded here and squashed to size
+            image, labels[0], _ = self.load(int(batch.plans[0, 0]) + 1)
+            images[0] = v2.functional.resize(image, [self.img_size, self.img_size], antialias=True).to(device)
+            good.append(0)
         for i in sorted(set(range(len(labels))) - set(good)):
             source = max((j for j in good if j < i), default=good[0])  # the previous good image, else the first
             images[i], labels[i] = images[source], labels[source]
@@ -668,10 +672,12 @@ class EncodedImageFiles(ImageFiles):
             except RuntimeError as error:
                 reason = error
             try:  # libjpeg-turbo reads some files nvjpeg refuses
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB).to(device))
+                image = decode_jpeg(data, mode=ImageReadMode.RGB)
             except RuntimeError:
                 images.append(None)
                 self.report_bad_file(self.index.path(position), reason)
+                continue
+            images.append(image.to(device))
         return images
 
     @staticmethod
@@ -838,7 +844,8 @@ def start_worker(nice, worker_id):
     acts on them (it saves, then ends the workers); then the worker's priority."""
     ignore_stop_signals()
     if nice and hasattr(os, "nice"):
-        os.nice(nice)
+        with contextlib.suppress(OSError):  # a sandbox may forbid it: then the workers keep the default
+            os.nice(nice)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -398,6 +398,8 @@ def train_one_epoch(ctx, epoch, start_batch):
             break
         fetch_start = time.perf_counter()
     bar.close()
+    if ctx.compile_clock:  # no update this epoch (a resumed epoch's last micro-batches): time the next one afresh
+        ctx.compile_clock = 0.0
     optimizer.zero_grad(set_to_none=True)  # micro-batches left over when accum_steps does not divide the epoch
     if status == "done":
         ctx.batch_in_epoch = 0

@@ -84,10 +84,11 @@ def default_workers(device=None):
 
 
 def worker_nice(device):
-    """Priority offset of the loader workers. On the CPU they share the cores with the model, so they go last and
-    decode in the gaps the compute threads leave instead of stalling them (measured: full pipeline at 0.93 of the
-    model-only speed against 0.87 at equal priority). A GPU's training process mostly waits: equal priority there."""
-    return 19 if device.type == "cpu" else 0
+    """Priority offset of the loader workers. On the CPU they share the cores with the model, so they yield to it
+    and decode mostly in the gaps the compute threads leave instead of stalling them (README, Performance). 10
+    and not 19: under load from other programs a nice-19 worker gets almost no CPU and would starve training.
+    A GPU's training process mostly waits: equal priority there."""
+    return 10 if device.type == "cpu" else 0
 
 
 def setup_distributed(device_name="auto"):
