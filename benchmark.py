@@ -393,7 +393,7 @@ class LiveLoader:
 # ---------------------------------------------------------------- the measurements
 
 def bench_training(report, args, device, root, folder):
-    """Sections 1, 2, 3 and 6, and the memory-format and thread choices, in one interleaved comparison.
+    """Sections 1, 2 and 3, and the memory-format and thread choices, in one interleaved comparison.
     Returns the trainer with train.py's defaults and its model-only rates."""
     targs = train_args(args, device)
     size = (args.batch_size, args.img_size, device)
@@ -489,7 +489,7 @@ def bench_memory(report, args, device, root, folder):
         report.add("6", "memory of a training process", None, "", note=f"probe failed: {last}")
         return
     main, workers = memory["main"], memory["workers"]
-    steps = f"VmHWM of a fresh train.py process, {MEMORY_PROBE_STEPS} steps"
+    steps = f"VmHWM of a fresh process from train.build_context, {MEMORY_PROBE_STEPS} steps"
     report.add("6", "peak RSS, training process", [main["peak_rss"]], "MB", key="peak_rss_main", note=steps)
     report.add("6", f"peak RSS, its {len(workers)} loader workers (sum)", [total(w["peak_rss"] for w in workers)],
                "MB", key="peak_rss_workers", note="shared pages counted in each")

@@ -482,6 +482,18 @@ def decode_image_file(path):
     return data if size is None else decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
+@contextlib.contextmanager
+def sample_rng(seed):
+    """torch's CPU generator seeded with a sample's seed inside the block and put back as it was after (with
+    workers=0 this runs in the training process); seed None leaves the generator alone."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 def worker_slot():
     """Which entry of a per-process counter this process may write: 0 in the main process, then one per worker."""
     info = torch.utils.data.get_worker_info()
@@ -519,13 +531,8 @@ class ImageFiles(torch.utils.data.Dataset):
         position, seed = item if isinstance(item, tuple) else (item, None)
         image, label, _ = self.load(position)
         if self.transform is not None:
-            if seed is None:
+            with sample_rng(seed):
                 image = self.transform(image)
-            else:
-                # fork_rng restores the generator afterwards: with workers=0 this runs in the training process.
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(seed)
-                    image = self.transform(image)
         return image, label
 
     def load(self, position, read=decode_image_file):
@@ -580,7 +587,8 @@ class EncodedImageFiles(ImageFiles):
         if decode_jpeg is None:
             raise DataError("decoding on the device needs torchvision.io.decode_jpeg, which this torchvision lacks")
         self.img_size = img_size
-        self.crop = v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)
+        # train_transform's own steps, so that the crop and flip are drawn exactly as there
+        self.crop, self.flip = train_transform(img_size, min_scale=min_scale).transforms
 
     def __getitem__(self, item):
         """(file bytes, 1-D, or the finished image (3, S, S); plan; label)."""
@@ -588,14 +596,11 @@ class EncodedImageFiles(ImageFiles):
         read = functools.partial(read_image_file, jpeg_modes=self.DEVICE_JPEG_MODES)
         (data, size), label, position = self.load(position, read=read)
         image_size = size or tuple(data.shape[-2:])
-        # as in ImageFiles: a seeded sample draws from its own generator, which is then put back as it was
-        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
-            if seed is not None:
-                torch.default_generator.manual_seed(seed)
-            # the same calls, in the same order, as RandomResizedCrop then RandomHorizontalFlip in train_transform
+        with sample_rng(seed):
+            # the random calls of train_transform, in its order: RandomResizedCrop's box, then the flip's draw
             make_params = getattr(self.crop, "make_params", None) or self.crop._get_params  # torchvision < 0.21
             box = make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
-            flip = bool(torch.rand(1) < 0.5)
+            flip = bool(torch.rand(1) < self.flip.p)
         plan = torch.tensor([position, box["top"], box["left"], box["height"], box["width"], flip])
         if size is None:  # already decoded by PIL: finish it here
             data = self.crop_resize_flip(data, plan)

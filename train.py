@@ -680,7 +680,7 @@ def main(args):
             say(f"warning: {skipped} unreadable image(s) skipped so far (see the lines above)")
         last_epoch = epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last_epoch:
-            validate_and_track_best(ctx, ctx.val_loader, ctx.autocast, epoch)
+            validate_and_track_best(ctx, epoch)
         saved = save(ctx, epoch + 1)
         if utils.any_rank(stop) or (args.max_steps and ctx.step >= args.max_steps):
             status = "stopped"
@@ -709,15 +709,16 @@ def main(args):
     return 0
 
 
-def validate_and_track_best(ctx, val_loader, autocast, epoch):
+def validate_and_track_best(ctx, epoch):
     a, net = ctx.args, ctx.model_without_ddp
     show = ctx.rank == 0
     # DDP syncs BN statistics only at each forward: give every rank rank 0's (the ones saved) before scoring
     utils.broadcast_tensors(list(net.buffers()) + (list(ctx.ema.shadow_params) if ctx.ema else []))
-    results = {"raw": evaluate(net, val_loader, ctx.device, autocast, a.norm, ctx.channels_last, show_progress=show)}
+    results = {"raw": evaluate(net, ctx.val_loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last,
+                               show_progress=show)}
     if ctx.ema is not None:
         with ctx.ema.average_parameters():
-            results["ema"] = evaluate(net, val_loader, ctx.device, autocast, a.norm, ctx.channels_last,
+            results["ema"] = evaluate(net, ctx.val_loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last,
                                       desc="val (ema)", show_progress=show)
     line = []
     for name, r in results.items():
