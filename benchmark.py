@@ -16,7 +16,7 @@ memory format, precision. So this measures, with train.py's and dataset.py's own
      (train.py --decode-on device), which shows how many CPU workers GPU decoding stands in for;
   4. the loader alone against torchvision's ImageFolder with the standard PIL transforms, per worker; the time
      to index a 100k-file tree; the memory of 4 workers over a 1.28M-entry index (FileIndex against a list);
-  5. evaluation throughput through train.evaluate;
+  5. evaluation throughput through evaluate.evaluate;
   6. the peak resident memory of the training process and of its loader workers;
   and on CUDA also fp16 with a GradScaler, and nvjpeg decoding of file batches against libjpeg-turbo on a core.
 
@@ -52,6 +52,7 @@ from PIL import Image
 from torchvision import transforms as pil_transforms
 
 import dataset
+import evaluate
 import model as model_lib
 import train
 import utils
@@ -292,7 +293,7 @@ def make_trainer(net, targs, device):
     if targs.channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.train()
-    autocast, scaler = train.autocast_for(device, targs)
+    autocast, scaler, _ = utils.precision_for(device, targs.amp, targs.amp_dtype)
     return SimpleNamespace(model=net, optimizer=train.make_optimizer(net, targs, device),
                            ema=train.make_ema(net, targs.ema_decay), autocast=autocast, scaler=scaler,
                            criterion=nn.CrossEntropyLoss(label_smoothing=targs.label_smoothing),
@@ -309,9 +310,7 @@ def train_iteration(trainer, images, targets):
 
 
 def precision_name(targs, device):
-    if not targs.amp:
-        return "fp32"
-    return "fp16+GradScaler" if train.autocast_for(device, targs)[1] else "bf16"
+    return utils.precision_for(device, targs.amp, targs.amp_dtype)[2]
 
 
 def describe(trainer, targs, device):
@@ -604,7 +603,7 @@ def bench_compile(report, args, device):
 
 
 def bench_eval(report, args, device, trainer, splits):
-    """Section 5: train.evaluate (what evaluate.py and validation run) over a val loader, one pass per step."""
+    """Section 5: evaluate.evaluate (what evaluate.py and validation run) over a val loader, one pass per step."""
     val_index = splits.val or splits.train
     images = args.batch_size * max(4, 2 * args.workers)
     val_size = round(args.img_size / 0.875)
@@ -615,12 +614,12 @@ def bench_eval(report, args, device, trainer, splits):
 
     def run(steps):
         for _ in range(steps):
-            train.evaluate(trainer.model, loader, device, trainer.autocast, trainer.norm, trainer.channels_last,
+            evaluate.evaluate(trainer.model, loader, device, trainer.autocast, trainer.norm, trainer.channels_last,
                            show_progress=False)
     variant = Variant("evaluation", run, images, settle=wait_until_idle)
     rates = compare([variant], args, device)
     trainer.model.train()
-    report.add("5", f"evaluation, train.evaluate ({args.workers} workers, {images} images a pass)", rates["evaluation"],
+    report.add("5", f"evaluation, evaluate.evaluate ({args.workers} workers, {images} images a pass)", rates["evaluation"],
                "img/s", variant=variant, note="incl. each pass's loader start", key="evaluation")
     del loader
     gc.collect()

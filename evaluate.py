@@ -18,12 +18,13 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import dataset
 import model as model_lib
 import utils
-from train import autocast_for, evaluate
 from utils import CheckpointError, UserError
 
 
@@ -52,6 +53,41 @@ def get_args_parser():
     parser.add_argument("--log-dir", default=None, help="add metrics and the confusion matrix to TensorBoard here")
     parser.add_argument("--predict", nargs="+", default=None, metavar="IMG", help="print top-5 classes for these images")
     return parser
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, norm, channels_last=False, num_classes=None, desc="val",
+             show_progress=True):
+    """Loss, top-1, top-5 over the whole loader, summed over ranks so each image counts exactly once.
+
+    With num_classes, also the confusion matrix (rows: true class, columns: predicted class).
+    """
+    model.eval()
+    mean, std = dataset.NORMS[norm]
+    totals = torch.zeros(4, dtype=utils.sum_dtype(device), device=device)  # loss sum, top-1 hits, top-5 hits, images
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes else None
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
+        images = dataset.normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        totals[0] += criterion(logits, targets)
+        totals[1:3] += utils.correct_topk(logits, targets, (1, 5)).to(totals.dtype)
+        totals[3] += targets.numel()
+        if confusion is not None:
+            pred = logits.argmax(dim=1)
+            confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes ** 2).view_as(confusion)
+    utils.all_reduce_sum(totals)
+    if confusion is not None:
+        utils.all_reduce_sum(confusion)
+    loss_sum, top1, top5, count = totals.tolist()
+    count = max(count, 1)
+    result = {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(totals[3])}
+    if confusion is not None:
+        result["confusion"] = confusion.cpu()
+    return result
 
 
 def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_classes=None):
@@ -192,10 +228,10 @@ def main(args):
     if args.amp is None and device.type == "cpu" and not utils.cpu_has_native_bf16():
         use_amp = False  # emulated bf16 is ~10x slower here, as train.py decides too
     amp_dtype = args.amp_dtype or info["amp_dtype"]
-    autocast, _ = autocast_for(device, argparse.Namespace(amp=use_amp, amp_dtype=amp_dtype))
+    autocast, _, precision = utils.precision_for(device, use_amp, amp_dtype)
     config = info["config"]
     say(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, {config['num_classes']} classes, "
-        f"{info['weights']} weights | device {device} x{world_size} | {'amp' if use_amp else 'fp32'} | "
+        f"{info['weights']} weights | device {device} x{world_size} | {precision} | "
         f"resize {resize}, crop {crop}, norm {norm}")
 
     if args.predict:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import dataset
 import model as model_lib
 import utils
+from evaluate import evaluate
 from utils import UserError
 
 DEMO_DEFAULTS = {"img_size": 64, "epochs": 8}      # small images and few epochs: about a minute on a laptop CPU
@@ -154,17 +155,6 @@ def validate_args(args):
 
 # ---------------------------------------------------------------- building blocks of the recipe
 
-def autocast_for(device, args):
-    """(autocast context factory, GradScaler or None). fp16 needs a GradScaler; bf16 has fp32's range and does not."""
-    if not args.amp:
-        return contextlib.nullcontext, None
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.amp_dtype)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-
-
 def make_optimizer(model, args, device):
     """BN and bias parameters get no weight decay unless --wd-norm-bias (standard practice for MobileNets)."""
     decay, no_decay = [], []
@@ -258,45 +248,6 @@ def optimizer_step(optimizer, scaler, parameters, clip_grad_norm=0.0):
     return finite
 
 
-def sum_dtype(device):
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, autocast, norm, channels_last=False, num_classes=None, desc="val",
-             show_progress=True):
-    """Loss, top-1, top-5 over the whole loader, summed over ranks so each image counts exactly once.
-
-    With num_classes, also the confusion matrix (rows: true class, columns: predicted class).
-    """
-    model.eval()
-    mean, std = dataset.NORMS[norm]
-    totals = torch.zeros(4, dtype=sum_dtype(device), device=device)  # loss sum, top-1 hits, top-5 hits, images
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes else None
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
-        images = dataset.normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        totals[0] += criterion(logits, targets)
-        totals[1:3] += utils.correct_topk(logits, targets, (1, 5)).to(totals.dtype)
-        totals[3] += targets.numel()
-        if confusion is not None:
-            pred = logits.argmax(dim=1)
-            confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes ** 2).view_as(confusion)
-    utils.all_reduce_sum(totals)
-    if confusion is not None:
-        utils.all_reduce_sum(confusion)
-    loss_sum, top1, top5, count = totals.tolist()
-    count = max(count, 1)
-    result = {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(totals[3])}
-    if confusion is not None:
-        result["confusion"] = confusion.cpu()
-    return result
-
-
 # ---------------------------------------------------------------- the loop
 
 def train_one_epoch(ctx, epoch, start_batch):
@@ -310,7 +261,7 @@ def train_one_epoch(ctx, epoch, start_batch):
     mean, std = dataset.NORMS[a.norm]
     steps_per_epoch = ctx.steps_per_epoch
     window = {"loss": torch.zeros((), device=ctx.device), "top1": torch.zeros((), device=ctx.device), "n": 0}
-    epoch_sum = torch.zeros(3, dtype=sum_dtype(ctx.device), device=ctx.device)  # loss sum, top-1 hits, images
+    epoch_sum = torch.zeros(3, dtype=utils.sum_dtype(ctx.device), device=ctx.device)  # loss sum, top-1 hits, images
     epoch_start = window_start = time.perf_counter()
     data_wait = 0.0
     status = "done"
@@ -604,7 +555,7 @@ def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
     ctx.optimizer = make_optimizer(net, args, device)
     ctx.base_lrs = [args.lr for _ in ctx.optimizer.param_groups]
     ctx.ema = make_ema(net, args.ema_decay)
-    ctx.autocast, ctx.scaler = autocast_for(device, args)
+    ctx.autocast, ctx.scaler, ctx.precision = utils.precision_for(device, args.amp, args.amp_dtype)
     ctx.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     ctx.mixup = dataset.make_mixup_cutmix(args.mixup_alpha, args.cutmix_alpha, num_classes)
     ctx.channels_last = args.channels_last
@@ -649,8 +600,7 @@ def main(args):
         # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps on resume
         ctx.writer = SummaryWriter(os.path.join(args.log_dir, run_name), purge_step=ctx.step + 1)
 
-    precision = "fp32" if not args.amp else ("fp16 + GradScaler" if ctx.scaler else "bf16 autocast")
-    say(f"device {device} x{world_size} | precision {precision} | channels_last {args.channels_last}"
+    say(f"device {device} x{world_size} | precision {ctx.precision} | channels_last {args.channels_last}"
         f" | MobileNetV3-{args.arch.capitalize()} {args.width_mult:g}: {ctx.num_params / 1e6:.2f}M params, "
         f"{ctx.madds / 1e6:.1f}M MAdds at {args.img_size}px")
     say(f"data {args.data_path} ({splits.layout}{', demo' if demo else ''}): {len(splits.train)} train / "

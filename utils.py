@@ -2,6 +2,7 @@
 
 train.py and evaluate.py import from here; this file imports neither of them.
 """
+import contextlib
 import os
 import pickle
 import random
@@ -52,6 +53,27 @@ def cpu_has_native_bf16():
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_for(device, amp, amp_dtype="auto"):
+    """(autocast context factory, GradScaler or None, name) for --amp / --amp-dtype on device.
+
+    fp16 always comes with a GradScaler, on every device that autocasts it (CPU included), so the CPU tests run
+    the scaler code a CUDA fp16 run uses; bf16 has fp32's range and needs none. "auto" is fp16 on CUDA, bf16
+    elsewhere. The name comes from the dtype: "fp16 + GradScaler", "bf16 autocast" or "fp32"."""
+    if not amp:
+        return contextlib.nullcontext, None, "fp32"
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(amp_dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    if dtype == torch.float16:
+        return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(device.type), "fp16 + GradScaler"
+    return (lambda: torch.autocast(device.type, dtype=dtype)), None, "bf16 autocast"
+
+
+def sum_dtype(device):
+    """For sums that must be exact over a whole epoch or validation set (float64; MPS has none)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def pick_device(name="auto"):

@@ -10,6 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+import utils
 from conftest import REPO, make_class_folders, tiny_train_args
 
 
@@ -126,7 +127,7 @@ def test_bf16_autocast_ema_and_best_weights(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save", lambda ctx, epoch, name="last.pth": (saved.append((name, epoch)),
                                                                               real_save(ctx, epoch, name)))
     args = run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "3", "--amp", "--ema-decay", "0.9"))
-    assert train.autocast_for(torch.device("cpu"), args)[0]().fast_dtype == torch.bfloat16
+    assert utils.precision_for(torch.device("cpu"), args.amp, args.amp_dtype)[0]().fast_dtype == torch.bfloat16
     assert ("best.pth", 1) in saved and ("best.pth", 2) in saved and ("best.pth", 3) not in saved
     best = load(tmp_path / "ckpt/best.pth")
     assert best["best_weights"] == "raw" and best["best_top1"] == 90.0 and best["epoch"] == 2
