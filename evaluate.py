@@ -92,6 +92,9 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
 
 def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_classes=None):
     """Rebuild the model from a checkpoint alone. Returns (model, info) with classes, names and settings."""
+    if str(path).lower().endswith(".onnx"):  # an exported model, run by onnxruntime (export.py)
+        import export
+        return export.load_onnx_for_eval(path)
     ckpt = utils.load_checkpoint(path)
     if utils.is_original_checkpoint(ckpt):
         raise CheckpointError(f"{path} was saved by ipcvl2021-mobilenetv3-torch-v2, whose network is not the paper's "
