@@ -16,6 +16,7 @@ Resume after a crash or preemption (same command line is safe to re-run):
 """
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import pickle
@@ -37,6 +38,9 @@ from utils import UserError
 DEMO_DEFAULTS = {"img_size": 64, "epochs": 8}      # small images and few epochs: about a minute on a laptop CPU
 IMAGENET_DEFAULTS = {"img_size": 224, "epochs": 200}  # the predecessor trained 203 epochs
 MAX_NONFINITE_STREAK = 20
+# A GradScaler halves its scale at each overflow while it calibrates; below 1 the gradients overflow fp16 even
+# unscaled, which is divergence, not calibration (train_on_batch)
+MIN_LOSS_SCALE = 1.0
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
 
 
@@ -145,8 +149,12 @@ def validate_args(args):
     if args.decode_on == "device" and (args.auto_augment or args.random_erase):
         raise UserError("--decode-on device does the crop and flip only: drop --auto-augment and --random-erase, "
                         "or decode on the workers")
+    if args.data_path is not None and not os.path.exists(args.data_path):
+        raise UserError(f"--data-path {args.data_path} does not exist")
     if args.data_path is not None and not os.path.isdir(args.data_path):
         raise UserError(f"--data-path {args.data_path} is not a folder")
+    if args.resume not in (None, "auto") and os.path.isdir(args.resume):
+        raise UserError(f"--resume {args.resume} is a folder: give the checkpoint file in it (e.g. last.pth)")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise UserError(f"--resume file not found: {args.resume}")
     if args.pretrained not in (None, "torchvision") and not os.path.isfile(args.pretrained):
@@ -173,20 +181,34 @@ def make_optimizer(model, args, device):
     return torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, eps=0.0316, momentum=args.momentum, foreach=True)
 
 
-def lr_factor(step, steps_per_epoch, args):
-    """Learning-rate multiplier at an optimizer step: linear warm-up, then the chosen schedule, per step."""
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    epoch = step / steps_per_epoch
+def lr_factor(progress, args, steps_per_epoch):
+    """Learning-rate multiplier for the update that starts at `progress` epochs into training (a float, so that
+    a resume with another batch size or GPU count continues at the same point): linear warm-up over
+    --warmup-epochs, then the chosen schedule. steps_per_epoch only sizes the warm-up's first increment."""
+    warmup = args.warmup_epochs
+    done = progress + 1 / steps_per_epoch  # progress at the end of this update
+    if done < warmup - 1e-9:
+        return done / warmup
     if args.lr_scheduler == "cosine":
-        total = max(1, args.epochs * steps_per_epoch - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / total)))
+        total = max(1e-9, args.epochs - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress - warmup) / total)))
     if args.lr_scheduler == "step":
-        return args.lr_gamma ** int(epoch // args.lr_step_size)
+        return args.lr_gamma ** int(progress // args.lr_step_size)
     if args.lr_scheduler == "legacy":
-        return 0.99 ** int(epoch // 3)
+        return 0.99 ** int(progress // 3)
     return 1.0
+
+
+def set_hyperparameters(optimizer, args, factor):
+    """lr for this update, and the weight decay and momentum of args (a resumed run applies changed flags)."""
+    decay_group = optimizer.param_groups[0]
+    decay_group["weight_decay"] = args.weight_decay
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr * factor
+        if "momentum" in group:
+            group["momentum"] = args.momentum
+            if "nesterov" in group:
+                group["nesterov"] = args.momentum > 0
 
 
 def warm_up_bn_momentum(model, step, momentum):
@@ -214,6 +236,14 @@ def ema_state_dict(model, ema):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def ema_checkpoint_state(ema):
+    """torch-ema's state without `collected_params`, the copy of the raw weights average_parameters() leaves
+    behind: it would double the EMA's share of every checkpoint and is never needed to resume."""
+    state = ema.state_dict()
+    state["collected_params"] = None
+    return state
+
+
 def train_step(model, images, targets, criterion, scaler, autocast, accum_steps=1):
     """Forward and backward of one micro-batch under autocast. Returns (logits, loss), detached."""
     with autocast():
@@ -227,8 +257,8 @@ def optimizer_step(optimizer, scaler, parameters, clip_grad_norm=0.0):
     """Apply the accumulated gradients unless they are not finite; returns whether the update was applied.
 
     The test is on the norm of the gradients of all micro-batches, after DDP's all-reduce, so every rank takes
-    the same decision. Gradients are unscaled first (GradScaler, CUDA fp16) so clipping sees the true norm.
-    Reading the norm is the one host sync per step; on CUDA fp16 the GradScaler makes the same one anyway.
+    the same decision. Gradients are unscaled first (GradScaler, fp16) so clipping sees the true norm.
+    Reading the norm is the one host sync per step; with a GradScaler on CUDA the scaler makes the same one.
     """
     if scaler:
         scaler.unscale_(optimizer)
@@ -243,215 +273,40 @@ def optimizer_step(optimizer, scaler, parameters, clip_grad_norm=0.0):
         else:
             optimizer.step()
     if scaler:
-        scaler.update()  # after a non-finite step this lowers the loss scale
+        scaler.update()  # after an overflow this halves the loss scale
     optimizer.zero_grad(set_to_none=True)
     return finite
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the state of a run, and what it is built from
 
-def train_one_epoch(ctx, epoch, start_batch):
-    """Train one epoch from micro-batch start_batch (non-zero after a mid-epoch resume).
+@dataclasses.dataclass
+class TrainState:
+    """The progress of a run: what a checkpoint saves besides the weights, optimizer, scaler and EMA, and exactly
+    what a resume restores (its fields are top-level keys of every checkpoint)."""
+    epoch: int = 0                   # the epoch in progress, 0-based (= epochs completed when batch_in_epoch is 0)
+    batch_in_epoch: int = 0          # micro-batches of that epoch already trained
+    step: int = 0                    # optimizer steps so far: TensorBoard's x axis, never rescaled
+    best_top1: float = -1.0          # best validation top-1 of a checkpoint actually written as best.pth
+    best_weights: str | None = None  # "raw" or "ema": which weights scored best_top1
+    best_epoch: int = 0              # epochs completed when best.pth was written
+    metrics: dict = dataclasses.field(default_factory=dict)  # the last validation's figures
+    nonfinite_steps: int = 0         # updates skipped for a non-finite loss or a collapsed loss scale
+    nonfinite_streak: int = 0        # of those, in a row up to now
+    scaler_skips: int = 0            # fp16 updates GradScaler skipped to lower its scale: routine, not divergence
+    validation_pending: bool = False  # stopped after an epoch's last step, before that epoch's validation
 
-    Returns "done", "stopped" (signal or --max-steps; state saved by caller) or "diverged".
-    """
-    a, model, optimizer = ctx.args, ctx.model, ctx.optimizer
-    model.train()
-    ctx.sampler.set_epoch(epoch, skip_batches=start_batch, batch_size=a.batch_size)
-    mean, std = dataset.NORMS[a.norm]
-    steps_per_epoch = ctx.steps_per_epoch
-    window = {"loss": torch.zeros((), device=ctx.device), "top1": torch.zeros((), device=ctx.device), "n": 0}
-    epoch_sum = torch.zeros(3, dtype=utils.sum_dtype(ctx.device), device=ctx.device)  # loss sum, top-1 hits, images
-    epoch_start = window_start = time.perf_counter()
-    data_wait = 0.0
-    status = "done"
-    batch = start_batch
-    bar = tqdm(total=len(ctx.loader) + start_batch, initial=start_batch, desc=f"epoch {epoch + 1}/{a.epochs}",
-               disable=not ctx.show_progress, dynamic_ncols=True, leave=False)
-    fetch_start = time.perf_counter()
-    for images, targets in ctx.loader:
-        data_wait += time.perf_counter() - fetch_start
-        if ctx.compile_clock == 0.0:  # --compile: the first forward and backward compile the model
-            ctx.compile_clock = time.perf_counter()
-        images, targets = ctx.train_set.batch_to(ctx.device, images, targets)
-        images = dataset.normalize_batch(images, mean, std, ctx.channels_last)
-        if ctx.mixup is not None:
-            images, targets = ctx.mixup(images, targets)
-        if ctx.step == 0 and batch == 0 and ctx.writer:
-            log_augmented_images(ctx.writer, images, mean, std)
-        if batch % a.accum_steps == 0:  # first micro-batch of an update: remember the BN statistics
-            torch._foreach_copy_(ctx.bn_backup, ctx.bn_buffers)
-        batch += 1
-        is_update = batch % a.accum_steps == 0
-        for group, base_lr in zip(optimizer.param_groups, ctx.base_lrs):
-            group["lr"] = base_lr * lr_factor(ctx.step, steps_per_epoch, a)
-        if ctx.step * a.bn_momentum <= 10 and not a.compile:  # a changing float would recompile every step
-            warm_up_bn_momentum(model, ctx.step, a.bn_momentum)
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not is_update else contextlib.nullcontext()
-        with sync:
-            logits, loss = train_step(model, images, targets, ctx.criterion, ctx.scaler, ctx.autocast, a.accum_steps)
-        if is_update:
-            # a non-finite loss gives non-finite gradients: that update is skipped and counted
-            if optimizer_step(optimizer, ctx.scaler, ctx.params, a.clip_grad_norm):
-                ctx.nonfinite_streak = 0
-            else:
-                # the forward passes already moved the BN running statistics (maybe to NaN): take them back
-                torch._foreach_copy_(ctx.bn_buffers, ctx.bn_backup)
-                ctx.nonfinite_steps += 1
-                ctx.nonfinite_streak += 1
-            if ctx.ema is not None:
-                ctx.ema.update()
-            ctx.step += 1
-            if ctx.compile_clock:
-                loss.item()  # wait for the device, once
-                seconds = time.perf_counter() - ctx.compile_clock
-                if ctx.rank == 0:
-                    tqdm.write(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
-                if ctx.writer:
-                    ctx.writer.add_scalar("perf/compile_first_step_sec", seconds, ctx.step)
-                ctx.compile_clock = None
-        hits = utils.correct_topk(logits, targets, (1,))[0]
-        window["loss"] += loss.float()
-        window["top1"] += hits
-        window["n"] += targets.shape[0]
-        epoch_sum[0] += loss.to(epoch_sum.dtype) * targets.shape[0]  # no new device tensors: no hidden syncs
-        epoch_sum[1] += hits
-        epoch_sum[2] += targets.shape[0]
-        bar.update(1)
-        if is_update and ctx.step % a.print_freq == 0:
-            # the only host syncs of the loop: once every --print-freq steps
-            elapsed = time.perf_counter() - window_start
-            batches = window["n"] / targets.shape[0]
-            loss_avg = window["loss"].item() / max(batches, 1)
-            top1_avg = 100 * window["top1"].item() / max(window["n"], 1)
-            lr = optimizer.param_groups[0]["lr"]
-            speed = window["n"] * ctx.world_size / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{loss_avg:.3f}", top1=f"{top1_avg:.1f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
-            if ctx.writer:
-                w = ctx.writer
-                w.add_scalar("train/loss", loss_avg, ctx.step)
-                w.add_scalar("train/top1", top1_avg, ctx.step)
-                w.add_scalar("train/lr", lr, ctx.step)
-                w.add_scalar("train/images_per_sec", speed, ctx.step)
-                w.add_scalar("train/data_wait_fraction", data_wait / max(elapsed, 1e-9), ctx.step)
-                if ctx.device.type == "cuda":
-                    w.add_scalar("train/gpu_memory_mb", utils.peak_memory_mb(ctx.device), ctx.step)
-            window = {"loss": torch.zeros((), device=ctx.device), "top1": torch.zeros((), device=ctx.device), "n": 0}
-            window_start, data_wait = time.perf_counter(), 0.0
-        if ctx.nonfinite_streak >= MAX_NONFINITE_STREAK:
-            status = "diverged"
-            break
-        # every rank must stop at the same step, whichever of them got the signal
-        if is_update and (utils.any_rank(ctx.stop) or (a.max_steps and ctx.step >= a.max_steps)):
-            if batch < len(ctx.loader) + start_batch:
-                status = "stopped"
-            ctx.batch_in_epoch = batch
-            break
-        fetch_start = time.perf_counter()
-    bar.close()
-    if ctx.compile_clock:  # no update this epoch (a resumed epoch's last micro-batches): time the next one afresh
-        ctx.compile_clock = 0.0
-    optimizer.zero_grad(set_to_none=True)  # micro-batches left over when accum_steps does not divide the epoch
-    if status == "done":
-        ctx.batch_in_epoch = 0
-    utils.all_reduce_sum(epoch_sum)
-    loss_sum, hits, count = epoch_sum.tolist()
-    ctx.last_train = {"loss": loss_sum / max(count, 1), "top1": 100 * hits / max(count, 1),
-                      "time": time.perf_counter() - epoch_start, "images": int(count)}
-    return status
+    def state_dict(self):
+        return dataclasses.asdict(self)
 
+    def load_state_dict(self, saved):
+        for field in dataclasses.fields(self):
+            if field.name in saved:
+                setattr(self, field.name, saved[field.name])
 
-def log_augmented_images(writer, images, mean, std):
-    import torchvision
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    grid = torchvision.utils.make_grid((images[:32].float() * std + mean).clamp(0, 1), nrow=8)
-    writer.add_image("train/augmented_batch", grid.cpu(), 0)
-
-
-def checkpoint_state(ctx, epoch):
-    a = ctx.args
-    state = {
-        "format": utils.CHECKPOINT_FORMAT,
-        "model": ctx.model_without_ddp.state_dict(),
-        "model_config": model_lib.model_config(ctx.model_without_ddp),
-        "ema": ctx.ema.state_dict() if ctx.ema else None,
-        "ema_model": ema_state_dict(ctx.model_without_ddp, ctx.ema) if ctx.ema else None,
-        "optimizer": ctx.optimizer.state_dict(),
-        "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
-        "epoch": epoch,                  # epoch in progress (0-based)
-        "batch_in_epoch": ctx.batch_in_epoch,  # micro-batches of that epoch already done (0: epoch not started)
-        "step": ctx.step,
-        "best_top1": ctx.best_top1,
-        "best_weights": ctx.best_weights,
-        "metrics": ctx.metrics,
-        "nonfinite_steps": ctx.nonfinite_steps,
-        "rng": ctx.rng_states,            # one per rank: each rank's dropout/mixup stream resumes exactly
-        "world_size": ctx.world_size,
-        "args": dict(vars(a)),
-        "classes": list(ctx.classes),
-        "class_names": list(ctx.class_names),
-        "norm": a.norm,
-        "val_resize_size": a.val_resize_size,
-        "val_crop_size": a.val_crop_size,
-    }
-    return state
-
-
-def save(ctx, epoch, name="last.pth"):
-    """Rank 0 writes; never saves weights that are not finite (a diverged model never replaces a good checkpoint).
-    Returns whether the checkpoint was written. Every rank must call it (the RNG states are gathered)."""
-    ctx.rng_states = utils.gather_objects(utils.get_rng_state())
-    if ctx.rank != 0:
-        return True
-    if ctx.nonfinite_streak or not utils.check_finite(ctx.model_without_ddp):
-        print(f"warning: {'the last steps had a non-finite loss' if ctx.nonfinite_streak else 'weights are not finite'}"
-              f"; keeping the previous {name}", file=sys.stderr)
-        return False
-    utils.save_checkpoint(checkpoint_state(ctx, epoch), os.path.join(ctx.args.output_dir, name))
-    return True
-
-
-def resume(ctx, path):
-    ckpt = utils.load_checkpoint(path)
-    if ckpt.get("format") != utils.CHECKPOINT_FORMAT:
-        raise utils.CheckpointError(f"{path} is not a checkpoint of this project")
-    want = model_lib.model_config(ctx.model_without_ddp)
-    have = ckpt["model_config"]
-    for key in ("arch", "width_mult", "num_classes"):
-        if have.get(key) != want.get(key):
-            raise utils.CheckpointError(f"cannot resume from {path}: it was trained with {key}={have.get(key)!r}, "
-                                        f"this run has {key}={want.get(key)!r}")
-    if list(ckpt.get("classes", [])) != list(ctx.classes):
-        raise utils.CheckpointError(f"cannot resume from {path}: its class list differs from this dataset's")
-    if ckpt["batch_in_epoch"]:
-        a, saved = ctx.args, ckpt["args"]
-        now = (a.batch_size, a.accum_steps, ctx.world_size)
-        then = (saved["batch_size"], saved["accum_steps"], ckpt.get("world_size", 1))
-        if now != then:
-            raise utils.CheckpointError(f"{path} stopped inside an epoch with batch size, accum steps and processes "
-                                        f"{then}; resume it with the same (this run has {now})")
-    ctx.model_without_ddp.load_state_dict(ckpt["model"])
-    try:
-        ctx.optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError as e:
-        raise utils.CheckpointError(f"cannot resume the optimizer from {path} ({e}); was --opt or --wd-norm-bias "
-                                    "changed?") from None
-    if ctx.scaler and ckpt.get("scaler"):
-        ctx.scaler.load_state_dict(ckpt["scaler"])
-    if ctx.ema is not None and ckpt.get("ema"):
-        ctx.ema.load_state_dict(ckpt["ema"])
-        ctx.ema.decay = ctx.args.ema_decay  # the decay given now wins over the saved one
-    ctx.step = ckpt["step"]
-    ctx.best_top1 = ckpt["best_top1"]
-    ctx.best_weights = ckpt["best_weights"]
-    ctx.metrics = ckpt.get("metrics", {})
-    ctx.nonfinite_steps = ckpt.get("nonfinite_steps", 0)
-    ctx.batch_in_epoch = ckpt["batch_in_epoch"]
-    rng = ckpt["rng"]
-    utils.set_rng_state(rng[ctx.rank] if isinstance(rng, list) and len(rng) == ctx.world_size else
-                        rng[0] if isinstance(rng, list) else rng)
-    return ckpt["epoch"]
+    def progress(self, steps_per_epoch, accum_steps):
+        """Epochs of training done at this point, as a float."""
+        return self.epoch + (self.batch_in_epoch // accum_steps) / steps_per_epoch
 
 
 class Context:
@@ -474,15 +329,25 @@ def resolve_defaults(args, device):
     return args
 
 
+def prepare_output(args, rank):
+    """Checkpoint and TensorBoard folders, checked at start (rank 0 writes both)."""
+    if rank == 0:
+        utils.prepare_output_dir(args.output_dir)
+        utils.prepare_log_dir(os.path.join(args.log_dir, run_name(args)))
+    if args.data_path is None and rank == 0:
+        dataset.make_demo_dataset(DEMO_DIR)
+
+
+def run_name(args):
+    return args.run_name or f"mobilenetv3_{args.arch}_{args.width_mult:g}"
+
+
 def build_data(args, rank, world_size, device):
-    """(splits, train set, val set, train loader, val loader) for this rank; makes the demo data if needed."""
-    if args.data_path is None:
-        if rank == 0:
-            args.data_path = dataset.make_demo_dataset(DEMO_DIR)
-        args.data_path = utils.broadcast_object(args.data_path if rank == 0 else None)
-    splits = dataset.find_dataset(args.data_path)
+    """(splits, train set, val set, train loader, val loader) for this rank."""
+    data_path = args.data_path or DEMO_DIR
+    splits = dataset.find_dataset(data_path)
     if splits.val is None:
-        raise UserError(f"no validation split found under {args.data_path} (see README: accepted layouts)")
+        raise UserError(f"no validation split found under {data_path} (see README: accepted layouts)")
     if args.decode_on == "device":
         dataset.EncodedImageFiles.check_device(device)
         train_set = dataset.EncodedImageFiles(splits.train, args.img_size, args.min_scale, strict=args.strict_data)
@@ -506,27 +371,9 @@ def build_data(args, rank, world_size, device):
     return splits, train_set, val_set, train_loader, val_loader
 
 
-def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
-    """Data, model, optimizer, EMA and precision for training with args, as a Context; nothing runs yet.
-    main adds resuming, torch.compile, DDP and TensorBoard; benchmark.py uses it as it is."""
-    demo = args.data_path is None
-    resolve_defaults(args, device)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    utils.seed_everything(args.seed + rank)
-    if rank == 0:
-        utils.prepare_output_dir(args.output_dir)
-
-    splits, train_set, val_set, train_loader, val_loader = build_data(args, rank, world_size, device)
-    num_classes = args.num_classes or len(splits.classes)
-    if num_classes < len(splits.classes):
-        raise UserError(f"--num-classes {num_classes} is smaller than the {len(splits.classes)} classes in the data")
-
-    net = model_lib.build_model(args.arch, args.width_mult, num_classes, dropout=args.dropout, bn_momentum=args.bn_momentum)
-    num_params, madds = model_lib.count_params(net), model_lib.count_madds(net, args.img_size)
+def build_model(args, num_classes, device, world_size):
+    net = model_lib.build_model(args.arch, args.width_mult, num_classes, dropout=args.dropout,
+                                bn_momentum=args.bn_momentum)
     if args.pretrained:
         try:
             model_lib.load_pretrained(net, args.pretrained)
@@ -540,159 +387,519 @@ def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
     net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
+    """Data, model, optimizer, EMA and precision for training with args, as a Context; nothing runs yet.
+    main adds resuming, torch.compile, DDP and TensorBoard; benchmark.py uses it as it is. Every rank-local
+    failure here reaches every rank (utils.fail_together), so no rank waits for a peer that stopped."""
+    demo = args.data_path is None
+    resolve_defaults(args, device)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest convolution algorithms
+    utils.seed_everything(args.seed + rank)
+    utils.fail_together(prepare_output, args, rank)
+    splits, train_set, val_set, train_loader, val_loader = utils.fail_together(build_data, args, rank, world_size,
+                                                                               device)
+    num_classes = args.num_classes or len(splits.classes)
+    if num_classes < len(splits.classes):
+        raise UserError(f"--num-classes {num_classes} is smaller than the {len(splits.classes)} classes in the data")
+    net = utils.fail_together(build_model, args, num_classes, device, world_size)
 
     ctx = Context()
     ctx.args, ctx.rank, ctx.world_size, ctx.device = args, rank, world_size, device
     ctx.stop, ctx.writer, ctx.show_progress = None, None, rank == 0
     ctx.splits, ctx.classes, ctx.class_names = splits, splits.classes, splits.class_names
+    ctx.data_path = args.data_path or DEMO_DIR
     ctx.train_set, ctx.val_set, ctx.loader, ctx.val_loader = train_set, val_set, train_loader, val_loader
     ctx.sampler = train_loader.sampler
     ctx.model = ctx.model_without_ddp = net
-    ctx.num_params, ctx.madds, ctx.demo = num_params, madds, demo
+    ctx.ddp = None
+    ctx.num_params, ctx.madds, ctx.demo = model_lib.count_params(net), model_lib.count_madds(net, args.img_size), demo
     ctx.params = list(net.parameters())
     ctx.bn_buffers = [b for b in net.buffers() if b.is_floating_point()]
     ctx.bn_backup = [b.detach().clone() for b in ctx.bn_buffers]
     ctx.optimizer = make_optimizer(net, args, device)
-    ctx.base_lrs = [args.lr for _ in ctx.optimizer.param_groups]
     ctx.ema = make_ema(net, args.ema_decay)
     ctx.autocast, ctx.scaler, ctx.precision = utils.precision_for(device, args.amp, args.amp_dtype)
     ctx.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     ctx.mixup = dataset.make_mixup_cutmix(args.mixup_alpha, args.cutmix_alpha, num_classes)
     ctx.channels_last = args.channels_last
     ctx.steps_per_epoch = len(train_loader) // args.accum_steps
-    ctx.step, ctx.best_top1, ctx.best_weights, ctx.metrics = 0, -1.0, None, {}
-    ctx.nonfinite_steps, ctx.nonfinite_streak, ctx.batch_in_epoch = 0, 0, 0
-    ctx.compile_clock = None
+    ctx.state = TrainState()
+    ctx.time_compile = bool(args.compile)  # the first update compiles the model: train_one_epoch times it
+    ctx.update_loss_finite = None
     return ctx
 
 
+# ---------------------------------------------------------------- the loop
+
+def train_on_batch(ctx, images, targets, batch):
+    """Train on micro-batch number `batch` of the epoch (0-based); on the last micro-batch of an update also take
+    the optimizer step. Owns the learning rate, the BN-momentum warm-up, DDP's no_sync, the step, the handling of
+    non-finite updates and the EMA. Returns (logits, loss, whether an update was taken)."""
+    a, s = ctx.args, ctx.state
+    first, last = batch % a.accum_steps == 0, (batch + 1) % a.accum_steps == 0
+    if first:
+        torch._foreach_copy_(ctx.bn_backup, ctx.bn_buffers)  # to take back if this update is not finite
+        ctx.update_progress = s.progress(ctx.steps_per_epoch, a.accum_steps)
+        set_hyperparameters(ctx.optimizer, a, lr_factor(ctx.update_progress, a, ctx.steps_per_epoch))
+        if s.step * a.bn_momentum <= 10 and not a.compile:  # a changing float would recompile every step
+            warm_up_bn_momentum(ctx.model_without_ddp, s.step, a.bn_momentum)
+        ctx.update_loss_finite = torch.ones((), dtype=torch.bool, device=ctx.device)
+    no_sync = ctx.ddp.no_sync() if ctx.ddp is not None and not last else contextlib.nullcontext()
+    with no_sync:
+        logits, loss = train_step(ctx.model, images, targets, ctx.criterion, ctx.scaler, ctx.autocast, a.accum_steps)
+    ctx.update_loss_finite &= torch.isfinite(loss)
+    if not last:
+        return logits, loss, False
+    if optimizer_step(ctx.optimizer, ctx.scaler, ctx.params, a.clip_grad_norm):
+        s.nonfinite_streak = 0
+    elif ctx.scaler and ctx.scaler.get_scale() >= MIN_LOSS_SCALE and \
+            not utils.any_rank(not bool(ctx.update_loss_finite)):
+        s.scaler_skips += 1  # finite loss, fp16 gradients overflowed: the scaler lowers its scale, as designed
+        s.nonfinite_streak = 0  # and a finite loss ends a streak of non-finite ones
+    else:
+        # the forward passes already moved the BN running statistics (maybe to NaN): take them back
+        torch._foreach_copy_(ctx.bn_buffers, ctx.bn_backup)
+        s.nonfinite_steps += 1
+        s.nonfinite_streak += 1
+    if ctx.ema is not None:
+        ctx.ema.update()
+    s.step += 1
+    return logits, loss, True
+
+
+class MetricWindow:
+    """Sums of loss, top-1 hits and images since the last report, kept on the device (reading them is a sync)."""
+
+    def __init__(self, device, dtype=torch.float32):
+        self.sums = torch.zeros(3, dtype=dtype, device=device)  # loss x images, top-1 hits, images
+        self.start, self.data_wait = time.perf_counter(), 0.0
+
+    def add(self, loss, logits, targets):
+        n = targets.shape[0]
+        self.sums[0] += loss.to(self.sums.dtype) * n
+        self.sums[1] += utils.correct_topk(logits, targets, (1,))[0]
+        self.sums[2] += n
+
+    def read(self):
+        """(mean loss, top-1 %, images, seconds since start)."""
+        loss_sum, hits, count = self.sums.tolist()
+        return loss_sum / max(count, 1), 100 * hits / max(count, 1), int(count), time.perf_counter() - self.start
+
+
+def train_one_epoch(ctx):
+    """Train the epoch ctx.state.epoch from micro-batch ctx.state.batch_in_epoch (non-zero after a mid-epoch
+    resume) to its end. Returns "done", "stopped" (signal or --max-steps; state saved by the caller) or
+    "diverged"."""
+    a, s = ctx.args, ctx.state
+    ctx.model.train()
+    start_batch = s.batch_in_epoch
+    ctx.sampler.set_epoch(s.epoch, skip_batches=start_batch, batch_size=a.batch_size)
+    mean, std = dataset.NORMS[a.norm]
+    window, epoch_sums = MetricWindow(ctx.device), MetricWindow(ctx.device, utils.sum_dtype(ctx.device))
+    status = "done"
+    bar = tqdm(total=len(ctx.loader) + start_batch, initial=start_batch, desc=f"epoch {s.epoch + 1}/{a.epochs}",
+               disable=not ctx.show_progress, dynamic_ncols=True, leave=False)
+    compile_start, fetch_start = None, time.perf_counter()
+    for images, targets in ctx.loader:
+        window.data_wait += time.perf_counter() - fetch_start
+        compile_start = compile_start or time.perf_counter()  # --compile: the first update compiles the model
+        images, targets = ctx.train_set.batch_to(ctx.device, images, targets)
+        images = dataset.normalize_batch(images, mean, std, ctx.channels_last)
+        if ctx.mixup is not None:
+            images, targets = ctx.mixup(images, targets)
+        if s.step == 0 and s.batch_in_epoch == 0 and ctx.writer:
+            log_augmented_images(ctx.writer, images, mean, std)
+        logits, loss, updated = train_on_batch(ctx, images, targets, s.batch_in_epoch)
+        s.batch_in_epoch += 1
+        window.add(loss, logits, targets)
+        epoch_sums.add(loss, logits, targets)
+        bar.update(1)
+        if updated and ctx.time_compile:
+            log_compile_time(ctx, loss, compile_start)
+        if updated and s.step % a.print_freq == 0:
+            log_training(ctx, window, bar)
+            window = MetricWindow(ctx.device)
+        if s.nonfinite_streak >= MAX_NONFINITE_STREAK:
+            status = "diverged"
+            break
+        # every rank must stop at the same step, whichever of them got the signal
+        if updated and (utils.any_rank(ctx.stop) or (a.max_steps and s.step >= a.max_steps)):
+            if s.batch_in_epoch < len(ctx.loader) + start_batch:
+                status = "stopped"
+            break
+        fetch_start = time.perf_counter()
+    bar.close()
+    ctx.optimizer.zero_grad(set_to_none=True)  # micro-batches left over when accum_steps does not divide the epoch
+    utils.all_reduce_sum(epoch_sums.sums)
+    loss, top1, images, seconds = epoch_sums.read()
+    ctx.last_train = {"loss": loss, "top1": top1, "time": seconds, "images": images}
+    if status == "done":
+        s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+    return status
+
+
+def log_compile_time(ctx, loss, start):
+    loss.item()  # wait for the device, once
+    seconds = time.perf_counter() - start
+    if ctx.rank == 0:
+        tqdm.write(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
+    if ctx.writer:
+        ctx.writer.add_scalar("perf/compile_first_step_sec", seconds, ctx.state.step)
+    ctx.time_compile = False
+
+
+def log_training(ctx, window, bar):
+    """The training figures of the last --print-freq steps: progress bar and TensorBoard (one host sync)."""
+    s = ctx.state
+    loss, top1, images, elapsed = window.read()
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    speed = images * ctx.world_size / max(elapsed, 1e-9)
+    bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.1f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+    if ctx.writer:
+        w = ctx.writer
+        w.add_scalar("train/loss", loss, s.step)
+        w.add_scalar("train/top1", top1, s.step)
+        w.add_scalar("train/lr", lr, s.step)
+        w.add_scalar("train/epoch", ctx.update_progress, s.step)  # where the last update's lr was taken
+        w.add_scalar("train/images_per_sec", speed, s.step)
+        w.add_scalar("train/data_wait_fraction", window.data_wait / max(elapsed, 1e-9), s.step)
+        w.add_scalar("train/nonfinite_steps", s.nonfinite_steps, s.step)
+        if ctx.scaler is not None:
+            w.add_scalar("train/scaler_skips", s.scaler_skips, s.step)
+            w.add_scalar("train/loss_scale", ctx.scaler.get_scale(), s.step)
+        if ctx.device.type == "cuda":
+            w.add_scalar("train/gpu_memory_mb", utils.peak_memory_mb(ctx.device), s.step)
+
+
+def log_augmented_images(writer, images, mean, std):
+    import torchvision
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    grid = torchvision.utils.make_grid((images[:32].float() * std + mean).clamp(0, 1), nrow=8)
+    writer.add_image("train/augmented_batch", grid.cpu(), 0)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_state(ctx):
+    a = ctx.args
+    return {
+        "format": utils.CHECKPOINT_FORMAT,
+        **ctx.state.state_dict(),        # epoch, batch_in_epoch, step, best_top1, ... (TrainState)
+        "model": ctx.model_without_ddp.state_dict(),
+        "model_config": model_lib.model_config(ctx.model_without_ddp),
+        "ema": ema_checkpoint_state(ctx.ema) if ctx.ema else None,
+        "ema_model": ema_state_dict(ctx.model_without_ddp, ctx.ema) if ctx.ema else None,
+        "optimizer": ctx.optimizer.state_dict(),
+        "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
+        "rng": ctx.rng_states,           # one per rank: each rank's dropout/mixup stream resumes exactly
+        "world_size": ctx.world_size,
+        "steps_per_epoch": ctx.steps_per_epoch,
+        "args": dict(vars(a)),
+        "classes": list(ctx.classes),
+        "class_names": list(ctx.class_names),
+        "norm": a.norm,
+        "val_resize_size": a.val_resize_size,
+        "val_crop_size": a.val_crop_size,
+    }
+
+
+def can_save(ctx):
+    """A checkpoint is never written in a non-finite streak or with non-finite weights (rank 0 decides)."""
+    ok = ctx.state.nonfinite_streak == 0 and utils.check_finite(ctx.model_without_ddp)
+    return utils.broadcast_object(ok)
+
+
+def save(ctx, also_best=False):
+    """Write last.pth, then best.pth with the same state when also_best. Every rank calls it (the RNG states
+    are gathered; a failed write on rank 0 ends every rank). Returns whether the checkpoint was written.
+
+    last.pth goes first: it records best_top1 and best_epoch, so a crash between the two writes leaves a
+    last.pth from which resume() rewrites best.pth (repair_best); the other order would let a resumed run
+    replace the new best.pth by a worse model."""
+    ctx.rng_states = utils.gather_objects(utils.get_rng_state())
+    if not can_save(ctx):
+        if ctx.rank == 0:
+            why = "the last steps had a non-finite loss" if ctx.state.nonfinite_streak else "weights are not finite"
+            print(f"warning: {why}; keeping the previous checkpoints", file=sys.stderr)
+        return False
+
+    def write():
+        if ctx.rank == 0:
+            state = checkpoint_state(ctx)
+            utils.save_checkpoint(state, os.path.join(ctx.args.output_dir, "last.pth"))
+            if also_best:
+                utils.save_checkpoint(state, os.path.join(ctx.args.output_dir, "best.pth"))
+    utils.fail_together(write)
+    return True
+
+
+def repair_best(ckpt, output_dir):
+    """A crash between the writes of last.pth and best.pth leaves a best.pth older than last.pth's best_top1
+    says, while last.pth holds that best state itself: write it as best.pth (rank 0)."""
+    best_path = os.path.join(output_dir, "best.pth")
+    if ckpt.get("best_epoch") != ckpt["epoch"] or ckpt["batch_in_epoch"] or ckpt.get("best_top1", -1) < 0:
+        return
+    try:
+        best = utils.load_checkpoint(best_path)
+        if best.get("best_top1", -1) >= ckpt["best_top1"]:
+            return
+    except utils.CheckpointError:
+        pass  # missing or broken
+    utils.save_checkpoint(ckpt, best_path)
+    print(f"rewrote {best_path} from the last checkpoint (the run had stopped before writing it)")
+
+
+# flags that may differ in a resumed run without being worth a word: where things go, how fast, for how long
+RESUME_QUIET_FLAGS = {"resume", "output_dir", "log_dir", "run_name", "workers", "device", "max_steps", "print_freq",
+                      "data_path", "compile", "deterministic", "strict_data", "eval_every"}
+
+
+def check_resume_flags(ctx, ckpt, path):
+    """Refuse what cannot continue exactly; list every other flag that changed (they are applied)."""
+    a, saved = ctx.args, ckpt.get("args", {})
+    if saved.get("opt", a.opt) != a.opt:
+        raise utils.CheckpointError(f"{path} was trained with --opt {saved['opt']}; resume with the same --opt "
+                                    f"(to start a new run from its weights, use --pretrained with its weights)")
+    if ckpt["batch_in_epoch"]:
+        now = (a.batch_size, a.accum_steps, ctx.world_size, a.seed)
+        then = (saved.get("batch_size"), saved.get("accum_steps"), ckpt.get("world_size", 1), saved.get("seed", 0))
+        if now != then:
+            raise utils.CheckpointError(
+                f"{path} stopped inside an epoch with batch size, accum steps, processes and seed {then}; resume it "
+                f"with the same (this run has {now}), or resume from a checkpoint written at the end of an epoch")
+    changed = [f"--{key.replace('_', '-')} {saved[key]} -> {value}" for key, value in sorted(vars(a).items())
+               if key in saved and saved[key] != value and key not in RESUME_QUIET_FLAGS]
+    if changed and ctx.rank == 0:
+        print(f"resume: flags changed since the checkpoint, applied from now on: {', '.join(changed)}")
+
+
+def resume(ctx, path):
+    ckpt = utils.load_checkpoint(path)
+    if ckpt.get("format") != utils.CHECKPOINT_FORMAT:
+        raise utils.CheckpointError(f"{path} is not a checkpoint of this project")
+    want = model_lib.model_config(ctx.model_without_ddp)
+    have = ckpt["model_config"]
+    for key in ("arch", "width_mult", "num_classes"):
+        if have.get(key) != want.get(key):
+            raise utils.CheckpointError(f"cannot resume from {path}: it was trained with {key}={have.get(key)!r}, "
+                                        f"this run has {key}={want.get(key)!r}")
+    if list(ckpt.get("classes", [])) != list(ctx.classes):
+        raise utils.CheckpointError(f"cannot resume from {path}: its class list differs from this dataset's")
+    check_resume_flags(ctx, ckpt, path)
+    ctx.model_without_ddp.load_state_dict(ckpt["model"])
+    try:
+        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:
+        raise utils.CheckpointError(f"cannot resume the optimizer from {path} ({e}); was --opt or --wd-norm-bias "
+                                    "changed?") from None
+    if ctx.scaler and ckpt.get("scaler"):
+        ctx.scaler.load_state_dict(ckpt["scaler"])
+    if ctx.ema is not None and ckpt.get("ema"):
+        ctx.ema.load_state_dict(ckpt["ema"])
+        ctx.ema.decay = ctx.args.ema_decay  # the decay given now wins over the saved one
+    ctx.state.load_state_dict(ckpt)
+    ctx.state.nonfinite_streak = 0
+    rng = ckpt["rng"]
+    utils.set_rng_state(rng[ctx.rank] if isinstance(rng, list) and len(rng) == ctx.world_size else
+                        rng[0] if isinstance(rng, list) else rng)
+    if ctx.rank == 0:
+        repair_best(ckpt, ctx.args.output_dir)
+
+
+# ---------------------------------------------------------------- the recipe
+
 def main(args):
+    utils.check_versions()
     validate_args(args)
     rank, world_size, device = utils.setup_distributed(args.device)
     stop = utils.StopRequest()
     say = print if rank == 0 else (lambda *a, **k: None)
     ctx = build_context(args, rank, world_size, device)
     ctx.stop = stop
-    demo, splits, net = ctx.demo, ctx.splits, ctx.model_without_ddp
+    s, splits, net = ctx.state, ctx.splits, ctx.model_without_ddp
 
-    start_epoch = 0
     resume_path = os.path.join(args.output_dir, "last.pth") if args.resume == "auto" else args.resume
     # rank 0 decides, so that every rank resumes or none does (multi-node runs need a shared --output-dir)
     if utils.broadcast_object(bool(resume_path) and os.path.isfile(resume_path)):
-        start_epoch = resume(ctx, resume_path)
-        say(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {ctx.step}"
-            + (f", batch {ctx.batch_in_epoch} of the epoch" if ctx.batch_in_epoch else ""))
+        utils.fail_together(resume, ctx, resume_path)
+        say(f"resumed from {resume_path}: epoch {min(s.epoch + 1, args.epochs)}, step {s.step}"
+            + (f", batch {s.batch_in_epoch} of the epoch" if s.batch_in_epoch else "")
+            + (", its validation first" if s.validation_pending else ""))
+        if s.epoch >= args.epochs and not s.validation_pending:
+            say(f"this run is already complete ({s.epoch} of {args.epochs} epochs, best top-1 {s.best_top1:.2f}%): "
+                f"nothing to do. Raise --epochs to train on, or choose a new --output-dir for a new run")
+            return 0
     elif args.resume == "auto":
         say(f"--resume auto: no {resume_path} yet, starting fresh")
 
     model = net
+    if utils.is_distributed():
+        # DDP first, then torch.compile: dynamo then splits the graph at DDP's bucket boundaries (DDPOptimizer),
+        # so gradient all-reduces overlap the backward pass (PyTorch's recommended order)
+        cuda = device.type == "cuda"
+        model = ctx.ddp = DistributedDataParallel(net, device_ids=[device.index] if cuda else None,
+                                                  output_device=device.index if cuda else None)
     if args.compile:
-        model = torch.compile(net)
-        ctx.compile_clock = 0.0  # train_one_epoch times the first step, which compiles
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.compile(model)
     ctx.model = model
 
-    ctx.writer = None
-    run_name = args.run_name or f"mobilenetv3_{args.arch}_{args.width_mult:g}"
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps on resume
-        ctx.writer = SummaryWriter(os.path.join(args.log_dir, run_name), purge_step=ctx.step + 1)
+        ctx.writer = SummaryWriter(os.path.join(args.log_dir, run_name(args)), purge_step=s.step + 1)
 
-    say(f"device {device} x{world_size} | precision {ctx.precision} | channels_last {args.channels_last}"
+    processes = (f"x{world_size} (torchrun, DDP, process group {utils.backend_name()})" if utils.is_distributed()
+                 else "x1")
+    say(f"device {device} {processes} | precision {ctx.precision} | channels_last {args.channels_last}"
         f" | MobileNetV3-{args.arch.capitalize()} {args.width_mult:g}: {ctx.num_params / 1e6:.2f}M params, "
         f"{ctx.madds / 1e6:.1f}M MAdds at {args.img_size}px")
-    say(f"data {args.data_path} ({splits.layout}{', demo' if demo else ''}): {len(splits.train)} train / "
-        f"{len(splits.val)} val images, {len(splits.classes)} classes | batch {args.batch_size} x {args.accum_steps} "
-        f"x {world_size} = {args.batch_size * args.accum_steps * world_size} | {ctx.steps_per_epoch} steps/epoch, "
-        f"{args.epochs} epochs")
+    say(f"data {ctx.data_path} ({splits.layout}{', demo' if ctx.demo else ''}): {len(splits.train)} train / "
+        f"{len(splits.val)} val images, {plural(len(splits.classes), 'class', 'classes')} | batch {args.batch_size} "
+        f"x {args.accum_steps} x {world_size} = {args.batch_size * args.accum_steps * world_size} | "
+        f"{ctx.steps_per_epoch} steps/epoch, {plural(args.epochs, 'epoch')}")
 
-    status = "done"
-    for epoch in range(start_epoch, args.epochs):
-        status = train_one_epoch(ctx, epoch, ctx.batch_in_epoch)
-        if status == "diverged":
-            raise UserError(f"the loss was not finite for {MAX_NONFINITE_STREAK} steps in a row at step {ctx.step}: "
-                            f"training stopped, last good checkpoint kept in {args.output_dir}. "
-                            "Try a lower --lr or --clip-grad-norm")
-        if status == "stopped":
-            saved = save(ctx, epoch)
-            break
-        t = ctx.last_train
-        say(f"epoch {epoch + 1}/{args.epochs}: train loss {t['loss']:.4f} top-1 {t['top1']:.2f}% "
-            f"({t['time']:.1f}s, {t['images'] / max(t['time'], 1e-9):.0f} img/s)")
-        if ctx.writer:
-            ctx.writer.add_scalar("epoch/train_loss", t["loss"], ctx.step)
-            ctx.writer.add_scalar("epoch/train_top1", t["top1"], ctx.step)
-            ctx.writer.add_scalar("epoch/time_sec", t["time"], ctx.step)
-        skipped = ctx.train_set.skipped + ctx.val_set.skipped
-        if skipped:
-            say(f"warning: {skipped} unreadable image(s) skipped so far (see the lines above)")
-        last_epoch = epoch + 1 == args.epochs
-        if (epoch + 1) % args.eval_every == 0 or last_epoch:
-            validate_and_track_best(ctx, epoch)
-        saved = save(ctx, epoch + 1)
-        if utils.any_rank(stop) or (args.max_steps and ctx.step >= args.max_steps):
-            status = "stopped"
-            break
-
+    outcome = train_epochs(ctx)
     if ctx.writer:
-        final = {f"hparam/{k}": v for k, v in ctx.metrics.items() if isinstance(v, (int, float))}
-        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        ctx.writer.add_hparams(hparams, final or {"hparam/best_top1": ctx.best_top1}, run_name=".")
+        if outcome == "done":  # one hparams entry per run, with its final figures
+            final = {f"hparam/{k}": v for k, v in s.metrics.items() if isinstance(v, (int, float))}
+            hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            ctx.writer.add_hparams(hparams, final or {"hparam/best_top1": s.best_top1}, run_name=".")
         ctx.writer.close()
-    if status == "stopped":
+    if outcome == "diverged":
+        raise UserError(f"the loss was not finite for {MAX_NONFINITE_STREAK} steps in a row at step {s.step}: "
+                        f"training stopped, last good checkpoint kept in {args.output_dir}. "
+                        "Try a lower --lr or --clip-grad-norm")
+    if outcome in ("stopped", "not saved"):
         why = f"{stop.signal_name} received" if stop else f"--max-steps {args.max_steps} reached"
-        if saved:
-            say(f"{why}: saved {os.path.join(args.output_dir, 'last.pth')} at step {ctx.step}. "
+        if outcome == "stopped":
+            say(f"{why}: saved {os.path.join(args.output_dir, 'last.pth')} at step {s.step}. "
                 f"Resume with the same command plus --resume auto")
         else:
             say(f"{why}: the weights were not saved (see the warning); the previous checkpoint is kept")
         return 0
-    if rank == 0:
-        best = os.path.join(args.output_dir, "best.pth")
-        data_flag = "" if demo else f" --data-path {args.data_path}"
-        print(f"done: best top-1 {ctx.best_top1:.2f}% ({ctx.best_weights} weights) after {args.epochs} epochs, "
-              f"{ctx.nonfinite_steps} non-finite steps skipped")
-        print(f"evaluate:    python evaluate.py {best}{data_flag}")
-        print(f"tensorboard: tensorboard --logdir {args.log_dir}")
+    best = os.path.join(args.output_dir, "best.pth")
+    data_flag = "" if ctx.demo else f" --data-path {args.data_path}"
+    overflow = f", {s.scaler_skips} fp16 overflow steps skipped by the GradScaler" if ctx.scaler else ""
+    say(f"done: best top-1 {s.best_top1:.2f}% ({s.best_weights} weights) after {plural(args.epochs, 'epoch')}, "
+        f"{s.nonfinite_steps} non-finite steps skipped{overflow}")
+    say(f"evaluate:    python evaluate.py {best}{data_flag}")
+    say(f"tensorboard: tensorboard --logdir {args.log_dir}")
     return 0
 
 
-def validate_and_track_best(ctx, epoch):
-    a, net = ctx.args, ctx.model_without_ddp
+def train_epochs(ctx):
+    """Epochs, each followed by its validation and checkpoints, until the last one or a stop. A stop after an
+    epoch's last step saves at once and leaves that epoch's validation to the resumed run (validation_pending),
+    so a preempted job is saved within one step, whatever the validation set's size.
+    Returns "done", "stopped", "not saved" (stopped, but the weights could not be saved) or "diverged"."""
+    a, s = ctx.args, ctx.state
+    while s.epoch < a.epochs or s.validation_pending:
+        if not s.validation_pending:
+            status = train_one_epoch(ctx)
+            if status == "diverged":
+                return status
+            if status == "done":
+                report_epoch(ctx)
+                s.validation_pending = s.epoch % a.eval_every == 0 or s.epoch == a.epochs
+        signalled, saved = utils.any_rank(ctx.stop), None
+        if s.validation_pending and not signalled:
+            saved = validate_and_track_best(ctx)  # which saves; None when a signal cut it short
+            signalled = saved is None
+        if saved is None:  # mid-epoch, no validation due, or a signal (the validation waits for the resumed run)
+            saved = save(ctx)
+        if signalled or (a.max_steps and s.step >= a.max_steps):
+            return "stopped" if saved else "not saved"
+    return "done"
+
+
+def report_epoch(ctx):
+    a, t, s = ctx.args, ctx.last_train, ctx.state
+    if ctx.rank == 0:
+        print(f"epoch {s.epoch}/{a.epochs}: train loss {t['loss']:.4f} top-1 {t['top1']:.2f}% "
+              f"({t['time']:.1f}s, {t['images'] / max(t['time'], 1e-9):.0f} img/s)")
+    if ctx.writer:
+        ctx.writer.add_scalar("epoch/train_loss", t["loss"], s.step)
+        ctx.writer.add_scalar("epoch/train_top1", t["top1"], s.step)
+        ctx.writer.add_scalar("epoch/time_sec", t["time"], s.step)
+    skipped = ctx.train_set.skipped + ctx.val_set.skipped
+    if skipped and ctx.rank == 0:
+        print(f"warning: {plural(skipped, 'unreadable image')} skipped so far (see the lines above)")
+
+
+def validate_and_track_best(ctx):
+    """Validate the raw and the EMA weights after the epoch just finished, then save last.pth (and best.pth on a
+    new best). Returns whether the checkpoints were written, or None, having saved nothing, when a stop request
+    cut the validation short."""
+    a, s, net = ctx.args, ctx.state, ctx.model_without_ddp
     show = ctx.rank == 0
     # DDP syncs BN statistics only at each forward: give every rank rank 0's (the ones saved) before scoring
     utils.broadcast_tensors(list(net.buffers()) + (list(ctx.ema.shadow_params) if ctx.ema else []))
-    results = {"raw": evaluate(net, ctx.val_loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last,
-                               show_progress=show)}
-    if ctx.ema is not None:
+    loader = UntilStopped(ctx.val_loader, ctx.stop)
+    results = {"raw": evaluate(net, loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last, show_progress=show)}
+    if ctx.ema is not None and not utils.any_rank(ctx.stop):
         with ctx.ema.average_parameters():
-            results["ema"] = evaluate(net, ctx.val_loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last,
+            results["ema"] = evaluate(net, loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last,
                                       desc="val (ema)", show_progress=show)
+    net.train()
+    if utils.any_rank(ctx.stop):
+        return None
+    trivial_top5 = len(ctx.classes) <= 5
     line = []
     for name, r in results.items():
         prefix = "val" if name == "raw" else "val_ema"
-        line.append(f"{prefix} loss {r['loss']:.4f} top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%")
+        line.append(f"{prefix} loss {r['loss']:.4f} top-1 {r['top1']:.2f}%"
+                    + ("" if trivial_top5 else f" top-5 {r['top5']:.2f}%"))
         if ctx.writer:
             for key in ("loss", "top1", "top5"):
-                ctx.writer.add_scalar(f"{prefix}/{key}", r[key], ctx.step)
+                ctx.writer.add_scalar(f"{prefix}/{key}", r[key], s.step)
     which = max(results, key=lambda k: (results[k]["top1"], k == "ema"))  # ties go to the EMA
     top1 = results[which]["top1"]
-    is_best = top1 > ctx.best_top1
+    is_best = top1 > s.best_top1 and can_save(ctx)  # best_top1 only ever describes a best.pth on disk
+    previous_best = (s.best_top1, s.best_weights, s.best_epoch)
     if is_best:
-        ctx.best_top1, ctx.best_weights = top1, which
-    ctx.metrics = {"val_top1": results["raw"]["top1"], "val_top5": results["raw"]["top5"],
-                   "val_loss": results["raw"]["loss"], "val_images": results["raw"]["images"], "epoch": epoch + 1,
-                   "best_top1": ctx.best_top1}
+        s.best_top1, s.best_weights, s.best_epoch = top1, which, s.epoch
+    s.metrics = {"val_top1": results["raw"]["top1"], "val_top5": results["raw"]["top5"],
+                 "val_loss": results["raw"]["loss"], "val_images": results["raw"]["images"], "epoch": s.epoch,
+                 "best_top1": s.best_top1}
     if "ema" in results:
-        ctx.metrics.update({"val_ema_top1": results["ema"]["top1"], "val_ema_top5": results["ema"]["top5"],
-                            "val_ema_loss": results["ema"]["loss"]})
-    if is_best:
-        save(ctx, epoch + 1, "best.pth")
+        s.metrics.update({"val_ema_top1": results["ema"]["top1"], "val_ema_top5": results["ema"]["top5"],
+                          "val_ema_loss": results["ema"]["loss"]})
+    s.validation_pending = False
     if ctx.rank == 0:
         print("  " + " | ".join(line) + (f"  * new best ({which})" if is_best else ""))
-    net.train()
+    saved = save(ctx, also_best=is_best)
+    if not saved and is_best:
+        s.best_top1, s.best_weights, s.best_epoch = previous_best
+    return saved
+
+
+class UntilStopped:
+    """A validation loader that ends early once a stop is requested (that pass is then discarded): a preempted
+    job saves within one batch of validation. Every rank agrees on the stop after the pass (any_rank)."""
+
+    def __init__(self, loader, stop):
+        self.loader, self.stop = loader, stop
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            if self.stop:
+                return
+
+
+def plural(count, word, words=None):
+    return f"{count} {word if count == 1 else words or word + 's'}"
 
 
 if __name__ == "__main__":

@@ -27,20 +27,48 @@ class CheckpointError(UserError):
     pass
 
 
+# what a collective raises when another rank of the run has gone (Gloo, NCCL)
+PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker|communicator was aborted")
+
+
 def run_cli(main, args):
-    """Run main(args); turn user errors into one line on stderr and exit code 2."""
+    """Run main(args); turn user errors into one line on stderr and exit code 2.
+
+    In a distributed run, a rank whose peer failed sees its collectives fail (Gloo: the connection closes; the
+    error of the failed rank is printed by that rank): that is one line too, exit code 3, not a traceback."""
     try:
         return main(args) or 0
     except UserError as e:
         # an error raised in a DataLoader worker arrives with the worker's traceback: keep its last line
         lines = [line for line in str(e).splitlines() if line.strip()]
-        print(f"error: {lines[-1].split(': ', 1)[-1] if len(lines) > 1 else str(e)}", file=sys.stderr)
+        print(f"error: {lines[-1].split(': ', 1)[-1] if len(lines) > 1 else str(e)}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # torch.distributed.DistError is one; Gloo's lost connections are plain ones
+        if not (is_distributed() and (isinstance(e, dist.DistError) or PEER_FAILURE.search(str(e)))):
+            raise
+        reason = " ".join(str(e).split())[:160]
+        print(f"error: rank {dist.get_rank()}: another process of this run stopped, so this one stops too ({reason})",
+              file=sys.stderr, flush=True)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
         cleanup_distributed()  # loader workers are ended at exit by dataset.end_loader_workers
+
+
+def check_versions():
+    """The lower bounds of requirements.txt that the code relies on (nn.utils.get_total_norm and
+    clip_grads_with_norm_ are torch 2.6; transforms v2's make_params is torchvision 0.21)."""
+    def version(text):
+        return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:2])
+    import torchvision
+    for name, installed, needed in (("torch", torch.__version__, (2, 6)), ("torchvision", torchvision.__version__, (0, 21))):
+        if version(installed) < needed:
+            raise UserError(f"{name} {installed} is too old: this repository needs {name} >= "
+                            f"{'.'.join(map(str, needed))} (pip install -r requirements.txt)")
+    if sys.version_info < (3, 10):
+        raise UserError(f"Python {sys.version.split()[0]} is too old: this repository needs Python >= 3.10")
 
 
 # ---------------------------------------------------------------- devices and distributed
@@ -113,22 +141,28 @@ def worker_nice(device):
     return 10 if device.type == "cpu" else 0
 
 
-def setup_distributed(device_name="auto"):
-    """Initialise torch.distributed when launched by torchrun; returns (rank, world_size, device).
+def launched_by_torchrun():
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
-    NCCL on GPUs, Gloo on CPUs. Multi-node works through torchrun's rendezvous (see README).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+def process_group_backend(device):
+    """The backend of each device type. NCCL serves CUDA tensors only, so a CUDA run also gets Gloo for the CPU
+    tensors and Python objects the loop exchanges (stop flags, RNG states, error messages); a CPU run gets Gloo."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+
+
+def setup_distributed(device_name="auto"):
+    """Start torch.distributed when launched by torchrun, even for one process, so that `torchrun
+    --nproc_per_node=1` runs exactly the code of an 8-GPU run (process group, DDP, collectives, rank-0 writes).
+    Returns (rank, world_size, device)."""
     device = pick_device(device_name)
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-    return rank, world_size, device
+    if not launched_by_torchrun():
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=process_group_backend(device))
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def cleanup_distributed():
@@ -140,20 +174,32 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def backend_name():
+    """For the start-up line: the process group's backends, or "none" in a single process."""
+    return dist.get_backend() if is_distributed() else "none"
+
+
+def _collective(tensor, op):
+    """Run op on tensor, through a CPU copy for devices no backend serves (MPS: Gloo takes CPU tensors only)."""
+    if tensor.device.type in ("cpu", "cuda"):
+        op(tensor)
+        return tensor
+    cpu = tensor.cpu()
+    op(cpu)
+    tensor.copy_(cpu)
+    return tensor
+
+
 def all_reduce_sum(tensor):
     """Sum a tensor over all ranks (in place) and return it; a no-op in a single process."""
     if is_distributed():
-        if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
-            cpu = tensor.cpu()
-            dist.all_reduce(cpu)
-            tensor.copy_(cpu)
-        else:
-            dist.all_reduce(tensor)
+        _collective(tensor, dist.all_reduce)
     return tensor
 
 
 def any_rank(flag):
-    """True on every rank when flag is true on any rank: decisions that change the flow must agree."""
+    """True on every rank when flag is true on any rank: decisions that change the flow must agree.
+    A CPU tensor, which the Gloo backend of the group carries on every device type."""
     if not is_distributed():
         return bool(flag)
     box = torch.tensor([float(bool(flag))])
@@ -165,12 +211,23 @@ def broadcast_tensors(tensors, src=0):
     """Copy rank src's tensors to every rank (BN statistics drift apart per rank between DDP's broadcasts)."""
     if is_distributed():
         for tensor in tensors:
-            if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
-                cpu = tensor.cpu()
-                dist.broadcast(cpu, src)
-                tensor.copy_(cpu)
-            else:
-                dist.broadcast(tensor, src)
+            _collective(tensor, lambda t: dist.broadcast(t, src))
+
+
+def fail_together(step, *args, **kwargs):
+    """step(*args, **kwargs) on every rank; if it raised a UserError on any rank, every rank raises that error
+    (the lowest failing rank's message), so no rank goes on to wait for a peer that has stopped. step must
+    run no collective itself, since a failing rank would skip it."""
+    error, result = None, None
+    try:
+        result = step(*args, **kwargs)
+    except UserError as e:
+        error = e
+    errors = gather_objects(None if error is None else (type(error).__name__, str(error)))
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise error if error is not None else UserError(failed[1])
+    return result
 
 
 def gather_objects(obj):
@@ -219,6 +276,7 @@ def save_checkpoint(state, path):
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -238,6 +296,12 @@ def save_checkpoint(state, path):
             os.remove(tmp_path)
 
 
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def prepare_output_dir(folder):
     """Create the checkpoint folder (failing now, not after an epoch) and remove temp files of killed writes."""
     try:
@@ -254,8 +318,19 @@ def prepare_output_dir(folder):
                 pass
 
 
+def prepare_log_dir(folder):
+    """Create the TensorBoard run folder now, so that an unwritable or impossible --log-dir is one line at start."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-").close()
+    except OSError as e:
+        raise UserError(f"cannot write TensorBoard logs to {folder}: {e.strerror or e}") from None
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True (never runs code from the file), with one-line errors."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (e.g. {os.path.join(path, 'best.pth')})")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -175,8 +175,9 @@ def test_bad_data_folders_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noimages/train/a").mkdir(parents=True)
     (tmp_path / "noimages/train/a/readme.txt").write_text("not an image")
-    for folder, message in ((tmp_path / "missing", "is not a folder"), (tmp_path / "empty", "empty"),
-                            (tmp_path / "noimages", "no image files")):
+    (tmp_path / "a_file").write_text("not a folder")
+    for folder, message in ((tmp_path / "missing", "does not exist"), (tmp_path / "a_file", "is not a folder"),
+                            (tmp_path / "empty", "empty"), (tmp_path / "noimages", "no image files")):
         code, err = cli(capsys, *tiny_train_args(folder, tmp_path / "out"))
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert message in err.lower(), err
@@ -222,9 +223,100 @@ def test_a_malicious_pickle_is_refused_and_runs_nothing(tiny_data, tmp_path, cap
 
 def test_bad_inputs_from_the_real_command_line_have_no_traceback(tmp_path, capsys):
     proc = run_script("train.py", "--data-path", tmp_path / "nope")
-    assert_clean_error(proc, "is not a folder")
+    assert_clean_error(proc, "does not exist")
     proc = run_script("evaluate.py", tmp_path / "nope.pth")
     assert_clean_error(proc, "checkpoint not found")
     with pytest.raises(SystemExit) as exit_info:  # argparse's own one-line error for an unknown choice
         train.get_args_parser().parse_args(["--arch", "huge"])
     assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def run_torchrun(argv, port, timeout=120):
+    """train.py under torchrun with 2 Gloo processes: (CompletedProcess, seconds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(REPO, "train.py"), *map(str, argv)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return proc, time.time() - start
+
+
+def assert_no_traceback_of_ours(proc):
+    """torchrun prints its own summary of a failed worker; no traceback may run through this repository's files."""
+    assert f'File "{REPO}' not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_one_failing_rank_ends_every_rank_with_its_one_line_message(tmp_path):
+    data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=2)
+    # rank 0 cannot write its checkpoints: rank 1 must not wait for it
+    proc, seconds = run_torchrun(tiny_train_args(data, tmp_path / "a", "-b", "4", "--epochs", "1",
+                                                 "--output-dir", "/proc/no-such-dir"), port=29514)
+    assert proc.returncode != 0 and seconds < 60
+    assert "error: cannot write checkpoints to --output-dir /proc/no-such-dir" in proc.stderr
+    assert_no_traceback_of_ours(proc)
+    # a broken image read by one rank's loader under --strict-data, in the middle of the first epoch
+    bad = os.path.join(data, "train", "n00000002", "n00000002_5.JPEG")
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    proc, seconds = run_torchrun(tiny_train_args(data, tmp_path / "b", "-b", "4", "--epochs", "1",
+                                                 "--strict-data", "--workers", "1"), port=29515)
+    assert proc.returncode != 0 and seconds < 60
+    assert f"error: cannot read image {bad}" in proc.stderr
+    assert_no_traceback_of_ours(proc)
+
+
+class Crash(BaseException):
+    """A kill at one precise line: nothing in the code catches it."""
+
+
+def test_a_crash_between_last_and_best_never_leaves_a_worse_best(tiny_data, tmp_path, monkeypatch):
+    """last.pth is written first and records best_top1; a crash before best.pth is written leaves a best.pth that
+    the next start rewrites from last.pth, which holds that very state."""
+    real_save = utils.save_checkpoint
+
+    def crash_before_best(state, path):
+        if str(path).endswith("best.pth"):
+            raise Crash()
+        real_save(state, path)
+
+    monkeypatch.setattr(utils, "save_checkpoint", crash_before_best)
+    argv = tiny_train_args(tiny_data, tmp_path, "--epochs", "1", "--resume", "auto")
+    with pytest.raises(Crash):
+        train.main(train.get_args_parser().parse_args(argv))
+    assert not os.path.exists(tmp_path / "ckpt/best.pth")
+    last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
+    assert last["best_top1"] >= 0 and last["best_epoch"] == last["epoch"] == 1
+    monkeypatch.setattr(utils, "save_checkpoint", real_save)
+    assert train.main(train.get_args_parser().parse_args(argv)) == 0  # the run is complete: it only repairs
+    best = torch.load(tmp_path / "ckpt/best.pth", weights_only=True)
+    assert best["best_top1"] == last["best_top1"] and best["best_weights"] == last["best_weights"]
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_a_stop_during_validation_saves_at_once_and_validates_after_the_resume(tiny_data, tmp_path, monkeypatch):
+    """SIGTERM while the validation runs: last.pth is written within a batch (the validation is not finished
+    first) and marked validation_pending; the resumed run validates that epoch, then goes on exactly."""
+    common = ["--epochs", "2", "--deterministic", "--ema-decay", "0.9", "-b", "2"]  # 9 validation batches
+    assert train.main(train.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path / "a", *common))) == 0
+    real_evaluate, calls = train.evaluate, {"n": 0}
+
+    def signal_during_the_first_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py's StopRequest, as from a scheduler
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", signal_during_the_first_validation)
+    argv = tiny_train_args(tiny_data, tmp_path / "b", *common, "--resume", "auto")
+    assert train.main(train.get_args_parser().parse_args(argv)) == 0
+    stopped = torch.load(tmp_path / "b/ckpt/last.pth", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped["validation_pending"] and stopped["metrics"] == {}
+    assert calls["n"] == 1  # the EMA's pass never started
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    assert train.main(train.get_args_parser().parse_args(argv)) == 0
+    a, b = (torch.load(tmp_path / run / "ckpt/last.pth", weights_only=True) for run in ("a", "b"))
+    assert not b["validation_pending"] and a["step"] == b["step"] == 2 * 24
+    assert a["metrics"] == b["metrics"] and a["best_top1"] == b["best_top1"]
+    for key in ("model", "ema_model"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")

@@ -99,6 +99,7 @@ def test_torchrun_two_processes_with_gloo(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "device cpu x2 (torchrun, DDP, process group cpu:gloo)" in proc.stdout
     ckpt = load(out / "ckpt/last.pth")
     assert ckpt["metrics"]["val_images"] == 15          # every validation image counted once, none padded
     assert ckpt["step"] == 2 * 6                         # 48 images / (4 x 2 processes)
@@ -122,13 +123,13 @@ def test_bf16_autocast_ema_and_best_weights(tiny_data, tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
-    saved = []
+    best_saved_at = []  # epochs after which best.pth was written
     real_save = train.save
-    monkeypatch.setattr(train, "save", lambda ctx, epoch, name="last.pth": (saved.append((name, epoch)),
-                                                                              real_save(ctx, epoch, name)))
+    monkeypatch.setattr(train, "save", lambda ctx, also_best=False: (
+        also_best and best_saved_at.append(ctx.state.epoch), real_save(ctx, also_best))[1])
     args = run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "3", "--amp", "--ema-decay", "0.9"))
     assert utils.precision_for(torch.device("cpu"), args.amp, args.amp_dtype)[0]().fast_dtype == torch.bfloat16
-    assert ("best.pth", 1) in saved and ("best.pth", 2) in saved and ("best.pth", 3) not in saved
+    assert best_saved_at == [1, 2]
     best = load(tmp_path / "ckpt/best.pth")
     assert best["best_weights"] == "raw" and best["best_top1"] == 90.0 and best["epoch"] == 2
     diff = max((best["ema_model"][k].float() - best["model"][k].float()).abs().max().item()
@@ -138,15 +139,15 @@ def test_bf16_autocast_ema_and_best_weights(tiny_data, tmp_path, monkeypatch):
 
 def test_lr_schedule_warmup_cosine_and_legacy():
     args = argparse.Namespace(warmup_epochs=1, epochs=10, lr_scheduler="cosine", lr_step_size=3, lr_gamma=0.1)
-    factors = [train.lr_factor(step, 100, args) for step in range(1000)]
+    factors = [train.lr_factor(step / 100, args, 100) for step in range(1000)]
     assert factors[0] == pytest.approx(0.01) and factors[99] == pytest.approx(1.0)
     assert all(b <= a + 1e-12 for a, b in zip(factors[100:], factors[101:]))  # cosine decays monotonically
     assert factors[100 + 450] == pytest.approx(0.5, abs=1e-2)
     args.lr_scheduler, args.warmup_epochs = "legacy", 0
-    assert train.lr_factor(299, 100, args) == 1.0 and train.lr_factor(300, 100, args) == pytest.approx(0.99)
-    assert train.lr_factor(900, 100, args) == pytest.approx(0.99 ** 3)
+    assert train.lr_factor(2.99, args, 100) == 1.0 and train.lr_factor(3.0, args, 100) == pytest.approx(0.99)
+    assert train.lr_factor(9.0, args, 100) == pytest.approx(0.99 ** 3)
     args.lr_scheduler = "step"
-    assert train.lr_factor(350, 100, args) == pytest.approx(0.1)
+    assert train.lr_factor(3.5, args, 100) == pytest.approx(0.1)
 
 
 def test_bn_momentum_warm_up_covers_recent_steps_then_the_paper_value():
@@ -166,3 +167,89 @@ def test_weight_decay_skips_norm_and_bias():
     assert groups[0]["weight_decay"] == 1e-4 and all(p.ndim > 1 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in groups[1]["params"])
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(net.parameters()))
+
+
+def test_fp16_with_a_grad_scaler_on_the_cpu_trains_and_saves_the_scaler(tiny_data, tmp_path, capsys):
+    """The code path of a CUDA fp16 run (autocast float16 + GradScaler), run on the CPU."""
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--amp", "--amp-dtype", "float16", "--max-steps", "3"))
+    assert "precision fp16 + GradScaler" in capsys.readouterr().out
+    last = load(tmp_path / "ckpt/last.pth")
+    assert last["step"] == 3 and last["scaler"] is not None and last["scaler"]["scale"] > 0
+    assert last["nonfinite_steps"] == 0
+
+
+def test_grad_scaler_overflow_skips_are_not_divergence(tiny_data, tmp_path, monkeypatch, capsys):
+    """A scale far too high makes every fp16 backward overflow: the scaler skips and halves, as it does while it
+    calibrates. Those skips are counted apart, and best.pth and last.pth are still written; a NaN loss among
+    them still counts as non-finite."""
+    real_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real_scaler(device, init_scale=2.0 ** 100))
+    real_step, calls = train.train_step, {"n": 0}
+
+    def one_nan_loss(model, images, targets, criterion, *args):
+        calls["n"] += 1
+        return real_step(model, images * float("nan") if calls["n"] == 2 else images, targets, criterion, *args)
+
+    monkeypatch.setattr(train, "train_step", one_nan_loss)
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--amp", "--amp-dtype", "float16", "--epochs", "1"))
+    out = capsys.readouterr().out
+    last, best = load(tmp_path / "ckpt/last.pth"), load(tmp_path / "ckpt/best.pth")
+    assert last["step"] == 6 and last["scaler_skips"] == 5 and last["nonfinite_steps"] == 1
+    assert last["scaler"]["scale"] == 2.0 ** 94  # halved at each of the 6 skipped updates
+    assert best["best_top1"] == last["best_top1"] >= 0
+    assert "1 non-finite steps skipped, 5 fp16 overflow steps skipped by the GradScaler" in out
+    tags = scalars(str(tmp_path / "runs/t"))
+    assert tags["train/scaler_skips"][-1] == (6, 5.0) and tags["train/nonfinite_steps"][-1] == (6, 1.0)
+
+
+def test_resume_with_half_the_batch_continues_the_lr_schedule_at_the_same_epoch(tiny_data, tmp_path, capsys):
+    common = ["--epochs", "3", "--warmup-epochs", "0", "--ema-decay", "0"]
+    run_train(*tiny_train_args(tiny_data, tmp_path / "straight", *common))
+    run_train(*tiny_train_args(tiny_data, tmp_path / "split", *common, "--epochs", "1"))
+    run_train(*tiny_train_args(tiny_data, tmp_path / "split", *common, "--resume", "auto", "-b", "4"))
+    assert "flags changed since the checkpoint, applied from now on: --batch-size 8 -> 4, --epochs 1 -> 3" \
+        in capsys.readouterr().out
+
+    def lr_by_epoch(run):
+        tags = scalars(str(tmp_path / run / "runs/t"))
+        epochs = dict(tags["train/epoch"])
+        return {round(epochs[step], 6): lr for step, lr in tags["train/lr"]}, [s for s, _ in tags["train/lr"]]
+
+    straight, _ = lr_by_epoch("straight")
+    split, steps = lr_by_epoch("split")
+    assert steps == list(range(1, 6 + 2 * 12 + 1))  # 6 steps of batch 8, then 12 an epoch: monotonic
+    assert split[1.0] == pytest.approx(straight[1.0]) == pytest.approx(2e-3 * 0.75)  # cosine at epoch 1 of 3
+    shared = [epoch for epoch in straight if epoch >= 1]
+    assert len(shared) == 12 and all(split[e] == pytest.approx(straight[e], rel=1e-6) for e in shared)
+
+
+def test_resume_applies_changed_flags_or_refuses_them(tiny_data, tmp_path, capsys):
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--max-steps", "3"))
+    code = utils.run_cli(train.main, train.get_args_parser().parse_args(
+        tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--seed", "1")))
+    err = capsys.readouterr().err
+    assert code == 2 and "stopped inside an epoch" in err and err.count("\n") == 1, err
+    code = utils.run_cli(train.main, train.get_args_parser().parse_args(
+        tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--opt", "sgd")))
+    err = capsys.readouterr().err
+    assert code == 2 and "was trained with --opt adam" in err and err.count("\n") == 1, err
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--wd", "1e-4"))
+    assert "applied from now on: --weight-decay 0.0 -> 0.0001" in capsys.readouterr().out
+    last = load(tmp_path / "ckpt/last.pth")
+    assert last["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4  # not the checkpoint's 0
+    assert last["optimizer"]["param_groups"][1]["weight_decay"] == 0.0   # BN and biases: still none
+    assert last["ema"]["collected_params"] is None  # no second copy of the weights in the EMA's state
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--wd", "1e-4"))
+    assert "already complete (2 of 2 epochs" in capsys.readouterr().out
+
+
+def test_torchrun_with_one_process_runs_the_distributed_code(tiny_data, tmp_path, monkeypatch, capsys):
+    """As `torchrun --nproc_per_node=1 train.py` sets the environment: process group, DDP wrapper, collectives."""
+    from test_utils import torchrun_environment
+    torchrun_environment(monkeypatch)
+    args = train.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--max-steps", "3"))
+    assert utils.run_cli(train.main, args) == 0
+    assert "device cpu x1 (torchrun, DDP, process group cpu:gloo)" in capsys.readouterr().out
+    last = load(tmp_path / "ckpt/last.pth")
+    assert last["step"] == 3 and not any(key.startswith("module.") for key in last["model"])
+    assert not utils.is_distributed()  # run_cli ended the process group

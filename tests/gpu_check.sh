@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The GPU check: everything in this repository that only a CUDA machine can show, in one run of about 9 minutes
+# on one GPU (each part has its own time limit). Run it from the repository root on the first GPU machine available:
+#     bash tests/gpu_check.sh                 # everything (about 9 minutes: split it if a call is limited)
+#     bash tests/gpu_check.sh unit train      # some parts: unit train resume compile crossover benchmark
+# Results under $OUT (default gpu_check_out/): the log, eval.json, crossover.txt, bench_cuda.json.
+# Each step prints PASS or FAIL and the run goes on, so one failure does not hide the others.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/gpu-check-XXXX)
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+FAILED=0
+START=$(date +%s)
+
+step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log it, print PASS/FAIL
+    local name=$1 limit=$2
+    shift 2
+    local begin=$(date +%s)
+    echo "=== $name" | tee -a "$LOG"
+    # in a fresh bash that knows this script's functions and arrays, so that timeout can run those too
+    if timeout -k 10 "$limit" bash -c "$(declare -p COMMON TORCHRUN WORK OUT LOG); $(declare -f images_per_sec \
+            sigterm_then_resume crossover); \"\$@\"" step "$@" >> "$LOG" 2>&1; then
+        echo "PASS $name ($(( $(date +%s) - begin ))s)" | tee -a "$LOG"
+    else
+        echo "FAIL $name (exit $?, $(( $(date +%s) - begin ))s; see $LOG)" | tee -a "$LOG"
+        FAILED=$((FAILED + 1))
+    fi
+}
+
+images_per_sec() {  # the last train/images_per_sec TensorBoard logged for a run folder
+    python - "$1" <<'EOF'
+import sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+events = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+events.Reload()
+values = [e.value for e in events.Scalars("train/images_per_sec")]
+print(f"{sum(values[1:]) / max(1, len(values) - 1):.0f}" if len(values) > 1 else "n/a")
+EOF
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())" | tee -a "$LOG"
+pip install -q -r requirements.txt >> "$LOG" 2>&1
+
+# GPU_CHECK_DRY_RUN=1 tries the script's own mechanics on a CPU with tiny settings (8 steps an epoch either way)
+if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then SIZE=(--arch small --img-size 32 -b 8 --device cpu --workers 1); COUNT=64
+else SIZE=(--arch large --img-size 224 -b 128); COUNT=1024; fi
+COMMON=(--data-path "$WORK/data" "${SIZE[@]}" --width-mult 0.5 --amp --ema-decay 0.9999 --eval-every 100 --print-freq 4)
+TORCHRUN=(python -m torch.distributed.run --nproc_per_node=1 --master_port=29600)
+
+part_unit() {
+    step "unit tests that need CUDA" 120 python -m pytest -q tests/test_gpu.py
+}
+
+part_train() {
+    step "torchrun x1: fp16 + GradScaler + EMA + channels_last, 56 steps, CPU decoding" 120 \
+        "${TORCHRUN[@]}" train.py "${COMMON[@]}" --epochs 7 --output-dir "$WORK/ckpt" --log-dir "$WORK/runs" \
+        --run-name workers
+    echo "images/s, fp16, CPU decoding: $(images_per_sec "$WORK/runs/workers")" | tee -a "$LOG"
+    step "evaluate.py under torchrun x1" 60 \
+        "${TORCHRUN[@]}" evaluate.py "$WORK/ckpt/best.pth" --data-path "$WORK/data" --json "$OUT/eval.json"
+}
+
+sigterm_then_resume() {  # SIGTERM just after the first epoch's end (inside the second), then --resume auto
+    local args=("${COMMON[@]}" --epochs 6 --output-dir "$WORK/ckpt_resume" --log-dir "$WORK/runs" --run-name resume)
+    "${TORCHRUN[@]}" train.py "${args[@]}" > "$WORK/resume.out" 2>&1 &
+    local pid=$!
+    for _ in $(seq 600); do grep -q "epoch 1/6: train loss" "$WORK/resume.out" && break; sleep 0.2; done
+    sleep 1
+    kill -TERM "$pid"
+    wait "$pid"
+    cat "$WORK/resume.out"
+    python -c "
+import torch
+c = torch.load('$WORK/ckpt_resume/last.pth', weights_only=True)
+print('stopped at epoch', c['epoch'], 'batch', c['batch_in_epoch'], 'step', c['step'], 'pending', c['validation_pending'])
+assert c['step'] < 48" || return 1
+    "${TORCHRUN[@]}" train.py "${args[@]}" --resume auto || return 1
+    python -c "
+import torch
+c = torch.load('$WORK/ckpt_resume/last.pth', weights_only=True)
+assert c['epoch'] == 6 and c['step'] == 48, (c['epoch'], c['step'])
+print('resumed to the end: step', c['step'], 'scaler skips', c['scaler_skips'], 'non-finite', c['nonfinite_steps'])"
+}
+
+part_resume() {
+    step "SIGTERM mid-run, then --resume auto" 150 sigterm_then_resume
+}
+
+part_compile() {
+    step "torchrun x1: --compile (inductor), 24 steps" 180 \
+        "${TORCHRUN[@]}" train.py "${COMMON[@]}" --epochs 3 --compile --output-dir "$WORK/ckpt_compile" \
+        --log-dir "$WORK/runs" --run-name compile
+    echo "images/s, compiled: $(images_per_sec "$WORK/runs/compile")" | tee -a "$LOG"
+}
+
+crossover() {  # the data pipeline (issue 16): CPU-decode workers against nvjpeg, Large 0.5, batch 256, fp16
+    for run in workers:1 workers:4 workers:16 device:1 device:4; do
+        local decode=${run%%:*} workers=${run##*:}
+        "${TORCHRUN[@]}" train.py "${COMMON[@]}" -b 256 --epochs 5 --max-steps 20 --workers "$workers" \
+            --decode-on "$decode" --output-dir "$WORK/ckpt_x" --log-dir "$WORK/runs_x" --run-name "${decode}_$workers" \
+            > "$WORK/x.out" 2>&1 || { tail -5 "$WORK/x.out"; return 1; }
+        echo "crossover: decode on $decode, $workers workers: $(images_per_sec "$WORK/runs_x/${decode}_$workers") img/s"
+        rm -rf "$WORK/ckpt_x"
+    done | tee -a "$OUT/crossover.txt"
+    return "${PIPESTATUS[0]}"
+}
+
+part_crossover() {
+    step "data pipeline crossover under torchrun x1 (CPU workers 1/4/16 vs --decode-on device 1/4)" 180 crossover
+}
+
+part_benchmark() {
+    step "benchmark.py --device cuda --quick" 180 python benchmark.py --device cuda --quick --index-files 0 \
+        --index-entries 0 --json "$OUT/bench_cuda.json"
+}
+
+# photo-like 500x375 JPEGs in 10 classes (train/ and val/ link the same files)
+python -c "
+import benchmark
+images = benchmark.generate_images('$WORK/src', count=$COUNT, classes=10)
+benchmark.lay_out(images, '$WORK/data')" >> "$LOG" 2>&1
+
+PARTS=${*:-unit train resume compile crossover benchmark}
+for part in $PARTS; do "part_$part"; done
+
+echo "gpu_check: $FAILED failed, $(( $(date +%s) - START ))s; log in $LOG" | tee -a "$LOG"
+rm -rf "$WORK"
+exit $(( FAILED > 0 ))
