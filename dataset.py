@@ -27,10 +27,20 @@ is always mapped onto them by name, so its folder may hold a subset of the class
 training does not know is an error. Hidden files and folders (".DS_Store", "._x.jpg") and files without an
 image extension (IMAGE_EXTENSIONS) are ignored; images in subfolders of a class folder count for that class.
 
+Symlinked files are followed. A symlinked folder inside a class folder is followed only when it leads to a folder
+of that class folder's own tree not listed yet: a link loop (`loop -> .`) or a link out (`up -> ..`) is skipped
+with a warning, so no class takes another's images. A training class folder without images is an error (as in
+torchvision's ImageFolder): it would be a class the model can never learn, and it would shift the class indices.
+In a validation split it is only a warning (the split may hold a subset of the classes).
+
 Listing 1.28 million files is slow on network disks, so the listing of a class-folder split is cached in
 ~/.cache/mobilenetv3-torch (or $XDG_CACHE_HOME/mobilenetv3-torch), never in the data folder. The cache is
-reused while the modification times of the split folder and of its class folders are unchanged: adding,
-removing or renaming a file in a class folder invalidates it; changes inside nested subfolders do not.
+reused while the modification times of the split folder and of every folder the listing read (class folders and
+their subfolders at any depth) are unchanged: adding, removing or renaming a file anywhere invalidates it.
+
+EXIF orientation: training and validation decode the stored pixels and ignore the EXIF orientation tag, as
+torchvision's ImageFolder does, so that numbers stay comparable with published ImageNet results; prediction on
+single files (evaluate.py --predict) applies it, as an image viewer does.
 """
 import atexit
 import colorsys
@@ -53,9 +63,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 from utils import UserError, ignore_stop_signals
 
@@ -79,7 +90,7 @@ LABEL_FILE_NAMES = ("val_labels.csv", "val_labels.txt", "val.csv", "val.txt", "l
 ILSVRC_TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar",
                "devkit": "ILSVRC2012_devkit_t12.tar.gz"}
 KAGGLE_IMAGES = os.path.join("ILSVRC", "Data", "CLS-LOC")
-INDEX_CACHE_VERSION = 1
+INDEX_CACHE_VERSION = 2  # 2: the cache holds the modification time of every folder listed
 # What a broken image file raises: PIL (OSError, SyntaxError, EOFError, DecompressionBombError),
 # libjpeg-turbo through torchvision (RuntimeError), odd headers (ValueError).
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -92,6 +103,27 @@ SKIP_COUNTER_SLOTS = 256  # one per DataLoader worker process, plus the main pro
 
 class DataError(UserError):
     """A problem with the data that the user has to fix; the message is one line."""
+
+
+def warn(message, every_rank=True):
+    """One warning line on stderr. In the main process through tqdm.write, so that a progress bar on screen is
+    cleared first and drawn again below; a loader worker has no bar of its own (it may hold a forked copy of the
+    main process's), so it clears the terminal line itself. every_rank=False: a warning about the data that
+    every rank of a torchrun job finds alike, printed by rank 0 only."""
+    if not every_rank and os.environ.get("RANK", "0") != "0":
+        return
+    if torch.utils.data.get_worker_info() is None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        clear_line = "\r\x1b[K" if sys.stderr.isatty() else ""
+        print(f"{clear_line}warning: {message}", file=sys.stderr, flush=True)
+
+
+def plural(count, word):
+    """'1 class', '2 classes', '3 images'."""
+    if count == 1:
+        return f"1 {word}"
+    return f"{count} {word}es" if word.endswith(("s", "x", "ch", "sh")) else f"{count} {word}s"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +152,7 @@ class FileIndex:
         return os.path.join(self.root, os.fsdecode(self.paths[i]))
 
     def __repr__(self):
-        return f"FileIndex({self.root!r}, {len(self)} images)"
+        return f"FileIndex({self.root!r}, {plural(len(self), 'image')})"
 
 
 @dataclass
@@ -151,6 +183,9 @@ def find_dataset(data_path, cache_dir=None):
             raise DataError(f"no train/ folder in {root}: expected train/<class>/<image>, Kaggle's ILSVRC/ "
                             f"folder or the ILSVRC2012 tar files (layouts: see dataset.py)")
     classes, train = class_folder_index(train_dir, cache_dir)
+    if len(classes) == 1:
+        warn(f"{train_dir} holds a single class ({classes[0]}): every prediction is that class, so accuracy "
+             f"is 100% whatever the model learns", every_rank=False)
 
     if os.path.isdir(val_dir):
         val, val_layout = find_val_split(root, classes, cache_dir)
@@ -238,17 +273,58 @@ def is_image_name(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(folder, prefix=""):
-    """Paths of the image files under folder, relative to it and sorted; subfolders are searched too."""
+def list_images(folder, prefix="", folder_times=None):
+    """Paths of the image files under folder, relative to it and sorted; subfolders are searched too.
+
+    Symlinked files are followed. A symlinked folder is followed only when its real path lies inside folder's own
+    tree and was not listed yet, so that a link loop ends and a link such as `up -> ..` does not pull in other
+    classes; such a link is skipped with a warning. folder_times, a list, receives (path, mtime_ns) of every
+    folder listed: the listing cache is valid while they are unchanged.
+    """
+    top = os.path.realpath(folder)
+    listed = set()  # real paths of the folders listed so far
+    links = []  # symlinked folders met, followed once the plain folders are all listed
     found = []
-    for entry in sorted(folder_entries(folder), key=lambda entry: entry.name):
-        if entry.name.startswith("."):  # .DS_Store, macOS's ._name.jpg, .ipynb_checkpoints
-            continue
-        if entry.is_dir():
-            found += list_images(entry.path, prefix + entry.name + "/")
-        elif is_image_name(entry.name) and entry.is_file():
-            found.append(prefix + entry.name)
-    return found
+
+    def walk(path, real_path, prefix):
+        listed.add(real_path)
+        if folder_times is not None:  # taken before the listing, so that a change during it is seen next time
+            folder_times.append((path, folder_mtime(path)))
+        for entry in folder_entries(path):
+            if entry.name.startswith("."):  # .DS_Store, macOS's ._name.jpg, .ipynb_checkpoints
+                continue
+            try:
+                is_folder = entry.is_dir()
+                is_file = not is_folder and entry.is_file()
+            except OSError as error:  # links that lead to each other (a -> b -> a), no permission
+                warn(f"skipping {entry.path}: {error.strerror or error}")
+                continue
+            if is_folder and entry.is_symlink():
+                links.append((entry.path, prefix + entry.name + "/"))
+            elif is_folder:  # the real path of a plain subfolder is its parent's plus its name
+                walk(entry.path, os.path.join(real_path, entry.name), prefix + entry.name + "/")
+            elif is_file and is_image_name(entry.name):
+                found.append(prefix + entry.name)
+
+    walk(folder, top, prefix)
+    while links:  # the plain tree first, so that a link to one of its folders is the one skipped
+        path, link_prefix = links.pop(0)
+        real_path = os.path.realpath(path)
+        if real_path in listed:
+            warn(f"skipping the link {path}: it leads to a folder already listed ({real_path})")
+        elif real_path != top and not real_path.startswith(top + os.sep):
+            warn(f"skipping the link {path}: it leads out of {folder} (to {real_path})")
+        else:
+            walk(path, real_path, link_prefix)
+    return sorted(found, key=lambda path: path.split("/"))  # the order of a walk with sorted folder entries
+
+
+def folder_mtime(path):
+    """Modification time of a folder in ns, -1 when it is gone: adding, removing or renaming a file changes it."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
 
 
 def class_folder_names(split_dir):
@@ -261,19 +337,24 @@ def class_folder_names(split_dir):
 
 
 def scan_class_folders(split_dir, classes):
-    """(paths relative to split_dir, labels) of the images in split_dir/<class>/ for each class."""
-    paths, labels = [], []
+    """(paths relative to split_dir, labels, folder times) of the images in split_dir/<class>/ for each class;
+    folder times: (path relative to split_dir, mtime_ns) of every folder listed."""
+    paths, labels, folder_times = [], [], []
     for label, name in enumerate(classes):
-        found = list_images(os.path.join(split_dir, name), name + "/")
+        found = list_images(os.path.join(split_dir, name), name + "/", folder_times)
         paths += [os.fsencode(path) for path in found]
         labels += [label] * len(found)
-    return np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
+    folders = [os.fsencode(os.path.relpath(path, split_dir)) for path, _ in folder_times]
+    times = [mtime for _, mtime in folder_times]
+    return (np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64),
+            (np.array(folders, dtype=np.bytes_), np.array(times, dtype=np.int64)))
 
 
 def class_folder_index(split_dir, cache_dir=None, classes=None):
     """(folder classes, FileIndex) of split_dir/<class>/<image>, using the listing cache.
 
-    With classes given, labels are mapped onto that list by name instead of the folder's own order.
+    With classes given (a validation split), labels are mapped onto that list by name instead of the folder's own
+    order, and a class folder without images is a warning; without (a training split), it is an error.
     """
     folder_classes, paths, labels = cached_class_folder_scan(split_dir, cache_dir)
     if not folder_classes:
@@ -281,13 +362,22 @@ def class_folder_index(split_dir, cache_dir=None, classes=None):
     if len(paths) == 0:
         raise DataError(f"no image files in the class folders of {split_dir} "
                         f"(looked for {' '.join(IMAGE_EXTENSIONS)})")
+    counts = np.bincount(labels, minlength=len(folder_classes))
+    empty = [name for name, count in zip(folder_classes, counts) if count == 0]
+    if empty:
+        more = f" (and {plural(len(empty) - 1, 'other')})" if len(empty) > 1 else ""
+        where = os.path.join(split_dir, empty[0])
+        if classes is None:
+            raise DataError(f"class folder {where}{more} holds no images: a class without training images "
+                            f"cannot be learnt; add images or remove the folder")
+        warn(f"class folder {where}{more} holds no images", every_rank=False)
     if classes is not None:
         class_ids = {name: i for i, name in enumerate(classes)}
         unknown = [name for name in folder_classes if name not in class_ids]
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             raise DataError(f"class '{unknown[0]}'{more} in {split_dir} is not one of the "
-                            f"{len(classes)} training classes")
+                            f"{plural(len(classes), 'training class')}")
         labels = np.array([class_ids[name] for name in folder_classes], dtype=np.int64)[labels]
     return folder_classes, FileIndex(split_dir, paths, labels)
 
@@ -334,13 +424,13 @@ def flat_folder_index(val_dir, label_file, classes):
             if number == 0 and name is None:  # a header such as "ImageId,PredictionString"
                 continue
             raise DataError(f"class '{class_name}' of {image} in {label_file} is not one of the "
-                            f"{len(classes)} training classes")
+                            f"{plural(len(classes), 'training class')}")
         if name is not None:  # a line for an image that is not there is fine: a subset of the split
             label_of[name] = class_ids[class_name]
 
     unlabelled = [name for name in names if name not in label_of]
     if unlabelled:
-        raise DataError(f"{len(unlabelled)} images in {val_dir} have no line in {label_file} "
+        raise DataError(f"{plural(len(unlabelled), 'image')} in {val_dir} without a line in {label_file} "
                         f"(the first: {unlabelled[0]})")
     return FileIndex(val_dir, [os.fsencode(name) for name in names], [label_of[name] for name in names])
 
@@ -355,41 +445,44 @@ def default_cache_dir():
 
 
 def cached_class_folder_scan(split_dir, cache_dir=None):
-    """(classes, paths, labels) of split_dir, from the cache while its folders have not changed."""
+    """(classes, paths, labels) of split_dir, from the cache while none of the folders it listed has changed."""
     split_dir = os.path.abspath(split_dir)
     classes = class_folder_names(split_dir)
-    # Adding, removing or renaming a file changes the modification time of the folder that holds it.
-    stamps = [f"{INDEX_CACHE_VERSION} {split_dir} {os.stat(split_dir).st_mtime_ns}"]
-    stamps += [f"{name} {os.stat(os.path.join(split_dir, name)).st_mtime_ns}" for name in classes]
+    # The split folder's time covers added or removed class folders; the cache holds the time of every folder
+    # the listing read (class folders and their subfolders), which are checked one by one when it is loaded.
+    stamps = [f"{INDEX_CACHE_VERSION} {split_dir} {os.stat(split_dir).st_mtime_ns}", *classes]
     fingerprint = hashlib.sha256("\n".join(stamps).encode("utf-8", "surrogateescape")).hexdigest()
     folder_key = hashlib.sha256(split_dir.encode("utf-8", "surrogateescape")).hexdigest()[:20]
     cache_file = os.path.join(cache_dir or default_cache_dir(), f"index-{folder_key}.npz")
 
-    cached = load_index_cache(cache_file, fingerprint)
+    cached = load_index_cache(cache_file, fingerprint, split_dir)
     if cached is not None:
         return cached
-    paths, labels = scan_class_folders(split_dir, classes)
-    save_index_cache(cache_file, fingerprint, classes, paths, labels)
+    paths, labels, (folders, times) = scan_class_folders(split_dir, classes)
+    save_index_cache(cache_file, fingerprint, classes, paths, labels, folders, times)
     return classes, paths, labels
 
 
-def load_index_cache(cache_file, fingerprint):
+def load_index_cache(cache_file, fingerprint, split_dir):
     try:
         with np.load(cache_file, allow_pickle=False) as saved:
             if str(saved["fingerprint"]) != fingerprint:
                 return None
+            for folder, mtime in zip(saved["folders"], saved["folder_times"]):
+                if folder_mtime(os.path.join(split_dir, os.fsdecode(folder))) != mtime:
+                    return None  # a file was added, removed or renamed there
             return [str(name) for name in saved["classes"]], saved["paths"], saved["labels"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # missing, unreadable or corrupt: scan the folders again
 
 
-def save_index_cache(cache_file, fingerprint, classes, paths, labels):
+def save_index_cache(cache_file, fingerprint, classes, paths, labels, folders, times):
     partial = f"{cache_file}.{os.getpid()}.partial"
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
         with open(partial, "wb") as f:
             np.savez(f, fingerprint=np.array(fingerprint), classes=np.array(classes, dtype=np.str_),
-                     paths=paths, labels=labels)
+                     paths=paths, labels=labels, folders=folders, folder_times=times)
         os.replace(partial, cache_file)  # atomic, so parallel ranks never read half a file
     except OSError:
         if os.path.exists(partial):
@@ -456,30 +549,51 @@ def extract_ilsvrc_tars(root, splits):
 # Decoding
 
 
-def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK")):
+def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=False):
     """(data, size): a JPEG in one of jpeg_modes (what decode_jpeg decodes) as its bytes in a 1-D uint8 tensor
-    and its (height, width); any other image decoded by PIL, as a uint8 RGB tensor (3, H, W), and None.
+    and its (height, width) as stored; any other image decoded by PIL, as a uint8 RGB tensor (3, H, W), and None.
 
     Image.open reads only the header: it tells the real format (a PNG named .JPEG goes through PIL), and it
     applies PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) to every file, the JPEGs included.
+    exif_orientation: turn PIL-decoded images upright by their EXIF orientation tag (see decode_image_file).
     """
     with open(path, "rb") as f:
         data = f.read()
-    with Image.open(io.BytesIO(data)) as image:
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:  # its message names our BytesIO object, not the file
+        raise Image.UnidentifiedImageError("not an image format Pillow can read") from None
+    with image:
         if decode_jpeg is not None and image.format == "JPEG" and image.mode in jpeg_modes:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), (image.height, image.width)
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
         pixels = np.array(image.convert("RGB"))
     return torch.from_numpy(pixels).permute(2, 0, 1), None
 
 
-def decode_image_file(path):
+def decode_image_file(path, exif_orientation=False):
     """The image at path as a uint8 RGB tensor (3, H, W).
 
     JPEGs are decoded by libjpeg-turbo through torchvision (faster than PIL, and the result is laid out
     height-width-channel in memory, which the uint8 resize of RandomResizedCrop is fastest on); other files by PIL.
+    exif_orientation=False gives the pixels as stored, as torchvision's ImageFolder does (training, validation);
+    True turns the image as its EXIF orientation tag says, as image viewers show it (a phone photo, --predict).
     """
-    data, size = read_image_file(path)
-    return data if size is None else decode_jpeg(data, mode=ImageReadMode.RGB)
+    data, size = read_image_file(path, exif_orientation=exif_orientation)
+    if size is None:
+        return data
+    if exif_orientation:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    return decode_jpeg(data, mode=ImageReadMode.RGB)
+
+
+def bad_file_reason(error):
+    """What a decoding error says about the file, in one line."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return re.sub(r"^decode_jpeg, \S+:\d+, ", "", reason)  # torchvision's source location says nothing here
 
 
 @contextlib.contextmanager
@@ -508,8 +622,9 @@ class ImageFiles(torch.utils.data.Dataset):
     resumed epoch sees exactly the images it would have seen.
 
     A file that can't be decoded raises DataError when strict; otherwise it is reported on stderr, counted in
-    `skipped`, and replaced by the next readable file so that the batch keeps its size. A bad file is counted
-    each time it is read (once per epoch).
+    `skipped`, and replaced by the next readable file so that the batch keeps its size (right for training; for
+    validation, ValidationImageFiles leaves it out instead). A bad file is counted each time it is read (once per
+    epoch).
     """
 
     def __init__(self, index, transform, strict=False):
@@ -546,16 +661,61 @@ class ImageFiles(torch.utils.data.Dataset):
         raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row, from {self.index.path(position)}")
 
     def report_bad_file(self, path, error):
-        reason = " ".join(str(error).split()) or type(error).__name__
-        reason = re.sub(r"^decode_jpeg, \S+:\d+, ", "", reason)  # torchvision's source location says nothing here
         if self.strict:
-            raise DataError(f"cannot read image {path}: {reason}") from None
-        print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr, flush=True)
+            raise DataError(f"cannot read image {path}: {bad_file_reason(error)}") from None
+        warn(f"skipping unreadable image {path}: {bad_file_reason(error)}")
         self.skip_counts[worker_slot()] += 1
 
     def batch_to(self, device, images, labels):
         """A batch from the loader, on the training device: (uint8 images (N, 3, H, W), labels)."""
         return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+class ValidationImageFiles(ImageFiles):
+    """Validation images: an unreadable file is left out of its batch, never replaced, so that every image is
+    scored once and with its own label. Use it with EpochSampler(shuffle=False) and build_loader, which takes
+    its collate: a batch may come out smaller, or empty (images and labels of length 0).
+
+    A left-out file is warned about once however many passes read it (raw and EMA weights, every epoch), and is
+    marked in `unreadable`, one flag per index position in shared memory, set by whichever loader worker read it:
+    after a pass the main process names them with unreadable_files().
+    """
+
+    def __init__(self, index, transform, strict=False):
+        super().__init__(index, transform, strict)
+        self.unreadable = torch.zeros(len(index), dtype=torch.uint8).share_memory_()
+
+    @property
+    def skipped(self):
+        return int(self.unreadable.sum())
+
+    def unreadable_files(self):
+        """Paths of the files found unreadable so far, in index order."""
+        return [self.index.path(i) for i in self.unreadable.nonzero().flatten().tolist()]
+
+    def __getitem__(self, item):
+        """(uint8 image, label), or None for an unreadable file (left out by collate)."""
+        position = item[0] if isinstance(item, tuple) else item
+        path = self.index.path(position)
+        try:
+            image = decode_image_file(path)
+        except DECODE_ERRORS as error:
+            if self.strict:
+                raise DataError(f"cannot read image {path}: {bad_file_reason(error)}") from None
+            if not self.unreadable[position]:
+                warn(f"leaving out unreadable validation image {path}: {bad_file_reason(error)}")
+            self.unreadable[position] = 1
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.index.labels[position])
+
+    @staticmethod
+    def collate(samples):
+        kept = [sample for sample in samples if sample is not None]
+        if not kept:
+            return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+        return torch.utils.data.default_collate(kept)
 
 
 @dataclass
@@ -984,5 +1144,5 @@ if __name__ == "__main__":
     print(f"layout: {splits.layout}")
     print(f"classes: {len(splits.classes)}, e.g. " +
           ", ".join(f"{c} ({n})" for c, n in list(zip(splits.classes, splits.class_names))[:3]))
-    print(f"train: {len(splits.train)} images in {splits.train.root}")
-    print(f"val: {len(splits.val)} images in {splits.val.root}" if splits.val else "val: none")
+    print(f"train: {plural(len(splits.train), 'image')} in {splits.train.root}")
+    print(f"val: {plural(len(splits.val), 'image')} in {splits.val.root}" if splits.val else "val: none")

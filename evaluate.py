@@ -8,7 +8,9 @@
     torchrun --nproc_per_node=4 evaluate.py checkpoints/best.pth --data-path /data/imagenet  # same numbers, faster
 
 The model is rebuilt from the checkpoint alone; classes are matched by name, so a validation folder holding a
-subset of the classes, or ordered differently, is scored correctly.
+subset of the classes, or ordered differently, is scored correctly. An unreadable validation image is left out
+(never scored as another image) and named: `skipped_images` and `skipped_files` in --json, over all processes.
+--predict turns each image upright by its EXIF orientation first, as an image viewer shows it.
 """
 import argparse
 import csv
@@ -68,6 +70,8 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes else None
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
+        if targets.numel() == 0:  # every file of the batch was unreadable (dataset.ValidationImageFiles)
+            continue
         images = dataset.normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast():
@@ -150,8 +154,22 @@ def classes_for_torchvision(data_path, num_outputs):
     splits = dataset.find_dataset(data_path)
     if len(splits.classes) != num_outputs:
         raise UserError(f"a torchvision state dict needs the full {num_outputs}-class dataset to name its outputs "
-                        f"(found {len(splits.classes)} classes under {data_path})")
+                        f"(found {dataset.plural(len(splits.classes), 'class')} under {data_path})")
     return splits.classes, splits.class_names
+
+
+def printable(name):
+    """A name the filesystem gave us, safe to print and to write as UTF-8: bytes that are not UTF-8 (kept by
+    os.fsdecode as lone surrogates, which a UTF-8 writer refuses) are written as \\xNN."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def output_names(info, num_outputs):
+    """(classes, names) for every output of the model: the checkpoint's, then "<output i>" for outputs beyond
+    them (a model trained with --num-classes above the data's class count)."""
+    names = list(info["class_names"]) + [f"<output {i}>" for i in range(len(info["class_names"]), num_outputs)]
+    classes = list(info["classes"]) + names[len(info["classes"]):]
+    return [printable(c) for c in classes], [printable(n) for n in names]
 
 
 def per_class_rows(confusion, classes, class_names):
@@ -164,47 +182,193 @@ def per_class_rows(confusion, classes, class_names):
     return rows
 
 
-def draw_confusion(confusion, class_names, path, max_size=1000):
-    """Row-normalised confusion matrix as a PNG with Pillow (dark = many). Names are drawn when they fit."""
+# Colour scale of the confusion matrix: white (0) through yellow and orange to dark red and near-black (1).
+COLOUR_STOPS = ((0.0, (255, 255, 255)), (0.1, (255, 228, 140)), (0.35, (253, 141, 60)),
+                (0.65, (189, 0, 38)), (1.0, (40, 0, 20)))
+
+
+def colour_of(values):
+    """RGB uint8 (..., 3) for values in [0, 1], shown on a square-root scale: a 2% confusion (1 image in 50)
+    is then a visible tint instead of almost white."""
+    import numpy as np
+    shade = np.sqrt(np.clip(values, 0, 1))
+    stops = np.array([stop for stop, _ in COLOUR_STOPS])
+    colours = np.array([colour for _, colour in COLOUR_STOPS], dtype=np.float64)
+    channels = [np.interp(shade, stops, colours[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1).round().astype(np.uint8)
+
+
+def font_of(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: any size
+    except (TypeError, OSError):
+        return ImageFont.load_default()  # the fixed bitmap font (about 11 px)
+
+
+def short_name(name, limit=28):
+    name = printable(name)
+    return name if len(name) <= limit else name[:limit - 1] + "~"
+
+
+def draw_confusion(confusion, class_names, path, max_size=1200, pairs=25):
+    """The confusion matrix as a PNG drawn with Pillow, useful from 2 to 1,000 classes; returns the image.
+
+    Rows are the true classes, columns the predictions, each row normalised to the share of its images, shown
+    on a colour scale (square root, so rare confusions stay visible). Classes that appear neither as a label
+    nor as a prediction are left out. Names are drawn when a cell is tall enough for them (up to about 100
+    classes), otherwise every k-th class index; counts are written in the cells when there are few classes; the
+    most confused (true, predicted) pairs are listed beside the matrix with their counts and row shares.
+    """
+    import numpy as np
     from PIL import Image, ImageDraw
-    present = torch.nonzero(confusion.sum(dim=1) + confusion.sum(dim=0)).flatten()
-    matrix = confusion[present][:, present].double()
-    matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    present = torch.nonzero(confusion.sum(dim=1) + confusion.sum(dim=0)).flatten().tolist()
+    counts = confusion[present][:, present].numpy().astype(np.int64)
+    names = [short_name(class_names[i]) for i in present]
     n = len(present)
-    cell = max(1, min(40, max_size // max(n, 1)))
-    margin = 160 if n <= 40 else 0
-    pixels = (255 * (1 - matrix)).round().to(torch.uint8)
-    grid = pixels.repeat_interleave(cell, 0).repeat_interleave(cell, 1).numpy()
-    image = Image.new("L", (margin + grid.shape[1], margin + grid.shape[0]), 255)
-    image.paste(Image.fromarray(grid, mode="L"), (margin, margin))
-    if margin:
-        draw = ImageDraw.Draw(image)
-        for j, i in enumerate(present.tolist()):
-            name = str(class_names[i])[:24]
-            draw.text((2, margin + j * cell + cell // 2 - 5), name, fill=0)
-            draw.text((margin + j * cell + 2, margin - 12 - (j % 8) * 18), name[:12], fill=0)
-    image.convert("RGB").save(path)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    cell = max(1, min(48, max_size // max(n, 1)))
+    side = cell * n
+    text, small, title_font = font_of(min(13, max(cell - 2, 9))), font_of(11), font_of(15)
+    labelled = cell >= 10  # a name per row and column
+    pad = 8
+
+    def width_of(label, font=text):
+        return int(np.ceil(font.getlength(label)))
+
+    if labelled:
+        label_room = max(width_of(name) for name in names) + pad
+    else:  # every k-th class index, k a round number giving at most about 10 ticks
+        step = next(k for k in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 10**9) if n / k <= 10)
+        ticks = list(range(0, n, step))
+        label_room = max(width_of(str(present[i]), small) for i in ticks) + pad + 4
+    # the most confused pairs: largest off-diagonal counts, then largest shares
+    off = [(int(counts[r, c]), float(shares[r, c]), r, c) for r, c in zip(*np.nonzero(counts)) if r != c]
+    off.sort(key=lambda pair: (-pair[0], -pair[1], pair[2], pair[3]))
+    pair_lines = [f"{names[r]} -> {names[c]}: {count} ({100 * share:.0f}%)" for count, share, r, c in off[:pairs]]
+    pair_lines = pair_lines or ["none: every image got its own class"]
+    list_width = max(width_of(line, small) for line in pair_lines + ["most confused (true -> predicted):"]) + 2 * pad
+
+    title_height, axis_title = 24, 18
+    left = axis_title + label_room
+    top = title_height + axis_title + label_room
+    scale_width = 70
+    title = f"confusion matrix: {dataset.plural(n, 'class')}, each row normalised to its true class's images"
+    width = max(left + side + pad + scale_width + pad + list_width, left + width_of(title, title_font) + pad)
+    height = max(top + side + pad, top + 16 * (len(pair_lines) + 2)) + 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    grid = shares.repeat(cell, 0).repeat(cell, 1)
+    if cell < 3:  # (hundreds of classes) a cell of 1-2 px is invisible alone: draw each as a 3 px dot
+        padded = np.pad(grid, 1)
+        grid = np.max([padded[dy:dy + side, dx:dx + side] for dy in range(3) for dx in range(3)], axis=0)
+    image.paste(Image.fromarray(colour_of(grid)), (left, top))
+    if cell >= 4:  # a thin grid, so neighbouring cells of one colour stay apart
+        for k in range(n + 1):
+            draw.line([(left + k * cell, top), (left + k * cell, top + side)], fill=(225, 225, 225))
+            draw.line([(left, top + k * cell), (left + side, top + k * cell)], fill=(225, 225, 225))
+    draw.rectangle([left - 1, top - 1, left + side, top + side], outline=(120, 120, 120))
+
+    def vertical_text(label, x, y_bottom, font, fill=(0, 0, 0)):
+        """label written bottom to top, its bottom end at (x, y_bottom)."""
+        box = Image.new("L", (width_of(label, font) + 2, font.size + 4 if hasattr(font, "size") else 14), 0)
+        ImageDraw.Draw(box).text((1, 1), label, fill=255, font=font)
+        turned = box.rotate(90, expand=True)
+        image.paste(Image.new("RGB", turned.size, fill), (x, y_bottom - turned.size[1]), turned)
+
+    draw.text((left, 4), title, fill=(0, 0, 0), font=title_font)
+    draw.text((left + side // 2 - width_of("predicted class", small) // 2, title_height), "predicted class",
+              fill=(0, 0, 0), font=small)
+    vertical_text("true class", 2, top + side // 2 + width_of("true class", small) // 2, small)
+    line_height = text.getbbox("Ag")[3]
+    if labelled:
+        for k, name in enumerate(names):
+            y = top + k * cell + (cell - line_height) // 2
+            draw.text((left - pad // 2 - width_of(name), y), name, fill=(0, 0, 0), font=text)
+            vertical_text(name, left + k * cell + (cell - line_height) // 2 - 1, top - pad // 2, text)
+    else:
+        for k in ticks:
+            label = str(present[k])
+            centre = k * cell + cell // 2
+            draw.line([(left - 4, top + centre), (left - 1, top + centre)], fill=(0, 0, 0))
+            draw.text((left - 6 - width_of(label, small), top + centre - 6), label, fill=(0, 0, 0), font=small)
+            draw.line([(left + centre, top - 4), (left + centre, top - 1)], fill=(0, 0, 0))
+            vertical_text(label, left + centre - 6, top - 6, small)
+        dots = "; each cell drawn as a 3 px dot" if cell < 3 else ""
+        draw.text((left, top + side + 4), f"(class indices in sorted class order, as in the per-class CSV{dots})",
+                  fill=(90, 90, 90), font=small)
+    if n <= 30 and cell >= 24:  # counts in the cells
+        number = font_of(min(12, cell // 2))
+        for r in range(n):
+            for c in range(n):
+                if counts[r, c]:
+                    label = str(counts[r, c])
+                    ink = (255, 255, 255) if shares[r, c] > 0.3 else (0, 0, 0)
+                    draw.text((left + c * cell + (cell - width_of(label, number)) // 2,
+                               top + r * cell + (cell - number.getbbox("0")[3]) // 2), label, fill=ink, font=number)
+
+    # the colour scale: share of the row, 0% at the bottom to 100% at the top
+    bar_left, bar_height = left + side + pad, max(min(side, 400), 120)
+    ramp = colour_of(np.linspace(1, 0, bar_height))[:, None, :].repeat(16, axis=1)
+    image.paste(Image.fromarray(ramp), (bar_left, top))
+    draw.rectangle([bar_left - 1, top - 1, bar_left + 16, top + bar_height], outline=(120, 120, 120))
+    for share in (0, 0.01, 0.05, 0.2, 0.5, 1):
+        y = top + round((1 - np.sqrt(share)) * (bar_height - 1))
+        draw.line([(bar_left + 16, y), (bar_left + 20, y)], fill=(0, 0, 0))
+        draw.text((bar_left + 22, y - 6), f"{100 * share:g}%", fill=(0, 0, 0), font=small)
+    draw.text((bar_left, top + bar_height + 4), "of the row", fill=(0, 0, 0), font=small)
+
+    list_left = bar_left + scale_width + pad
+    draw.text((list_left, top), "most confused (true -> predicted):", fill=(0, 0, 0), font=small)
+    for k, line in enumerate(pair_lines):
+        draw.text((list_left, top + 16 * (k + 1)), line, fill=(0, 0, 0), font=small)
+    image.save(path)
     return image
 
 
 @torch.no_grad()
 def predict(net, paths, crop, resize, norm, device, class_names, topk=5):
-    """Top-k (name, probability) for each image file, with the validation transform."""
+    """Top-k (name, probability) for each image file, with the validation transform, after turning the image
+    upright by its EXIF orientation (a phone photo is stored sideways with a tag that says so).
+
+    Returns (path, top-k or None, reason it could not be read or None) for each path."""
     transform = dataset.val_transform(resize, crop)
     mean, std = dataset.NORMS[norm]
     net.eval()
     results = []
     for path in paths:
         try:
-            image = transform(dataset.decode_image_file(path))
-        except Exception as e:  # an unreadable image is reported, the others still get predictions
-            results.append((path, None, f"cannot read image ({type(e).__name__}: {e})"))
+            image = transform(dataset.decode_image_file(path, exif_orientation=True))
+        except dataset.DECODE_ERRORS as error:  # reported; the other files still get predictions
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else dataset.bad_file_reason(error)
+            results.append((path, None, f"cannot read image: {reason}"))
             continue
         logits = net(dataset.normalize_batch(image[None].to(device), mean, std)).float()
         probs = F.softmax(logits, dim=1)[0]
         top = probs.topk(min(topk, probs.numel()))
         results.append((path, [(class_names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())], None))
     return results
+
+
+def write_predictions(results, json_path):
+    """Print each file's top-5 (or why it could not be read); with json_path, write them there too."""
+    unreadable = [printable(path) for path, top, _ in results if top is None]
+    for path, top, error in results:
+        print(printable(path) + ":" + (f" {error}" if error else ""))
+        for name, probability in top or []:
+            print(f"  {probability:7.2%}  {name}")
+    if unreadable:
+        print(f"{dataset.plural(len(unreadable), 'unreadable image')} not scored: {', '.join(unreadable)}")
+    if json_path:
+        scored = {printable(path): [[name, probability] for name, probability in top]
+                  for path, top, _ in results if top is not None}
+        with open(json_path, "w") as f:
+            json.dump({"predictions": scored, "images": len(scored), "skipped_images": len(unreadable),
+                       "skipped_files": unreadable}, f, indent=2)
+        print(f"wrote {json_path}")
+    if len(unreadable) == len(results):
+        which = "the file" if len(results) == 1 else f"none of the {len(results)} files"
+        raise UserError(f"{which} given to --predict could {'not ' if len(results) == 1 else ''}be read as an image")
 
 
 def main(args):
@@ -233,16 +397,16 @@ def main(args):
     amp_dtype = args.amp_dtype or info["amp_dtype"]
     autocast, _, precision = utils.precision_for(device, use_amp, amp_dtype)
     config = info["config"]
-    say(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, {config['num_classes']} classes, "
+    say(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, "
+        f"{dataset.plural(config['num_classes'], 'class')}, "
         f"{info['weights']} weights | device {device} x{world_size} | {precision} | "
         f"resize {resize}, crop {crop}, norm {norm}")
 
+    num_classes = config["num_classes"]  # the model's outputs: may be more than the named classes
+    classes, names = output_names(info, num_classes)
     if args.predict:
         if rank == 0:
-            for path, top, error in predict(net, args.predict, crop, resize, norm, device, info["class_names"]):
-                print(path + ":" + (f" {error}" if error else ""))
-                for name, prob in top or []:
-                    print(f"  {prob:7.2%}  {name}")
+            write_predictions(predict(net, args.predict, crop, resize, norm, device, names), args.json)
         return 0
 
     if data_path is None:
@@ -250,18 +414,20 @@ def main(args):
     if not os.path.isdir(data_path):
         raise UserError(f"--data-path {data_path} is not a folder")
     index, layout = dataset.find_val_split(data_path, info["classes"])
-    val_set = dataset.ImageFiles(index, dataset.val_transform(resize, crop))
+    val_set = dataset.ValidationImageFiles(index, dataset.val_transform(resize, crop))
     sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
     loader = dataset.build_loader(val_set, sampler, args.batch_size, args.workers, train=False,
                                   pin_memory=device.type == "cuda", worker_nice=utils.worker_nice(device))
-    num_classes = config["num_classes"]  # the model's outputs: may be more than the named classes
-    names = list(info["class_names"]) + [f"<output {i}>" for i in range(len(info["class_names"]), num_classes)]
-    classes = list(info["classes"]) + names[len(info["classes"]):]
-    say(f"data: {data_path} ({layout}), {len(val_set)} images")
+    say(f"data: {printable(data_path)} ({layout}), {dataset.plural(len(val_set), 'image')}")
     start = time.perf_counter()
     result = evaluate(net, loader, device, autocast, norm, num_classes=num_classes, show_progress=rank == 0)
     elapsed = time.perf_counter() - start
-    skipped = int(utils.all_reduce_sum(torch.tensor([val_set.skipped]))[0])  # every rank's unreadable files
+    # every rank's unreadable files (each rank read its own share), through gather_objects: no device tensors
+    skipped_files = [printable(path) for files in utils.gather_objects(val_set.unreadable_files()) for path in files]
+    if result["images"] == 0:  # the same on every rank (summed over them)
+        which = "the only validation image" if len(val_set) == 1 else f"none of the {len(val_set)} validation images"
+        raise UserError(f"{which} in {printable(data_path)} could {'not ' if len(val_set) == 1 else ''}be read "
+                        f"(the first: {skipped_files[0] if skipped_files else '?'})")
     if rank != 0:
         return 0
 
@@ -270,24 +436,33 @@ def main(args):
     batches = -(-len(val_set) // (args.batch_size * world_size))
     result.update({"classes": len(rows), "images_per_sec": result["images"] / elapsed,
                    "batch_latency_ms": 1000 * elapsed / max(batches, 1), "weights": info["weights"],
-                   "checkpoint": args.checkpoint, "data_path": data_path, "resize": resize, "crop": crop,
-                   "norm": norm, "amp": bool(use_amp), "processes": world_size, "skipped_images": skipped})
-    print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-          f"({result['images']} images, {result['classes']} classes, {result['images_per_sec']:.0f} img/s, "
-          f"{result['batch_latency_ms']:.1f} ms/batch)")
+                   "checkpoint": printable(args.checkpoint), "data_path": printable(data_path), "resize": resize,
+                   "crop": crop, "norm": norm, "amp": bool(use_amp), "processes": world_size,
+                   "skipped_images": len(skipped_files), "skipped_files": skipped_files})
+    # with 5 outputs or fewer every label is in the top 5: 100% says nothing
+    top5 = f"top-5 {result['top5']:.2f}%" if num_classes > 5 else f"top-5 trivial ({dataset.plural(num_classes, 'output')})"
+    print(f"top-1 {result['top1']:.2f}%  {top5}  loss {result['loss']:.4f}  "
+          f"({dataset.plural(result['images'], 'image')}, {dataset.plural(result['classes'], 'class')}, "
+          f"{result['images_per_sec']:.0f} img/s, {result['batch_latency_ms']:.1f} ms/batch)")
+    if skipped_files:
+        shown = ", ".join(skipped_files[:5]) + (f" and {len(skipped_files) - 5} more" if len(skipped_files) > 5 else "")
+        print(f"left out {dataset.plural(len(skipped_files), 'unreadable image')} (not scored): {shown}")
     worst = sorted(rows, key=lambda r: (r[4], r[0]))[:10]
     print("worst classes: " + ", ".join(f"{name} {acc:.1f}%" for _, name, _, _, acc in worst))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+        print(f"wrote metrics to {printable(args.json)}")
     if args.per_class:
-        with open(args.per_class, "w", newline="") as f:
+        with open(args.per_class, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["class", "name", "images", "correct", "top1"])
             writer.writerows((c, n, t, k, f"{a:.4f}") for c, n, t, k, a in rows)
+        print(f"wrote per-class accuracy to {printable(args.per_class)}")
     picture = None
     if args.confusion:
         picture = draw_confusion(confusion, names, args.confusion)
+        print(f"wrote the confusion matrix to {printable(args.confusion)}")
     if args.log_dir:
         from torch.utils.tensorboard import SummaryWriter
         import numpy as np
@@ -296,7 +471,9 @@ def main(args):
                 writer.add_scalar(f"eval/{key}", result[key], 0)
             if picture is None:
                 picture = draw_confusion(confusion, names, os.path.join(args.log_dir, "confusion.png"))
+                print(f"wrote the confusion matrix to {printable(os.path.join(args.log_dir, 'confusion.png'))}")
             writer.add_image("eval/confusion", np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
+        print(f"wrote TensorBoard events to {printable(args.log_dir)}")
     return 0
 
 

@@ -354,8 +354,9 @@ def build_data(args, rank, world_size, device):
     else:
         train_set = dataset.ImageFiles(splits.train, dataset.train_transform(args.img_size, args.auto_augment,
                                        args.random_erase, args.norm, args.min_scale), strict=args.strict_data)
-    val_set = dataset.ImageFiles(splits.val, dataset.val_transform(args.val_resize_size, args.val_crop_size),
-                                 strict=args.strict_data)
+    # unreadable validation images are left out and named, never replaced by a neighbour (which would count twice)
+    val_set = dataset.ValidationImageFiles(splits.val, dataset.val_transform(args.val_resize_size,
+                                           args.val_crop_size), strict=args.strict_data)
     train_sampler = dataset.EpochSampler(len(train_set), shuffle=True, seed=args.seed, num_replicas=world_size,
                                          rank=rank, drop_last=True)
     val_sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)

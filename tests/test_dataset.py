@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
@@ -626,3 +626,104 @@ def test_demo_dataset_is_deterministic_complete_and_reused(tmp_path, cache_dir):
     a_file.write_bytes(b"")
     dataset.make_demo_dataset(first)
     assert a_file.read_bytes() == (second / files[0]).read_bytes()  # regenerated
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation leaves unreadable files out; symlinks, empty class folders, nested folders and the cache; EXIF
+
+
+def test_validation_leaves_out_unreadable_files_names_them_and_warns_once(tmp_path, capfd):
+    # 8 files, batches of 3: [0 1 2] [3 4 5] [6 7]; 2 and 5 are bad, and the last batch is bad throughout
+    index = index_with_bad_files(tmp_path, 8, {2: "truncated", 5: "empty", 6: "empty", 7: "truncated"})
+    images = dataset.ValidationImageFiles(index, dataset.val_transform(16, 16))
+    loader = dataset.build_loader(images, dataset.EpochSampler(len(images), shuffle=False), batch_size=3,
+                                  workers=2, train=False)
+    for _ in range(2):  # a second pass (the EMA weights) neither warns again nor counts again
+        batches = [(batch.shape[0], labels.tolist()) for batch, labels in loader]
+        assert batches == [(2, [0, 0]), (2, [0, 0]), (0, [])]
+    assert images.skipped == 4
+    assert [os.path.basename(path) for path in images.unreadable_files()] == ["02.jpg", "05.jpg", "06.jpg", "07.jpg"]
+    err = capfd.readouterr().err  # the workers write to the file descriptor
+    assert err.count("02.jpg") == 1 and err.count("07.jpg") == 1 and "empty file (0 bytes)" in err
+    assert "BytesIO" not in err
+    with pytest.raises(DataError, match="02.jpg"):
+        dataset.ValidationImageFiles(index, None, strict=True)[2]
+
+
+def test_symlink_loops_and_links_out_of_a_class_folder_are_not_followed(tmp_path, cache_dir, capsys):
+    train = tmp_path / "train"
+    make_class_folders(train, ["a", "b"], per_class=1)
+    save_image(train / "a" / "sub" / "deep.jpg")
+    save_image(tmp_path / "elsewhere" / "linked.jpg")
+    os.symlink(".", train / "a" / "loop")                         # a loop
+    os.symlink("..", train / "b" / "up")                          # into the other classes
+    os.symlink("sub", train / "a" / "alias")                      # a second way into a folder already listed
+    os.symlink(train / "a" / "loop", train / "b" / "far")         # a link to a link out of b's tree
+    os.symlink("ping", train / "a" / "pong")                      # links that lead to each other
+    os.symlink("pong", train / "a" / "ping")
+    os.symlink(tmp_path / "elsewhere" / "linked.jpg", train / "b" / "linked.jpg")  # a symlinked file: followed
+    splits = dataset.find_dataset(tmp_path, cache_dir)
+    assert labelled_paths(splits.train) == [("a/a_0.jpg", 0), ("a/sub/deep.jpg", 0), ("b/b_0.jpg", 1),
+                                            ("b/linked.jpg", 1)]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for link in ("a/loop", "b/up", "b/far", "a/ping", "a/alias"):
+        assert str(train / link) in err, link
+
+
+def test_cache_sees_changes_in_nested_subfolders(tmp_path, cache_dir, count_scans):
+    make_class_folders(tmp_path / "train", ["a", "b"])
+    save_image(tmp_path / "train" / "a" / "batch2" / "old.jpg")
+    age_folders(tmp_path)
+    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 5
+    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 5 and len(count_scans) == 1
+    for i in range(5):  # five files added two levels down: the class folder's own time does not change
+        save_image(tmp_path / "train" / "a" / "batch2" / f"new_{i}.jpg")
+    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 10 and len(count_scans) == 2
+    age_folders(tmp_path)
+    dataset.find_dataset(tmp_path, cache_dir)
+    (tmp_path / "train" / "a" / "batch2" / "old.jpg").unlink()  # a file removed there
+    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 9 and len(count_scans) == 4
+
+
+def test_empty_class_folders_are_refused_for_training_and_a_single_class_is_warned(tmp_path, cache_dir, capsys):
+    make_class_folders(tmp_path / "data" / "train", ["a", "b"])
+    (tmp_path / "data" / "train" / "empty").mkdir()
+    with pytest.raises(DataError, match="empty holds no images") as error:
+        dataset.find_dataset(tmp_path / "data", cache_dir)
+    assert "\n" not in str(error.value)
+    (tmp_path / "data" / "train" / "empty").rmdir()
+    make_class_folders(tmp_path / "data" / "val", ["a"], per_class=1)
+    (tmp_path / "data" / "val" / "b").mkdir()  # in validation a subset is fine: only a warning
+    splits = dataset.find_dataset(tmp_path / "data", cache_dir)
+    assert len(splits.val) == 1 and "val/b holds no images" in capsys.readouterr().err
+
+    make_class_folders(tmp_path / "one" / "train", ["a"])
+    dataset.find_dataset(tmp_path / "one", cache_dir)
+    err = capsys.readouterr().err
+    assert "single class (a)" in err and err.count("\n") == 1
+    with pytest.raises(DataError, match="not one of the 1 training class$"):
+        dataset.find_val_split(tmp_path / "data", ["z"], cache_dir)
+
+
+def test_warnings_in_the_main_process_go_through_tqdm_write(monkeypatch):
+    written = []
+    monkeypatch.setattr(dataset.tqdm, "write", lambda text, file=None: written.append((text, file)))
+    dataset.warn("a message")
+    assert written == [("warning: a message", sys.stderr)]
+    assert dataset.plural(1, "class") == "1 class" and dataset.plural(2, "image") == "2 images"
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_only_when_asked(tmp_path, format):
+    path = tmp_path / f"phone.{format.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a viewer turns it 90 degrees clockwise
+    Image.fromarray(image_pixels((40, 32))).save(path, format=format, exif=exif)
+    stored = dataset.decode_image_file(path)
+    upright = dataset.decode_image_file(path, exif_orientation=True)
+    assert stored.shape == (3, 32, 40) and upright.shape == (3, 40, 32)
+    with Image.open(path) as image:
+        expected = np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    assert np.abs(upright.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 2
+    assert torch.equal(upright, torch.rot90(stored, -1, dims=(1, 2)))

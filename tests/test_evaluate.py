@@ -86,6 +86,10 @@ def test_torchvision_state_dict_gives_torchvisions_logits(tmp_path, arch):
 def test_two_process_evaluation_equals_one_process(trained, tmp_path):
     from conftest import make_class_folders
     data = make_class_folders(tmp_path / "uneven", train_per_class=1, val_per_class=7)  # 21 images: 11 + 10
+    # two unreadable files, read by different ranks: left out, not scored as a neighbour, named by both runs
+    open(os.path.join(data, "val", "n00000001", "n00000001_zz_empty.JPEG"), "wb").close()
+    with open(os.path.join(data, "val", "n00000002", "n00000002_zz_cut.JPEG"), "wb") as f:
+        f.write(open(os.path.join(data, "val", "n00000002", "n00000002_0.JPEG"), "rb").read()[:300])
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run_eval(trained / "ckpt/best.pth", "--data-path", data, "--workers", "0", "-b", "4", "--json", one)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
@@ -95,6 +99,8 @@ def test_two_process_evaluation_equals_one_process(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.load(open(one)), json.load(open(two))
     assert a["images"] == b["images"] == 21 and b["processes"] == 2
+    assert a["skipped_images"] == b["skipped_images"] == 2
+    assert sorted(map(os.path.basename, b["skipped_files"])) == ["n00000001_zz_empty.JPEG", "n00000002_zz_cut.JPEG"]
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
@@ -111,7 +117,7 @@ def test_report_files_and_predictions(trained, tiny_data, tmp_path):
     assert sum(int(r["images"]) for r in rows) == metrics["images"]
     assert 100 * sum(int(r["correct"]) for r in rows) / metrics["images"] == pytest.approx(metrics["top1"])
     picture = Image.open(out["cm.png"])
-    assert picture.size[0] >= 3 and picture.size[0] == picture.size[1]
+    assert picture.size[0] >= 300 and picture.size[1] >= 200
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
 
     image = os.path.join(tiny_data, "val", "n00000003", "n00000003_0.JPEG")
@@ -136,3 +142,102 @@ def test_refuses_the_2021_checkpoint_and_conflicting_flags(trained, tmp_path, ca
         code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args([str(a) for a in argv]))
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def checkpoint_with_more_outputs(trained, tmp_path, num_outputs=8):
+    """best.pth rebuilt with num_outputs outputs (as if trained with --num-classes 8): 3 named, 5 unnamed."""
+    import model as model_lib
+    ckpt = torch.load(trained / "ckpt/best.pth", weights_only=True)
+    ckpt["model_config"] = dict(ckpt["model_config"], num_classes=num_outputs)
+    torch.manual_seed(0)
+    ckpt["model"] = model_lib.build_model(**ckpt["model_config"]).state_dict()
+    ckpt["ema_model"], ckpt["best_weights"] = None, "raw"
+    torch.save(ckpt, tmp_path / "wide.pth")
+    return tmp_path / "wide.pth"
+
+
+def test_predict_names_the_outputs_beyond_the_checkpoints_classes(trained, tiny_data, tmp_path, capsys):
+    wide = checkpoint_with_more_outputs(trained, tmp_path)
+    run_eval(wide, "--predict", os.path.join(tiny_data, "val", "n00000001", "n00000001_0.JPEG"))
+    assert "<output " in capsys.readouterr().out  # 5 of the 8 outputs are unnamed: 2 or more are in a top-5
+
+
+def test_predict_turns_a_phone_photo_upright_and_lists_unreadable_files(trained, tiny_data, tmp_path, capsys):
+    # a photo stored sideways with an EXIF tag, and the same pixels already turned upright (PNG: lossless)
+    sideways, upright = tmp_path / "phone.jpg", tmp_path / "upright.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show
+    Image.open(os.path.join(tiny_data, "val", "n00000001", "n00000001_0.JPEG")).crop((0, 0, 40, 24)).save(
+        sideways, exif=exif, quality=95)
+    Image.open(sideways).transpose(Image.Transpose.ROTATE_270).save(upright)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    run_eval(trained / "ckpt/best.pth", "--predict", sideways, upright, tmp_path / "empty.jpg")
+    lines = capsys.readouterr().out.splitlines()
+    at = [lines.index(f"{path}:") for path in (sideways, upright)]
+    assert lines[at[0] + 1:at[0] + 4] == lines[at[1] + 1:at[1] + 4]  # the same top-3 and probabilities
+    run_eval(trained / "ckpt/best.pth", "--predict", sideways, upright, tmp_path / "empty.jpg",
+             "--json", tmp_path / "p.json")
+    out = capsys.readouterr().out
+    predictions = json.load(open(tmp_path / "p.json"))
+    assert predictions["predictions"][str(sideways)] == predictions["predictions"][str(upright)]
+    assert predictions["images"] == 2 and predictions["skipped_images"] == 1
+    assert predictions["skipped_files"] == [str(tmp_path / "empty.jpg")]
+    assert "empty.jpg: cannot read image: empty file (0 bytes)" in out and "BytesIO" not in out
+
+
+def test_predict_with_only_unreadable_files_is_an_error(trained, tmp_path, capsys):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args(
+        [str(trained / "ckpt/best.pth"), "--predict", str(tmp_path / "empty.jpg"), str(tmp_path / "text.jpg")]))
+    captured = capsys.readouterr()
+    assert code == 2 and "error: none of the 2 files given to --predict could be read" in captured.err
+    assert "BytesIO" not in captured.out + captured.err and "text.jpg: cannot read image: not an image" in captured.out
+
+
+def test_a_class_name_that_is_not_utf8_is_written_everywhere(trained, tiny_data, tmp_path):
+    odd = os.fsdecode(b"caf\xe9")  # a Latin-1 folder name on a UTF-8 system
+    ckpt = torch.load(trained / "ckpt/best.pth", weights_only=True)
+    ckpt["classes"][2] = ckpt["class_names"][2] = odd
+    torch.save(ckpt, tmp_path / "odd.pth")
+    shutil.copytree(os.path.join(tiny_data, "val", "n00000001"), tmp_path / "data" / "val" / "n00000001")
+    shutil.copytree(os.path.join(tiny_data, "val", "n00000003"), os.path.join(tmp_path / "data" / "val", odd))
+    files = [tmp_path / "m.json", tmp_path / "c.csv", tmp_path / "cm.png"]
+    proc = run_script("evaluate.py", tmp_path / "odd.pth", "--data-path", tmp_path / "data", "--workers", "0",
+                      "--json", files[0], "--per-class", files[1], "--confusion", files[2],
+                      "--log-dir", tmp_path / "tb")
+    assert proc.returncode == 0, proc.stderr
+    assert "caf\\xe9" in proc.stdout  # in the worst classes line
+    assert {row["class"] for row in csv.DictReader(open(files[1], encoding="utf-8"))} == {"n00000001", "caf\\xe9"}
+    assert json.load(open(files[0]))["classes"] == 2
+    for path in files + [tmp_path / "tb"]:
+        assert f"wrote " in proc.stdout and str(path) in proc.stdout, path
+    assert "top-5 trivial (3 outputs)" in proc.stdout and "2 classes" in proc.stdout
+
+
+@pytest.mark.parametrize("num_classes", [10, 100, 1000])
+def test_confusion_png_stays_readable_from_10_to_1000_classes(tmp_path, num_classes):
+    import numpy as np
+    truth = torch.arange(num_classes).repeat_interleave(4)
+    predicted = truth.clone()
+    predicted[truth == 7] = 2  # class 7 always taken for class 2: the top confused pair
+    confusion = torch.bincount(truth * num_classes + predicted, minlength=num_classes ** 2).view(num_classes, -1)
+    names = [f"class {i} " + "long name " * (i % 3) for i in range(num_classes)]
+    picture = evaluate.draw_confusion(confusion, names, tmp_path / "cm.png")
+    assert max(picture.size) <= 2200  # one screen, whatever the class count
+    pixels = np.asarray(picture.convert("RGB")).astype(int)
+    dark = (pixels.sum(axis=2) < 200).sum()  # the diagonal (and the 7 -> 2 cell) in the darkest colour
+    assert dark >= num_classes
+    # the colour scale: a vertical run of distinct colours from white to the darkest
+    colours = {tuple(row) for row in pixels.reshape(-1, 3)}
+    assert len(colours) > 50
+
+
+def test_a_validation_split_of_only_unreadable_files_is_an_error(trained, tmp_path, capsys):
+    (tmp_path / "val" / "n00000001").mkdir(parents=True)
+    (tmp_path / "val" / "n00000001" / "a.JPEG").write_bytes(b"")
+    code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args(
+        [str(trained / "ckpt/best.pth"), "--data-path", str(tmp_path), "--workers", "0"]))
+    err = capsys.readouterr().err
+    assert code == 2 and "error: the only validation image in" in err and "could not be read" in err
+    assert "Traceback" not in err
