@@ -47,6 +47,8 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dem
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train MobileNetV3 (demo data when --data-path is omitted).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="a recipe (see recipes/): its values become the defaults; flags given here still win")
     group = parser.add_argument_group("Data")
     group.add_argument("--data-path", default=None, help="dataset root (see README for layouts); omitted: demo data")
     group.add_argument("-j", "--workers", type=int, default=None,
@@ -79,6 +81,12 @@ def get_args_parser():
     group.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     group.add_argument("--opt", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"])
     group.add_argument("--lr", type=float, default=5e-3)
+    group.add_argument("--lr-base-batch", type=int, default=None,
+                       help="the global batch --lr and --ema-decay were tuned for (a recipe's); when this run's "
+                            "global batch differs, the lr is scaled by --lr-scaling and the EMA decay per step so "
+                            "that its horizon in epochs stays the same")
+    group.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt", "none"],
+                       help="with --lr-base-batch: linear (SGD, RMSprop) or square root (Adam-type) lr scaling")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
     group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.0)
     group.add_argument("--wd-norm-bias", action="store_true", help="also decay BN and bias parameters (off by default)")
@@ -119,6 +127,8 @@ def validate_args(args):
     """Reject bad values with one line before anything starts."""
     positive = {"--batch-size": args.batch_size, "--accum-steps": args.accum_steps, "--eval-every": args.eval_every,
                 "--print-freq": args.print_freq, "--lr-step-size": args.lr_step_size}
+    if args.lr_base_batch is not None:
+        positive["--lr-base-batch"] = args.lr_base_batch
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
@@ -161,6 +171,79 @@ def validate_args(args):
         raise UserError(f"--pretrained file not found: {args.pretrained}")
 
 
+def parse_args(argv=None):
+    """The command line, with a --config recipe's values as defaults (flags given on the command line win).
+
+    A recipe is a TOML file: top-level keys are train.py's flags (dest names, e.g. batch_size = 128), and a
+    [recipe] table holds what is not a flag: name, source, published_top1, not_reproduced, and the global batch
+    its lr belongs to (global_batch) with its lr_scaling, which become --lr-base-batch and --lr-scaling."""
+    parser = get_args_parser()
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=None)
+    path = config.parse_known_args(argv)[0].config
+    if path:
+        try:
+            parser.set_defaults(**read_recipe(path, parser))
+        except UserError as e:
+            parser.exit(2, f"error: {e}\n")
+    return parser.parse_args(argv)
+
+
+RECIPE_METADATA = {"name": str, "source": str, "published_top1": (int, float), "global_batch": int,
+                   "lr_scaling": str, "not_reproduced": list, "proposed_flags": list}
+
+
+def read_recipe(path, parser):
+    """{flag dest: value} from a recipe file, checked against the parser; one-line UserError otherwise."""
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            recipe = tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path} is not valid TOML ({e})") from None
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    meta = recipe.pop("recipe", {})
+    for key, value in meta.items():
+        if key not in RECIPE_METADATA:
+            raise UserError(f"--config {path}: unknown key {key!r} in [recipe] (known: {', '.join(RECIPE_METADATA)})")
+        if not isinstance(value, RECIPE_METADATA[key]) or isinstance(value, bool):
+            raise UserError(f"--config {path}: [recipe] {key} = {value!r} has the wrong type")
+    defaults = {}
+    for key, value in recipe.items():
+        action = actions.get(key)
+        if action is None:
+            raise UserError(f"--config {path}: unknown key {key!r} (keys are train.py flags, e.g. batch_size)")
+        switch = action.nargs == 0  # store_true and --x/--no-x flags
+        wanted = bool if switch else action.type or str
+        fits = isinstance(value, bool) if switch else (not isinstance(value, bool) and (
+            isinstance(value, wanted) or (wanted is float and isinstance(value, int))))
+        if not fits:
+            raise UserError(f"--config {path}: {key} = {value!r} should be {wanted.__name__}")
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"--config {path}: {key} = {value!r} is not one of {', '.join(map(str, action.choices))}")
+        defaults[key] = float(value) if wanted is float else value
+    if "global_batch" in meta:
+        defaults.setdefault("lr_base_batch", meta["global_batch"])
+    if "lr_scaling" in meta:
+        if meta["lr_scaling"] not in ("linear", "sqrt", "none"):
+            raise UserError(f"--config {path}: [recipe] lr_scaling must be linear, sqrt or none")
+        defaults.setdefault("lr_scaling", meta["lr_scaling"])
+    return defaults
+
+
+def scaled_to_global_batch(args, world_size):
+    """(lr, EMA decay per step) for this run's global batch. With --lr-base-batch B and a global batch G, the lr
+    is scaled by G/B (linear) or sqrt(G/B), and the EMA decay d becomes d ** (G/B): k times fewer steps an epoch
+    then take d ** k each, so the EMA still averages over the same number of epochs."""
+    if not args.lr_base_batch:
+        return args.lr, args.ema_decay
+    ratio = args.batch_size * args.accum_steps * world_size / args.lr_base_batch
+    lr = args.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[args.lr_scaling]
+    return lr, args.ema_decay ** ratio
+
+
 # ---------------------------------------------------------------- building blocks of the recipe
 
 def make_optimizer(model, args, device):
@@ -199,12 +282,12 @@ def lr_factor(progress, args, steps_per_epoch):
     return 1.0
 
 
-def set_hyperparameters(optimizer, args, factor):
+def set_hyperparameters(optimizer, args, lr):
     """lr for this update, and the weight decay and momentum of args (a resumed run applies changed flags)."""
     decay_group = optimizer.param_groups[0]
     decay_group["weight_decay"] = args.weight_decay
     for group in optimizer.param_groups:
-        group["lr"] = args.lr * factor
+        group["lr"] = lr
         if "momentum" in group:
             group["momentum"] = args.momentum
             if "nesterov" in group:
@@ -425,7 +508,8 @@ def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
     ctx.bn_buffers = [b for b in net.buffers() if b.is_floating_point()]
     ctx.bn_backup = [b.detach().clone() for b in ctx.bn_buffers]
     ctx.optimizer = make_optimizer(net, args, device)
-    ctx.ema = make_ema(net, args.ema_decay)
+    ctx.lr, ctx.ema_decay = scaled_to_global_batch(args, world_size)
+    ctx.ema = make_ema(net, ctx.ema_decay)
     ctx.autocast, ctx.scaler, ctx.precision = utils.precision_for(device, args.amp, args.amp_dtype)
     ctx.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     ctx.mixup = dataset.make_mixup_cutmix(args.mixup_alpha, args.cutmix_alpha, num_classes)
@@ -448,7 +532,7 @@ def train_on_batch(ctx, images, targets, batch):
     if first:
         torch._foreach_copy_(ctx.bn_backup, ctx.bn_buffers)  # to take back if this update is not finite
         ctx.update_progress = s.progress(ctx.steps_per_epoch, a.accum_steps)
-        set_hyperparameters(ctx.optimizer, a, lr_factor(ctx.update_progress, a, ctx.steps_per_epoch))
+        set_hyperparameters(ctx.optimizer, a, ctx.lr * lr_factor(ctx.update_progress, a, ctx.steps_per_epoch))
         if s.step * a.bn_momentum <= 10 and not a.compile:  # a changing float would recompile every step
             warm_up_bn_momentum(ctx.model_without_ddp, s.step, a.bn_momentum)
         ctx.update_loss_finite = torch.ones((), dtype=torch.bool, device=ctx.device)
@@ -705,7 +789,7 @@ def resume(ctx, path):
         ctx.scaler.load_state_dict(ckpt["scaler"])
     if ctx.ema is not None and ckpt.get("ema"):
         ctx.ema.load_state_dict(ckpt["ema"])
-        ctx.ema.decay = ctx.args.ema_decay  # the decay given now wins over the saved one
+        ctx.ema.decay = ctx.ema_decay  # the decay given now wins over the saved one
     ctx.state.load_state_dict(ckpt)
     ctx.state.nonfinite_streak = 0
     rng = ckpt["rng"]
@@ -766,6 +850,14 @@ def main(args):
         f"{len(splits.val)} val images, {plural(len(splits.classes), 'class', 'classes')} | batch {args.batch_size} "
         f"x {args.accum_steps} x {world_size} = {args.batch_size * args.accum_steps * world_size} | "
         f"{ctx.steps_per_epoch} steps/epoch, {plural(args.epochs, 'epoch')}")
+    if args.config:
+        say(f"recipe {args.config}: " + " ".join(f"{key}={value}" for key, value in vars(args).items()
+                                                   if key not in RESUME_QUIET_FLAGS | {"config"}))
+    if args.lr_base_batch:
+        global_batch = args.batch_size * args.accum_steps * world_size
+        say(f"batch scaling: global batch {global_batch} for the {args.lr_base_batch} the recipe's lr belongs to: "
+            f"lr {args.lr:g} -> {ctx.lr:.6g} ({args.lr_scaling}), EMA decay {args.ema_decay:g} -> "
+            f"{ctx.ema_decay:.8g} per step")
 
     outcome = train_epochs(ctx)
     if ctx.writer:
@@ -904,4 +996,4 @@ def plural(count, word, words=None):
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run_cli(main, get_args_parser().parse_args()))
+    sys.exit(utils.run_cli(main, parse_args()))
