@@ -105,15 +105,20 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
                               "MobileNetV3 (different blocks and layer names); it cannot be loaded into this model")
     if model_lib.is_torchvision_state_dict(ckpt):
         return _load_torchvision(path, ckpt, arch, width_mult, num_classes)
-    if ckpt.get("format") != utils.CHECKPOINT_FORMAT:
+    if ckpt.get("format") not in (utils.CHECKPOINT_FORMAT, utils.WEIGHTS_FORMAT):
         raise CheckpointError(f"{path} is neither a checkpoint of this project nor a torchvision mobilenet_v3 state dict")
     config = ckpt["model_config"]
     for flag, key, value in (("--arch", "arch", arch), ("--width-mult", "width_mult", width_mult),
                              ("--num-classes", "num_classes", num_classes)):
         if value is not None and value != config[key]:
             raise CheckpointError(f"{flag} {value} conflicts with the checkpoint, which holds {key}={config[key]!r}")
-    weights = weights or ckpt.get("best_weights") or ("ema" if ckpt.get("ema_model") else "raw")
-    state = ckpt["ema_model"] if weights == "ema" else ckpt["model"]
+    if ckpt["format"] == utils.WEIGHTS_FORMAT:  # best_weights.pth holds one set of weights, the best
+        if weights not in (None, ckpt["weights"]):
+            raise CheckpointError(f"{path} holds only the {ckpt['weights']} weights; drop --weights {weights}")
+        weights, state = ckpt["weights"], ckpt["model"]
+    else:
+        weights = weights or ckpt.get("best_weights") or ("ema" if ckpt.get("ema_model") else "raw")
+        state = ckpt["ema_model"] if weights == "ema" else ckpt["model"]
     if state is None:
         raise CheckpointError(f"{path} holds no EMA weights (trained with --ema-decay 0); use --weights raw")
     net = model_lib.build_model(**config)
@@ -123,7 +128,7 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
             "norm": ckpt.get("norm", "imagenet"), "val_resize_size": ckpt.get("val_resize_size"),
             "val_crop_size": ckpt.get("val_crop_size"), "amp": args.get("amp", False),
             "amp_dtype": args.get("amp_dtype", "auto"),
-            "data_path": args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config}
+            "data_path": ckpt.get("data_path") or args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config}
     return net, info
 
 

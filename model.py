@@ -352,7 +352,7 @@ def load_pretrained(model, source):
     """Load ImageNet weights into `model` and return how many state-dict tensors were skipped.
 
     `source` is "torchvision" (torchvision's IMAGENET1K_V1 weights, downloaded through torchvision into its
-    cache) or the path of a state-dict file. For fine-tuning, a final classifier layer whose class count
+    cache), the path of a state-dict file, or a state dict. For fine-tuning, a final classifier layer whose class count
     differs from the model's is skipped and keeps its fresh initialisation; a model built with
     classifier=False skips the whole head. Everything else must fit exactly (ValueError otherwise).
     """
@@ -360,11 +360,13 @@ def load_pretrained(model, source):
         if model.width_mult != 1.0:
             raise ValueError(f"torchvision has ImageNet weights only for width_mult=1.0, not {model.width_mult}")
         state_dict = _torchvision_weights(model.arch)
+    elif isinstance(source, dict):  # a state dict already loaded (train.py --pretrained reads checkpoints too)
+        state_dict, source = source, "the given state dict"
     else:
         state_dict = torch.load(source, map_location="cpu", weights_only=True)
-        if not is_torchvision_state_dict(state_dict):
-            raise ValueError(f"{source} does not hold a plain MobileNetV3 state dict (features.* and "
-                             "classifier.* tensors)")
+    if not is_torchvision_state_dict(state_dict):
+        raise ValueError(f"{source} does not hold a plain MobileNetV3 state dict (features.* and "
+                         "classifier.* tensors)")
 
     skipped = []
     if not model.has_classifier:

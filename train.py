@@ -42,6 +42,7 @@ MAX_NONFINITE_STREAK = 20
 # unscaled, which is divergence, not calibration (train_on_batch)
 MIN_LOSS_SCALE = 1.0
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
+CHECKPOINTS = "checkpoints"  # default parent of the run folders, relative to where train.py is started
 
 
 def get_args_parser():
@@ -73,7 +74,9 @@ def get_args_parser():
     group.add_argument("--num-classes", type=int, default=None, help="default: number of training classes")
     group.add_argument("--dropout", type=float, default=0.2, help="before the last layer (paper: keep 0.8)")
     group.add_argument("--bn-momentum", type=float, default=0.01, help="PyTorch BN momentum (0.01 = TF decay 0.99, paper 6.1)")
-    group.add_argument("--pretrained", default=None, help="'torchvision' (needs internet) or a state-dict file")
+    group.add_argument("--pretrained", default=None,
+                       help="'torchvision' (needs internet), a torchvision state-dict file, or a checkpoint or "
+                            "best_weights.pth of this project (fine-tuning: a classifier of another size is skipped)")
 
     group = parser.add_argument_group("Optimization")
     group.add_argument("--epochs", type=int, default=None, help="default 200; demo 8")
@@ -113,10 +116,18 @@ def get_args_parser():
     group.add_argument("--seed", type=int, default=0)
 
     group = parser.add_argument_group("Logging and checkpoints")
-    group.add_argument("--output-dir", default="checkpoints")
-    group.add_argument("--log-dir", default="runs")
-    group.add_argument("--run-name", default=None, help="TensorBoard run folder (default: from arch and width)")
-    group.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for <output-dir>/last.pth if present")
+    group.add_argument("--output-dir", default=None,
+                       help=f"this run's checkpoint folder (default: {CHECKPOINTS}/<run-name>, and "
+                            f"{CHECKPOINTS}/latest points to the newest run)")
+    group.add_argument("--log-dir", default="runs", help="TensorBoard folder; this run logs to <log-dir>/<run-name>")
+    group.add_argument("--run-name", default=None,
+                       help="default: <arch>_<width>_<date>-<time>, or the name of the --output-dir folder")
+    group.add_argument("--resume", default=None,
+                       help="checkpoint path, or 'auto': the run's last.pth if there is one (without --output-dir "
+                            f"and --run-name: the latest run, {CHECKPOINTS}/latest)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a run folder that holds another run's checkpoints or logs (they are "
+                            "deleted); without it such a start is refused")
     group.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     group.add_argument("--print-freq", type=int, default=10, help="steps between logged training metrics")
     group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
@@ -422,7 +433,60 @@ def prepare_output(args, rank):
 
 
 def run_name(args):
-    return args.run_name or f"mobilenetv3_{args.arch}_{args.width_mult:g}"
+    """The TensorBoard run name: --run-name, else the name of the checkpoint folder (one folder per run)."""
+    return args.run_name or os.path.basename(os.path.abspath(args.output_dir))
+
+
+def choose_run_folder(args):
+    """This run's checkpoint folder and name (rank 0 decides; main broadcasts them). Every run gets its own:
+    <output-dir> when given, else checkpoints/<run-name> with a new, time-stamped name, so that a second run
+    never overwrites the first one's checkpoints or TensorBoard events. --resume auto without a folder continues
+    the latest run (checkpoints/latest); --resume PATH continues in PATH's folder."""
+    if args.output_dir is not None:
+        return args.output_dir, run_name(args)
+    if args.resume not in (None, "auto"):
+        folder = os.path.dirname(os.path.abspath(args.resume))
+        return folder, args.run_name or os.path.basename(folder)
+    latest = os.path.join(CHECKPOINTS, "latest")
+    if args.resume == "auto" and not args.run_name and os.path.isdir(latest):
+        folder = os.path.realpath(latest)
+        return folder, os.path.basename(folder)
+    name = args.run_name or f"{args.arch}_{args.width_mult:g}_{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = os.path.join(CHECKPOINTS, name), 1
+    while args.run_name is None and os.path.exists(folder):  # two runs started in the same second
+        n += 1
+        folder = os.path.join(CHECKPOINTS, f"{name}-{n}")
+    return folder, os.path.basename(folder)
+
+
+def refuse_to_overwrite(args, rank):
+    """A fresh start (no --resume) never destroys another run's checkpoints or TensorBoard events, unless
+    --overwrite asks for it: then they are deleted first (by rank 0)."""
+    if args.resume is not None or rank != 0:
+        return
+    log_folder = os.path.join(args.log_dir, args.run_name)
+    found = [os.path.join(args.output_dir, name) for name in ("last.pth", "best.pth")
+             if os.path.exists(os.path.join(args.output_dir, name))]
+    if os.path.isdir(log_folder):
+        found += [os.path.join(log_folder, name) for name in sorted(os.listdir(log_folder)) if "tfevents" in name]
+    if not found:
+        return
+    if not args.overwrite:
+        raise UserError(f"{found[0]} belongs to an earlier run: add --resume auto to continue it, --overwrite to "
+                        f"start afresh (deleting {plural(len(found), 'file')} of it), or choose another "
+                        f"--output-dir / --run-name")
+    for path in found:
+        os.remove(path)
+
+
+def point_latest_at(folder):
+    """checkpoints/latest -> the run folder (a relative symbolic link, replaced atomically)."""
+    if os.path.dirname(os.path.abspath(folder)) != os.path.abspath(CHECKPOINTS):
+        return
+    link, tmp = os.path.join(CHECKPOINTS, "latest"), os.path.join(CHECKPOINTS, f".latest-{os.getpid()}")
+    with contextlib.suppress(OSError):  # a filesystem without symbolic links: no pointer, nothing else lost
+        os.symlink(os.path.basename(folder), tmp)
+        os.replace(tmp, link)
 
 
 def build_data(args, rank, world_size, device):
@@ -455,12 +519,25 @@ def build_data(args, rank, world_size, device):
     return splits, train_set, val_set, train_loader, val_loader
 
 
+def pretrained_state(source):
+    """What --pretrained names, for model.load_pretrained: "torchvision", or the state dict in a file: a torchvision
+    state dict, or this project's checkpoint (its best weights) or best_weights.pth."""
+    if source == "torchvision":
+        return source
+    ckpt = utils.load_checkpoint(source)
+    if ckpt.get("format") == utils.WEIGHTS_FORMAT:
+        return ckpt["model"]
+    if ckpt.get("format") == utils.CHECKPOINT_FORMAT:
+        return ckpt["ema_model"] if ckpt.get("best_weights") == "ema" and ckpt.get("ema_model") else ckpt["model"]
+    return ckpt
+
+
 def build_model(args, num_classes, device, world_size):
     net = model_lib.build_model(args.arch, args.width_mult, num_classes, dropout=args.dropout,
                                 bn_momentum=args.bn_momentum)
     if args.pretrained:
         try:
-            model_lib.load_pretrained(net, args.pretrained)
+            model_lib.load_pretrained(net, pretrained_state(args.pretrained))
         except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
             reason = "not a readable state dict" if isinstance(e, pickle.UnpicklingError) else e
             raise UserError(f"--pretrained {args.pretrained}: {reason}") from None
@@ -687,6 +764,7 @@ def checkpoint_state(ctx):
         "rng": ctx.rng_states,           # one per rank: each rank's dropout/mixup stream resumes exactly
         "world_size": ctx.world_size,
         "steps_per_epoch": ctx.steps_per_epoch,
+        "data_path": ctx.data_path,
         "args": dict(vars(a)),
         "classes": list(ctx.classes),
         "class_names": list(ctx.class_names),
@@ -722,8 +800,19 @@ def save(ctx, also_best=False):
             utils.save_checkpoint(state, os.path.join(ctx.args.output_dir, "last.pth"))
             if also_best:
                 utils.save_checkpoint(state, os.path.join(ctx.args.output_dir, "best.pth"))
+                utils.save_checkpoint(weights_file(state), os.path.join(ctx.args.output_dir, "best_weights.pth"))
     utils.fail_together(write)
     return True
+
+
+def weights_file(state):
+    """best_weights.pth: only the best weights (EMA or raw) with what evaluate.py, export.py and --pretrained need
+    to use them: a few MB, where best.pth also holds the other weights, the EMA's and the optimizer's state."""
+    keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "best_top1",
+            "epoch", "data_path")
+    weights = state["best_weights"]
+    return {"format": utils.WEIGHTS_FORMAT, "weights": weights, **{key: state[key] for key in keep},
+            "model": state["ema_model"] if weights == "ema" else state["model"], "args": state["args"]}
 
 
 def repair_best(ckpt, output_dir):
@@ -739,6 +828,7 @@ def repair_best(ckpt, output_dir):
     except utils.CheckpointError:
         pass  # missing or broken
     utils.save_checkpoint(ckpt, best_path)
+    utils.save_checkpoint(weights_file(ckpt), os.path.join(output_dir, "best_weights.pth"))
     print(f"rewrote {best_path} from the last checkpoint (the run had stopped before writing it)")
 
 
@@ -807,7 +897,11 @@ def main(args):
     rank, world_size, device = utils.setup_distributed(args.device)
     stop = utils.StopRequest()
     say = print if rank == 0 else (lambda *a, **k: None)
+    args.output_dir, args.run_name = utils.broadcast_object(choose_run_folder(args) if rank == 0 else None)
+    utils.fail_together(refuse_to_overwrite, args, rank)
     ctx = build_context(args, rank, world_size, device)
+    if rank == 0:
+        point_latest_at(args.output_dir)
     ctx.stop = stop
     s, splits, net = ctx.state, ctx.splits, ctx.model_without_ddp
 

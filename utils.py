@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 CHECKPOINT_FORMAT = "mobilenetv3-torch/1"
+WEIGHTS_FORMAT = "mobilenetv3-torch/weights/1"  # best_weights.pth: the model alone, for sharing and fine-tuning
 
 
 class UserError(Exception):
@@ -117,6 +118,10 @@ def pick_device(name="auto"):
         raise UserError(f"unknown --device {name!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but CUDA is not available on this machine")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but this machine has no usable MPS (Apple GPU) device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

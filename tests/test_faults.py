@@ -320,3 +320,12 @@ def test_a_stop_during_validation_saves_at_once_and_validates_after_the_resume(t
     for key in ("model", "ema_model"):
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+
+
+def test_an_impossible_log_dir_or_device_is_one_line(tiny_data, tmp_path, capsys):
+    for flags, message in ((["--log-dir", "/proc/runs"], "cannot write TensorBoard logs to /proc/runs/t"),
+                           (["--device", "mps"], "--device mps was asked for, but this machine has no usable MPS"),
+                           (["--resume", tmp_path], "is a folder: give the checkpoint file in it")):
+        argv = [a for a in tiny_train_args(tiny_data, tmp_path / "o") if a not in ("--device", "cpu")] + flags
+        code, err = cli(capsys, *argv)
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -253,3 +253,56 @@ def test_torchrun_with_one_process_runs_the_distributed_code(tiny_data, tmp_path
     last = load(tmp_path / "ckpt/last.pth")
     assert last["step"] == 3 and not any(key.startswith("module.") for key in last["model"])
     assert not utils.is_distributed()  # run_cli ended the process group
+
+
+def test_a_second_run_never_destroys_the_first(tiny_data, tmp_path, monkeypatch, capsys):
+    """With the default folders each run gets checkpoints/<run-name>/ and runs/<run-name>/, and checkpoints/latest
+    points to the newest; --resume auto continues that one. The same explicit folder twice is refused unless
+    --resume or --overwrite is given."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data-path", str(tiny_data), "--arch", "small", "--width-mult", "0.5", "--img-size", "32", "-b", "8",
+            "--workers", "0", "--device", "cpu", "--print-freq", "1", "--epochs", "1"]
+    run_train(*argv)
+    run_train(*argv, "--lr", "1e-3")
+    first, second = sorted(os.listdir("checkpoints"), key=lambda name: name != "latest")[1:]
+    assert os.path.realpath("checkpoints/latest") == str(tmp_path / "checkpoints" / second)
+    for name in (first, second):
+        assert load(f"checkpoints/{name}/last.pth")["step"] == 6
+        assert [s for s, _ in scalars(f"runs/{name}")["train/loss"]] == list(range(1, 7))  # nothing purged
+    assert load(f"checkpoints/{first}/last.pth")["args"]["lr"] == 5e-3
+    run_train(*argv, "--lr", "1e-3", "--epochs", "2", "--resume", "auto")
+    assert load(f"checkpoints/{second}/last.pth")["step"] == 12 and load(f"checkpoints/{first}/last.pth")["step"] == 6
+    assert f"python evaluate.py checkpoints/{second}/best.pth" in capsys.readouterr().out
+
+    explicit = argv + ["--output-dir", "mine", "--run-name", "mine"]
+    run_train(*explicit)
+    before = open("mine/last.pth", "rb").read()
+    code = utils.run_cli(train.main, train.get_args_parser().parse_args(explicit))
+    err = capsys.readouterr().err
+    assert code == 2 and "belongs to an earlier run: add --resume auto" in err and err.count("\n") == 1, err
+    assert open("mine/last.pth", "rb").read() == before  # untouched
+    run_train(*explicit, "--overwrite", "--seed", "3")
+    assert load("mine/last.pth")["args"]["seed"] == 3
+    assert [s for s, _ in scalars("runs/mine")["train/loss"]] == list(range(1, 7))  # one run's events only
+
+
+def test_best_weights_file_is_small_evaluates_like_best_and_fine_tunes(trained, tiny_data, tmp_path):
+    import json
+    import evaluate
+    best, small = trained / "ckpt/best.pth", trained / "ckpt/best_weights.pth"
+    assert os.path.getsize(small) < os.path.getsize(best) / 2.5  # best.pth also holds EMA and optimizer state
+    scores = {}
+    for path in (best, small):
+        out = tmp_path / f"{path.name}.json"
+        args = evaluate.get_args_parser().parse_args([str(path), "--workers", "0", "--json", str(out)])
+        assert evaluate.main(args) == 0  # no --data-path: the checkpoint knows where its data was
+        scores[path.name] = json.load(open(out))
+    assert scores["best.pth"]["top1"] == scores["best_weights.pth"]["top1"]
+    assert scores["best.pth"]["loss"] == pytest.approx(scores["best_weights.pth"]["loss"], rel=1e-6)
+    # --pretrained takes this project's files; a classifier of another class count is skipped (fine-tuning)
+    two_classes = make_class_folders(tmp_path / "two", train_per_class=8, val_per_class=2,
+                                     classes=["n00000001", "n00000002"])
+    for source in (best, small):
+        run_train(*tiny_train_args(two_classes, tmp_path / source.name, "--pretrained", str(source), "--max-steps", "1"))
+        tuned = load(tmp_path / source.name / "ckpt/last.pth")["model"]
+        assert tuned["classifier.3.weight"].shape[0] == 2
