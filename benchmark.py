@@ -5,6 +5,7 @@
     python benchmark.py --device cuda --quick            # a GPU session: everything in under 3 minutes
     python benchmark.py --data-path /data/imagenet -b 64 --windows 5
     python benchmark.py --compile                        # add torch.compile (minutes of compiling on a CPU)
+    python benchmark.py --inference-only --arch small    # only the deployment figures: PyTorch, ONNX fp32, int8
 
 MobileNetV3 is so cheap that the training speed is decided around the model: JPEG decoding, copies, syncs,
 memory format, precision. So this measures, with train.py's and dataset.py's own functions (not copies):
@@ -18,6 +19,8 @@ memory format, precision. So this measures, with train.py's and dataset.py's own
      to index a 100k-file tree; the memory of 4 workers over a 1.28M-entry index (FileIndex against a list);
   5. evaluation throughput through evaluate.evaluate;
   6. the peak resident memory of the training process and of its loader workers;
+  I. deployment: batch-1 latency and batch-32 throughput on the CPU of PyTorch eager against the ONNX files of
+     export.py (fp32 and static int8, run by onnxruntime), and the files' sizes;
   and on CUDA also fp16 with a GradScaler, and nvjpeg decoding of file batches against libjpeg-turbo on a core.
 
 The machine may be busy with other work, so every figure is the median of --windows timed windows after a
@@ -59,9 +62,11 @@ import utils
 from utils import UserError
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "imagenet-sample")
-TARGETS = {"ours_vs_torchvision": 1.0, "full_vs_model": 0.9, "loader_vs_imagefolder": 1.4}
+TARGETS = {"ours_vs_torchvision": 1.0, "full_vs_model": 0.9, "loader_vs_imagefolder": 1.4, "int8_vs_fp32": 1.5}
 QUICK = {"windows": 3, "window_seconds": 0.5, "index_files": 20_000, "index_entries": 320_000}
-SECTIONS = "123456CG"  # the table's order: the issue's six figures, the choices behind the defaults, GPU decoding
+SECTIONS = "123456ICG"  # the table's order: the issue's six figures, inference, the choices behind the defaults,
+# GPU decoding
+INFERENCE_BATCHES = (1, 32)  # latency of one image, throughput of a batch
 LOADER_BATCHES = 8  # batches per timed window of the loader-alone comparison
 MEMORY_PROBE_STEPS = 5
 
@@ -96,6 +101,10 @@ def get_args_parser():
     parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
                         help="nvjpeg against CPU decoding, alone and in train.py's loop with --decode-on device "
                              "(default: on with CUDA; on a CPU it times the loop with decoding in the training process)")
+    parser.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
+                        help="section I: PyTorch eager vs ONNX fp32 vs ONNX int8 on the CPU (export.py's files)")
+    parser.add_argument("--inference-only", action="store_true", help="run section I alone")
+    parser.add_argument("--calib-images", type=int, default=64, help="section I: int8 calibration images")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # bench_memory's child process
     parser.add_argument("--quick", action="store_true",
                         help=f"shorter windows and smaller index tests ({QUICK}): under 3 minutes on a GPU machine")
@@ -362,8 +371,9 @@ class Pipeline:
         self.ctx.loader = LiveLoader(self.ctx.loader)
 
     def run(self, steps):
-        self.ctx.args.max_steps = self.ctx.step + steps
-        if train.train_one_epoch(self.ctx, epoch=0, start_batch=0) != "stopped":  # "diverged": fewer steps ran
+        self.ctx.args.max_steps = self.ctx.state.step + steps
+        self.ctx.state.batch_in_epoch = 0  # the same endless epoch; its position only sizes the LR schedule
+        if train.train_one_epoch(self.ctx) != "stopped":  # "diverged": fewer steps ran
             raise UserError(f"the loss was not finite for {train.MAX_NONFINITE_STREAK} steps in a row in the "
                             "full-pipeline benchmark")
 
@@ -623,6 +633,70 @@ def bench_eval(report, args, device, trainer, splits):
                "img/s", variant=variant, note="incl. each pass's loader start", key="evaluation")
     del loader
     gc.collect()
+
+
+def bench_inference(report, args, splits, folder):
+    """Section I: what a deployment runs, on the CPU: PyTorch eager (inference mode) against export.py's ONNX
+    files in onnxruntime, fp32 and static int8 (calibrated on real images as export.py --int8 does), at batch 1
+    (latency) and 32 (throughput), one image size, the same threads; and the size of each file. The network has
+    random weights and 1000 classes: speed does not depend on what the weights learned."""
+    import export
+    img_size, threads = args.img_size, torch.get_num_threads()
+    net = model_lib.build_model(args.arch, args.width_mult, 1000)
+    calibration = export.load_images(splits.train, args.calib_images, round(img_size / 0.875), img_size, "imagenet")
+    # BatchNorm statistics of real images (one pass, cumulative), so that the activations, and so the int8
+    # ranges, have a trained network's scale; with the initial ones some tensors were constant, which the
+    # percentile calibrator cannot take
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():
+        net.train()(calibration)
+    net.eval()
+    paths = {"pytorch": os.path.join(folder, "model.pth"), "fp32": os.path.join(folder, "model.onnx"),
+             "int8": os.path.join(folder, "model.int8.onnx")}
+    torch.save(net.state_dict(), paths["pytorch"])
+    for precision, images in (("fp32", None), ("int8", calibration)):
+        export.write_onnx(net, paths[precision], {}, export.DEFAULT_OPSET, img_size, None, images)
+    sessions = {precision: export.onnx_session(paths[precision], threads) for precision in ("fp32", "int8")}
+
+    report.add("I", f"inference on the CPU, {img_size}px, {threads} threads (onnxruntime {version('onnxruntime')}, "
+               f"opset {export.DEFAULT_OPSET})", None, "")
+    for batch_size in INFERENCE_BATCHES:
+        images = torch.randn(batch_size, 3, img_size, img_size)
+        array = images.numpy()
+
+        def eager():
+            with torch.inference_mode():
+                net(images)
+        variants = [Variant("PyTorch eager", repeated(eager), batch_size)]
+        for precision, session in sessions.items():
+            call = functools.partial(session.run, None, {"images": array})
+            variants.append(Variant(f"ONNX {precision}", repeated(call), batch_size))
+        rates = compare(variants, args, torch.device("cpu"))
+        unit, as_unit = ("ms", lambda r: 1000 * batch_size / r) if batch_size == 1 else ("img/s", lambda r: r)
+        report.add("I", f"  batch {batch_size}: " + ("latency" if batch_size == 1 else "throughput"), None, "")
+        for v in variants:
+            base = {"ONNX fp32": "PyTorch eager", "ONNX int8": "ONNX fp32"}.get(v.name)
+            ratios = paired_ratios(rates[v.name], rates[base]) if base else None
+            report.add("I", f"    {v.name}", [as_unit(r) for r in rates[v.name]], unit, variant=v, ratios=ratios,
+                       ratio_text=f"x speed of {base}" if base else "",
+                       target=TARGETS["int8_vs_fp32"] if v.name == "ONNX int8" and batch_size == 1 else None,
+                       key=f"inference_b{batch_size}_" + v.name.lower().replace(" ", "_"))
+    sizes = {name: os.path.getsize(path) / 2**20 for name, path in paths.items()}
+    report.add("I", "  file size", None, "")
+    for name, label in (("pytorch", "PyTorch state dict"), ("fp32", "ONNX fp32"), ("int8", "ONNX int8")):
+        report.add("I", f"    {label}", [sizes[name]], "MB", ratio=sizes["pytorch"] / sizes[name] if name != "pytorch"
+                   else None, ratio_text="x smaller" if name != "pytorch" else "", key=f"file_mb_{name}")
+
+
+def version(package):
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def bench_loader(report, args, device, splits, train_dir):
@@ -928,7 +1002,8 @@ def main(args):
     args.batch_size = args.batch_size or (16 if device.type == "cpu" else 128)
     args.workers = utils.default_workers(device) if args.workers is None else args.workers
     for flag, value in {"--batch-size": args.batch_size, "--windows": args.windows, "--img-size": args.img_size,
-                        "--max-images": args.max_images, "--memory-workers": args.memory_workers}.items():
+                        "--max-images": args.max_images, "--memory-workers": args.memory_workers,
+                        "--calib-images": args.calib_images}.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
     if args.threads is not None and args.threads < 1:
@@ -954,20 +1029,23 @@ def main(args):
         splits = dataset.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
         print(f"benchmarking on {env['device_name']} ({device}) with {data_description} ...", flush=True)
 
-        trainer, step_rates = bench_training(report, args, device, root, folder)
-        bench_memory(report, args, device, root, folder)
-        bench_eval(report, args, device, trainer, splits)
-        bench_loader(report, args, device, splits, os.path.join(root, "train"))
-        if args.index_files > 0:
-            bench_indexing(report, args, folder)
-        if args.index_entries > 0:
-            bench_index_memory(report, args)
-        bench_precision(report, args, device)
-        bench_optimizers(report, args, device, statistics.median(step_rates))
-        if args.compile:
-            bench_compile(report, args, device)
-        if args.gpu_decode and device.type == "cuda":
-            bench_gpu_decode(report, args, device, splits)
+        if not args.inference_only:
+            trainer, step_rates = bench_training(report, args, device, root, folder)
+            bench_memory(report, args, device, root, folder)
+            bench_eval(report, args, device, trainer, splits)
+            bench_loader(report, args, device, splits, os.path.join(root, "train"))
+            if args.index_files > 0:
+                bench_indexing(report, args, folder)
+            if args.index_entries > 0:
+                bench_index_memory(report, args)
+            bench_precision(report, args, device)
+            bench_optimizers(report, args, device, statistics.median(step_rates))
+            if args.compile:
+                bench_compile(report, args, device)
+            if args.gpu_decode and device.type == "cuda":
+                bench_gpu_decode(report, args, device, splits)
+        if args.inference or args.inference_only:
+            bench_inference(report, args, splits, folder)
 
     env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     wall = time.perf_counter() - started
@@ -981,7 +1059,7 @@ def main(args):
         f"medians of per-round ratios | load average {load[0][0] if load[0] else 'n/a'} -> "
         f"{load[1][0] if load[1] else 'n/a'} | {wall:.0f}s",
         "sections: 1 model-only step, 2 vs torchvision, 3 full pipeline, 4 data, 5 evaluation, 6 memory, "
-        "C choices behind train.py's defaults, G GPU decoding",
+        "I inference (CPU, PyTorch vs ONNX fp32 vs int8), C choices behind train.py's defaults, G GPU decoding",
         ""])
     if args.json:
         config = {k: v for k, v in vars(args).items()}

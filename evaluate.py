@@ -397,8 +397,8 @@ def main(args):
     crop = args.val_crop_size or info["val_crop_size"] or 224
     resize = args.val_resize_size or info["val_resize_size"] or round(crop / 0.875)
     use_amp = info["amp"] if args.amp is None else args.amp
-    if args.amp is None and device.type == "cpu" and not utils.cpu_has_native_bf16():
-        use_amp = False  # emulated bf16 is ~10x slower here, as train.py decides too
+    if args.amp is None and device.type == "cpu":
+        use_amp = False  # CPU bf16 autocast measured slower than fp32, as train.py decides too
     amp_dtype = args.amp_dtype or info["amp_dtype"]
     autocast, _, precision = utils.precision_for(device, use_amp, amp_dtype)
     config = info["config"]

@@ -105,7 +105,7 @@ def get_args_parser():
     group = parser.add_argument_group("Speed and devices")
     group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="mixed precision (default: on, except on CPUs without native bf16, where it is ~10x slower)")
+                       help="mixed precision (default: on, except on the CPU, where bf16 autocast measured slower than fp32)")
     group.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
                        help="auto: float16 + GradScaler on CUDA, bfloat16 elsewhere")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -277,15 +277,15 @@ def make_optimizer(model, args, device):
 
 def lr_factor(progress, args, steps_per_epoch):
     """Learning-rate multiplier for the update that starts at `progress` epochs into training (a float, so that
-    a resume with another batch size or GPU count continues at the same point): linear warm-up over
-    --warmup-epochs, then the chosen schedule. steps_per_epoch only sizes the warm-up's first increment."""
-    warmup = args.warmup_epochs
-    done = progress + 1 / steps_per_epoch  # progress at the end of this update
-    if done < warmup - 1e-9:
-        return done / warmup
+    a resume with another batch size or GPU count continues at the same point of the schedule): a linear warm-up
+    over --warmup-epochs (rounded to whole steps), then the chosen schedule."""
+    position = progress * steps_per_epoch  # updates so far, counted in this run's steps
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if position < warmup_steps - 1e-6:
+        return min(1.0, (position + 1) / warmup_steps)
     if args.lr_scheduler == "cosine":
-        total = max(1e-9, args.epochs - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress - warmup) / total)))
+        total = max(1, args.epochs * steps_per_epoch - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (position - warmup_steps) / total)))
     if args.lr_scheduler == "step":
         return args.lr_gamma ** int(progress // args.lr_step_size)
     if args.lr_scheduler == "legacy":
@@ -415,7 +415,7 @@ def resolve_defaults(args, device):
     args.val_crop_size = args.val_crop_size or args.img_size
     args.val_resize_size = args.val_resize_size or round(args.val_crop_size / 0.875)
     if args.amp is None:
-        args.amp = device.type != "cpu" or utils.cpu_has_native_bf16()
+        args.amp = device.type != "cpu"  # CPU bf16 autocast: 0.4-0.85x of fp32, even with AMX-BF16 (measured)
     if args.channels_last is None:  # faster on CUDA and, measured with benchmark.py, 1.24x on the CPU too
         args.channels_last = device.type in ("cuda", "cpu")
     if args.workers is None:
@@ -662,11 +662,12 @@ def train_one_epoch(ctx):
     a, s = ctx.args, ctx.state
     ctx.model.train()
     start_batch = s.batch_in_epoch
+    batches = ctx.steps_per_epoch * a.accum_steps  # micro-batches left over by --accum-steps are not loaded
     ctx.sampler.set_epoch(s.epoch, skip_batches=start_batch, batch_size=a.batch_size)
     mean, std = dataset.NORMS[a.norm]
     window, epoch_sums = MetricWindow(ctx.device), MetricWindow(ctx.device, utils.sum_dtype(ctx.device))
     status = "done"
-    bar = tqdm(total=len(ctx.loader) + start_batch, initial=start_batch, desc=f"epoch {s.epoch + 1}/{a.epochs}",
+    bar = tqdm(total=batches, initial=start_batch, desc=f"epoch {s.epoch + 1}/{a.epochs}",
                disable=not ctx.show_progress, dynamic_ncols=True, leave=False)
     compile_start, fetch_start = None, time.perf_counter()
     for images, targets in ctx.loader:
@@ -693,12 +694,13 @@ def train_one_epoch(ctx):
             break
         # every rank must stop at the same step, whichever of them got the signal
         if updated and (utils.any_rank(ctx.stop) or (a.max_steps and s.step >= a.max_steps)):
-            if s.batch_in_epoch < len(ctx.loader) + start_batch:
+            if s.batch_in_epoch < batches:
                 status = "stopped"
+            break
+        if s.batch_in_epoch >= batches:
             break
         fetch_start = time.perf_counter()
     bar.close()
-    ctx.optimizer.zero_grad(set_to_none=True)  # micro-batches left over when accum_steps does not divide the epoch
     utils.all_reduce_sum(epoch_sums.sums)
     loss, top1, images, seconds = epoch_sums.read()
     ctx.last_train = {"loss": loss, "top1": top1, "time": seconds, "images": images}
@@ -816,25 +818,25 @@ def weights_file(state):
 
 
 def repair_best(ckpt, output_dir):
-    """A crash between the writes of last.pth and best.pth leaves a best.pth older than last.pth's best_top1
-    says, while last.pth holds that best state itself: write it as best.pth (rank 0)."""
-    best_path = os.path.join(output_dir, "best.pth")
+    """A crash between the writes of last.pth and best.pth (or best_weights.pth) leaves a best file older than
+    last.pth's best_top1 says, while last.pth holds that best state itself: rewrite it from there (rank 0)."""
     if ckpt.get("best_epoch") != ckpt["epoch"] or ckpt["batch_in_epoch"] or ckpt.get("best_top1", -1) < 0:
         return
-    try:
-        best = utils.load_checkpoint(best_path)
-        if best.get("best_top1", -1) >= ckpt["best_top1"]:
-            return
-    except utils.CheckpointError:
-        pass  # missing or broken
-    utils.save_checkpoint(ckpt, best_path)
-    utils.save_checkpoint(weights_file(ckpt), os.path.join(output_dir, "best_weights.pth"))
-    print(f"rewrote {best_path} from the last checkpoint (the run had stopped before writing it)")
+    for name, state in (("best.pth", ckpt), ("best_weights.pth", None)):
+        path = os.path.join(output_dir, name)
+        try:
+            if utils.load_checkpoint(path).get("best_top1", -1) >= ckpt["best_top1"]:
+                continue
+        except utils.CheckpointError:
+            pass  # missing or broken
+        utils.save_checkpoint(state or weights_file(ckpt), path)
+        print(f"rewrote {path} from the last checkpoint (the run had stopped before writing it)")
 
 
 # flags that may differ in a resumed run without being worth a word: where things go, how fast, for how long
 RESUME_QUIET_FLAGS = {"resume", "output_dir", "log_dir", "run_name", "workers", "device", "max_steps", "print_freq",
-                      "data_path", "compile", "deterministic", "strict_data", "eval_every"}
+                      "data_path", "compile", "deterministic", "strict_data", "eval_every", "overwrite", "pretrained",
+                      "config"}
 
 
 def check_resume_flags(ctx, ckpt, path):
@@ -844,12 +846,14 @@ def check_resume_flags(ctx, ckpt, path):
         raise utils.CheckpointError(f"{path} was trained with --opt {saved['opt']}; resume with the same --opt "
                                     f"(to start a new run from its weights, use --pretrained with its weights)")
     if ckpt["batch_in_epoch"]:
-        now = (a.batch_size, a.accum_steps, ctx.world_size, a.seed)
-        then = (saved.get("batch_size"), saved.get("accum_steps"), ckpt.get("world_size", 1), saved.get("seed", 0))
+        now = (a.batch_size, a.accum_steps, ctx.world_size, a.seed, ctx.steps_per_epoch)
+        then = (saved.get("batch_size"), saved.get("accum_steps"), ckpt.get("world_size", 1), saved.get("seed", 0),
+                ckpt.get("steps_per_epoch", ctx.steps_per_epoch))
         if now != then:
             raise utils.CheckpointError(
-                f"{path} stopped inside an epoch with batch size, accum steps, processes and seed {then}; resume it "
-                f"with the same (this run has {now}), or resume from a checkpoint written at the end of an epoch")
+                f"{path} stopped inside an epoch with batch size, accum steps, processes, seed and steps an epoch "
+                f"{then}; resume it with the same (this run has {now}: did the training folder change?), or "
+                "resume from a checkpoint written at the end of an epoch")
     changed = [f"--{key.replace('_', '-')} {saved[key]} -> {value}" for key, value in sorted(vars(a).items())
                if key in saved and saved[key] != value and key not in RESUME_QUIET_FLAGS]
     if changed and ctx.rank == 0:
@@ -875,6 +879,12 @@ def resume(ctx, path):
     except ValueError as e:
         raise utils.CheckpointError(f"cannot resume the optimizer from {path} ({e}); was --opt or --wd-norm-bias "
                                     "changed?") from None
+    if isinstance(ctx.optimizer, torch.optim.RMSprop) and ctx.args.momentum > 0:
+        for group in ctx.optimizer.param_groups:  # trained without momentum: RMSprop made no buffers then
+            for param in group["params"]:
+                state = ctx.optimizer.state[param]
+                if state:
+                    state.setdefault("momentum_buffer", torch.zeros_like(param, memory_format=torch.preserve_format))
     if ctx.scaler and ckpt.get("scaler"):
         ctx.scaler.load_state_dict(ckpt["scaler"])
     if ctx.ema is not None and ckpt.get("ema"):
@@ -882,9 +892,11 @@ def resume(ctx, path):
         ctx.ema.decay = ctx.ema_decay  # the decay given now wins over the saved one
     ctx.state.load_state_dict(ckpt)
     ctx.state.nonfinite_streak = 0
-    rng = ckpt["rng"]
-    utils.set_rng_state(rng[ctx.rank] if isinstance(rng, list) and len(rng) == ctx.world_size else
-                        rng[0] if isinstance(rng, list) else rng)
+    rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    if len(rng) == ctx.world_size:
+        utils.set_rng_state(rng[ctx.rank])  # each rank's dropout/mixup stream goes on exactly
+    else:  # another number of processes: a new stream per rank, never the same one on two ranks
+        utils.seed_everything(ctx.args.seed + ctx.rank + 1_000_003 * ctx.state.step)
     if ctx.rank == 0:
         repair_best(ckpt, ctx.args.output_dir)
 
@@ -954,6 +966,7 @@ def main(args):
             f"{ctx.ema_decay:.8g} per step")
 
     outcome = train_epochs(ctx)
+    signals = [name for name in utils.gather_objects(stop.signal_name) if name]  # the signal may reach one rank
     if ctx.writer:
         if outcome == "done":  # one hparams entry per run, with its final figures
             final = {f"hparam/{k}": v for k, v in s.metrics.items() if isinstance(v, (int, float))}
@@ -965,7 +978,7 @@ def main(args):
                         f"training stopped, last good checkpoint kept in {args.output_dir}. "
                         "Try a lower --lr or --clip-grad-norm")
     if outcome in ("stopped", "not saved"):
-        why = f"{stop.signal_name} received" if stop else f"--max-steps {args.max_steps} reached"
+        why = f"{signals[0]} received" if signals else f"--max-steps {args.max_steps} reached"
         if outcome == "stopped":
             say(f"{why}: saved {os.path.join(args.output_dir, 'last.pth')} at step {s.step}. "
                 f"Resume with the same command plus --resume auto")
@@ -989,6 +1002,8 @@ def train_epochs(ctx):
     Returns "done", "stopped", "not saved" (stopped, but the weights could not be saved) or "diverged"."""
     a, s = ctx.args, ctx.state
     while s.epoch < a.epochs or s.validation_pending:
+        if a.max_steps and s.step >= a.max_steps and not s.validation_pending:
+            return "stopped"  # resumed with --max-steps already reached: last.pth is this state
         if not s.validation_pending:
             status = train_one_epoch(ctx)
             if status == "diverged":

@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import tempfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -302,9 +303,14 @@ def save_checkpoint(state, path):
 
 
 def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask: read from /proc where it can be (setting it to read it races with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def prepare_output_dir(folder):
@@ -339,14 +345,17 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # random bytes can make torch warn about the pickle protocol first
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsafe:  # the file asks to call code on load: refuse it, and never retry without weights_only
             raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): it references "
                                   f"{unsafe.group(1)}, which a checkpoint has no reason to contain") from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or not a checkpoint)") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError) as e:
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError, IndexError,
+            KeyError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")

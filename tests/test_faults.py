@@ -50,7 +50,7 @@ def all_checkpoints_load(folder):
     paths = glob.glob(os.path.join(folder, "*.pth"))
     for path in paths:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["format"] == utils.CHECKPOINT_FORMAT and "model" in ckpt, path
+        assert ckpt["format"] in (utils.CHECKPOINT_FORMAT, utils.WEIGHTS_FORMAT) and "model" in ckpt, path
     return len(paths)
 
 
@@ -81,7 +81,7 @@ def test_kill_9_at_random_moments_then_resume_auto_finishes_the_run(tiny_data, t
     assert kills >= 2
     last = torch.load(ckpt_dir / "last.pth", weights_only=True)
     assert last["epoch"] == 5 and last["step"] == 5 * 6 and last["batch_in_epoch"] == 0
-    assert all_checkpoints_load(ckpt_dir) == 2
+    assert all_checkpoints_load(ckpt_dir) == 3  # last.pth, best.pth, best_weights.pth
     assert not glob.glob(str(ckpt_dir / ".tmp-*"))  # temp files of killed writes are cleaned up on restart
 
 
@@ -290,6 +290,8 @@ def test_a_crash_between_last_and_best_never_leaves_a_worse_best(tiny_data, tmp_
     assert train.main(train.get_args_parser().parse_args(argv)) == 0  # the run is complete: it only repairs
     best = torch.load(tmp_path / "ckpt/best.pth", weights_only=True)
     assert best["best_top1"] == last["best_top1"] and best["best_weights"] == last["best_weights"]
+    small = torch.load(tmp_path / "ckpt/best_weights.pth", weights_only=True)
+    assert small["best_top1"] == last["best_top1"] and small["weights"] == last["best_weights"]
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
 
 

@@ -148,6 +148,11 @@ def test_lr_schedule_warmup_cosine_and_legacy():
     assert train.lr_factor(9.0, args, 100) == pytest.approx(0.99 ** 3)
     args.lr_scheduler = "step"
     assert train.lr_factor(3.5, args, 100) == pytest.approx(0.1)
+    # a warm-up that is not a whole number of steps is rounded to one, as it always was: 0.5 x 7 -> 4 steps
+    args.lr_scheduler, args.warmup_epochs, args.lr_step_size = "cosine", 0.5, 1
+    assert [train.lr_factor(k / 7, args, 7) for k in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    args.lr_scheduler, args.warmup_epochs, args.epochs = "step", 5, 5  # the last warm-up update is at full lr
+    assert train.lr_factor(5 - 1 / 7, args, 7) == 1.0
 
 
 def test_bn_momentum_warm_up_covers_recent_steps_then_the_paper_value():
@@ -233,6 +238,8 @@ def test_resume_applies_changed_flags_or_refuses_them(tiny_data, tmp_path, capsy
         tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--opt", "sgd")))
     err = capsys.readouterr().err
     assert code == 2 and "was trained with --opt adam" in err and err.count("\n") == 1, err
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--max-steps", "3"))
+    assert load(tmp_path / "ckpt/last.pth")["step"] == 3  # --max-steps already reached: not one step more
     run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--wd", "1e-4"))
     assert "applied from now on: --weight-decay 0.0 -> 0.0001" in capsys.readouterr().out
     last = load(tmp_path / "ckpt/last.pth")
@@ -264,7 +271,7 @@ def test_a_second_run_never_destroys_the_first(tiny_data, tmp_path, monkeypatch,
             "--workers", "0", "--device", "cpu", "--print-freq", "1", "--epochs", "1"]
     run_train(*argv)
     run_train(*argv, "--lr", "1e-3")
-    first, second = sorted(os.listdir("checkpoints"), key=lambda name: name != "latest")[1:]
+    first, second = sorted(name for name in os.listdir("checkpoints") if name != "latest")  # by start time
     assert os.path.realpath("checkpoints/latest") == str(tmp_path / "checkpoints" / second)
     for name in (first, second):
         assert load(f"checkpoints/{name}/last.pth")["step"] == 6
@@ -306,3 +313,12 @@ def test_best_weights_file_is_small_evaluates_like_best_and_fine_tunes(trained, 
         run_train(*tiny_train_args(two_classes, tmp_path / source.name, "--pretrained", str(source), "--max-steps", "1"))
         tuned = load(tmp_path / source.name / "ckpt/last.pth")["model"]
         assert tuned["classifier.3.weight"].shape[0] == 2
+
+
+def test_resume_turning_rmsprop_momentum_on(tiny_data, tmp_path):
+    """RMSprop keeps no momentum buffers when trained without momentum: a resume that turns it on must go on."""
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--opt", "rmsprop", "--momentum", "0", "--max-steps", "2"))
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--opt", "rmsprop", "--momentum", "0.9", "--max-steps", "4",
+                               "--resume", "auto"))
+    last = load(tmp_path / "ckpt/last.pth")
+    assert last["step"] == 4 and last["optimizer"]["param_groups"][0]["momentum"] == 0.9

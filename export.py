@@ -1,0 +1,436 @@
+"""Export a checkpoint for deployment, then prove the file scores what the checkpoint scores.
+
+    python export.py checkpoints/best.pth                                    # -> checkpoints/best.onnx (fp32)
+    python export.py checkpoints/best.pth --int8 --calib-data /data/imagenet # -> checkpoints/best.int8.onnx
+    python export.py checkpoints/best.pth --format pt2                       # -> checkpoints/best.pt2 (torch.export)
+    python export.py checkpoints/best.pth --opset 14 --batch-size 1 --img-size 224 --output mnv3.onnx
+    python evaluate.py checkpoints/best.onnx --data-path /data/imagenet      # score the exported file
+
+The ONNX file takes the normalized float batch "images" (N, 3, H, W) and returns "logits" (N, classes). Its
+metadata (JSON strings) holds everything needed to use it: classes, class names, mean/std, the resize and crop,
+the model config and where it came from. After writing, the file is run by onnxruntime against PyTorch on real
+images (from --calib-data, else the checkpoint's data folder) and the differences are printed; a file that does
+not match is never left at --output.
+
+int8 is onnxruntime's static quantization of the fp32 ONNX file (QDQ, per-channel int8 weights, symmetric int8
+activations with percentile calibration; measured choices, see quantize_onnx). It needs no package beyond
+onnxruntime; torch 2.14 no longer ships the PT2E quantizers (they moved to torchao).
+"""
+import argparse
+import contextlib
+import inspect
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import dataset
+import evaluate
+import utils
+from utils import CheckpointError, UserError
+
+EXPORT_FORMAT = "mobilenetv3-torch-onnx/1"  # metadata "format": tells our files from other ONNX models
+MIN_OPSET = 14  # HardSwish became an ONNX operator in opset 14; HardSigmoid is older
+MAX_OPSET = 20  # the TorchScript exporter's newest (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+DEFAULT_OPSET = 17  # has native HardSwish and HardSigmoid; read by TensorRT 8.6+, OpenVINO and ORT Mobile
+FP32_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime fp32 and PyTorch, relative to the logit scale
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Export a MobileNetV3 checkpoint to ONNX (fp32 or int8) or pt2.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint of train.py")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "pt2"],
+                        help="onnx (onnxruntime, TensorRT, OpenVINO) or pt2 (torch.export, the entry to ExecuTorch)")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help="default: beside the checkpoint, as NAME.onnx, NAME.int8.onnx or NAME.pt2")
+    parser.add_argument("--weights", default=None, choices=["ema", "raw"], help="default: the ones marked best")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}")
+    parser.add_argument("--img-size", type=int, default=None, help="input height and width (default: the "
+                                                                   "checkpoint's validation crop)")
+    parser.add_argument("--batch-size", default="dynamic", type=batch_size_type, metavar="N|dynamic",
+                        help="a fixed batch size, or dynamic")
+    parser.add_argument("--int8", action="store_true", help="static int8 quantization (needs --calib-data)")
+    parser.add_argument("--calib-data", default=None, metavar="DIR",
+                        help="dataset root (its train/ images) or a folder of images, for calibration and the check")
+    parser.add_argument("--calib-images", type=int, default=300, help="calibration images for --int8")
+    parser.add_argument("--check-images", type=int, default=64, help="real images the exported file is checked on")
+    return parser
+
+
+def batch_size_type(text):
+    if text == "dynamic":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'dynamic', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- metadata: what a consumer needs
+
+def make_metadata(info, img_size, batch_size, precision, checkpoint, calibration=None):
+    """Everything a program needs to run the file, as {key: JSON string} (ONNX metadata values are strings)."""
+    mean, std = dataset.NORMS[info["norm"]]
+    resize = info["val_resize_size"]
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "classes": info["classes"],
+        "class_names": info["class_names"],
+        "input": {"name": "images", "shape": [batch_size or "batch", 3, img_size, img_size], "dtype": "float32",
+                  "layout": "NCHW", "channels": "RGB"},
+        "output": {"name": "logits", "shape": [batch_size or "batch", len(info["classes"])], "dtype": "float32"},
+        "preprocessing": (f"decode to RGB; resize the shorter side to {resize} px (bilinear, antialiased); centre "
+                          f"crop {info['val_crop_size']}x{info['val_crop_size']}; scale to [0, 1]; "
+                          f"subtract mean, divide by std (per channel, RGB)"),
+        "mean": list(mean),
+        "std": list(std),
+        "norm": info["norm"],
+        "val_resize_size": resize,
+        "val_crop_size": info["val_crop_size"],
+        "img_size": img_size,
+        "precision": precision,
+        "weights": info["weights"],
+        "epoch": info["epoch"],
+        "data_path": info["data_path"],
+        "config": info["config"],
+        "source_checkpoint": os.path.abspath(checkpoint),
+        "calibration": calibration,
+        "exported_with": {"torch": torch.__version__},
+    }
+    return {key: json.dumps(value) for key, value in metadata.items()}
+
+
+def read_metadata(path, props):
+    """The metadata of one of our files back as Python values; CheckpointError when it is not one."""
+    if json.loads(props.get("format", "null")) != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is an ONNX model but not one written by export.py (no {EXPORT_FORMAT} "
+                              "metadata: classes and preprocessing unknown)")
+    try:
+        return {key: json.loads(value) for key, value in props.items()}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has unreadable metadata ({e})") from None
+
+
+# ---------------------------------------------------------------- running an ONNX file like a model
+
+def onnx_session(path, threads=None):
+    """An onnxruntime CPU session; threads default to torch's (the tests and benchmark set them)."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # errors only: its warnings about unused initializers say nothing to a user
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file as a module: forward(normalized float NCHW batch) -> float logits, by onnxruntime on the CPU.
+
+    A file exported with a fixed batch size gets its batches in chunks of that size, the last one padded."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        batch = session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None
+
+    def forward(self, images):
+        array = images.detach().float().cpu().contiguous().numpy()  # channels_last arrives as a strided view
+        if self.fixed_batch is None:
+            logits = self.session.run(None, {self.input_name: array})[0]
+        else:
+            chunks = []
+            for start in range(0, len(array), self.fixed_batch):
+                chunk = array[start:start + self.fixed_batch]
+                padded = np.zeros((self.fixed_batch, *chunk.shape[1:]), dtype=np.float32)
+                padded[:len(chunk)] = chunk
+                chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(chunk)])
+            logits = np.concatenate(chunks)
+        return torch.from_numpy(logits).to(images.device)
+
+
+def load_onnx_for_eval(path):
+    """An ONNX file of export.py as (module, info), info as evaluate.load_model_for_eval gives for a checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"ONNX file not found: {path}")
+    try:
+        session = onnx_session(path)
+    except Exception as e:  # onnxruntime's errors have no common base class beyond Exception
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable ONNX model ({reason})") from None
+    meta = read_metadata(path, session.get_modelmeta().custom_metadata_map)
+    info = {"classes": meta["classes"], "class_names": meta["class_names"], "weights": meta["weights"],
+            "norm": meta["norm"], "val_resize_size": meta["val_resize_size"], "val_crop_size": meta["val_crop_size"],
+            "amp": False, "amp_dtype": "auto", "data_path": meta["data_path"], "epoch": meta["epoch"],
+            "config": meta["config"]}
+    return OnnxModel(session), info
+
+
+# ---------------------------------------------------------------- real images: calibration and the check
+
+def image_index(folder, split="train"):
+    """A FileIndex of a dataset's train (or val) images, or of the images in a plain folder."""
+    try:
+        splits = dataset.find_dataset(folder)
+        index = splits.val if split == "val" and splits.val is not None and len(splits.val) else splits.train
+    except dataset.DataError:
+        if not os.path.isdir(folder):
+            raise
+        if os.path.isdir(os.path.join(folder, "train")):
+            raise
+        files = dataset.list_images(folder)  # a plain folder of images (no train/): labels unknown, unused here
+        index = dataset.FileIndex(folder, files, [0] * len(files))
+    if len(index) == 0:
+        raise UserError(f"no images in {folder}")
+    return index
+
+
+def load_images(index, count, resize, crop, norm):
+    """`count` images spread over the whole index (it is sorted by class), as evaluate.py feeds them: the
+    validation resize and centre crop, then normalize_batch. A float (count, 3, crop, crop) tensor."""
+    picks = np.unique(np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(int))
+    subset = dataset.FileIndex(index.root, index.paths[picks], index.labels[picks])
+    images = dataset.ImageFiles(subset, dataset.val_transform(resize, crop))
+    batch = torch.stack([images[i][0] for i in range(len(images))])
+    mean, std = dataset.NORMS[norm]
+    return dataset.normalize_batch(batch, mean, std)
+
+
+def in_batches(images, batch_size, fill_last=False):
+    """Batches of batch_size (of 32 when None). The last one is filled up with the first images for a file with a
+    fixed batch size, or with fill_last (the percentile calibrator stacks its batches: they must be equal)."""
+    size = batch_size or 32
+    batches = [images[i:i + size] for i in range(0, len(images), size)]
+    if len(batches[-1]) < size and (batch_size or (fill_last and len(batches) > 1)):
+        batches[-1] = torch.cat([batches[-1], images.repeat(-(-size // len(images)), 1, 1, 1)])[:size]
+    return batches
+
+
+@torch.no_grad()
+def compare_with_pytorch(net, run, images, batch_size):
+    """(max |logit difference|, top-1 agreement in %, logit scale) of run(batch) against net on the images."""
+    ours, theirs = [], []
+    for batch in in_batches(images, batch_size):
+        ours.append(net(batch))
+        theirs.append(run(batch))
+    ours, theirs = torch.cat(ours), torch.cat(theirs)
+    difference = (ours - theirs).abs().max().item()
+    agreement = 100 * (ours.argmax(1) == theirs.argmax(1)).float().mean().item()
+    return difference, agreement, ours.abs().max().item()
+
+
+# ---------------------------------------------------------------- writing the files
+
+def export_onnx_graph(net, path, opset, img_size, batch_size):
+    """The fp32 graph. The TorchScript exporter, not dynamo's: for this static graph both give identical logits,
+    but dynamo's is ~5x slower here (10 s against 2 s), writes opset 18 only (its down-conversion fails on
+    ReduceMean), and gives ReduceMean where this gives GlobalAveragePool, which int8 runtimes quantize."""
+    example = torch.zeros(batch_size or 2, 3, img_size, img_size)
+    dynamic = None if batch_size else {"images": {0: "batch"}, "logits": {0: "batch"}}
+    # torch < 2.5 has only this exporter and no `dynamo` argument; 2.9 and later default to dynamo
+    choice = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notice that dynamo is the new default
+        torch.onnx.export(net, (example,), path, opset_version=opset, input_names=["images"],
+                          output_names=["logits"], dynamic_axes=dynamic, do_constant_folding=True, **choice)
+
+
+def quantize_onnx(fp32_path, int8_path, batches, folder):
+    """Static int8 with onnxruntime: QDQ nodes, per-channel int8 weights, symmetric int8 activations whose ranges
+    are the 99.999th percentile of their values on the calibration batches. Measured on a 4-class ImageNet task
+    (Small 0.5, 64 px, 400 images; fp32 64.5% top-1): onnxruntime's defaults (uint8 activations, MinMax) gave
+    57.0% and agreed with fp32 on 69% of the images; symmetric int8 with MinMax 62.5% (90%); with the percentile
+    64.0% (92%). quant_pre_process folds BatchNorm into the convolutions and infers shapes for the quantizer."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.remaining = iter([{"images": batch.numpy()} for batch in batches])
+
+        def get_next(self):
+            return next(self.remaining, None)
+
+    prepared = os.path.join(folder, "prepared.onnx")
+    quant_pre_process(fp32_path, prepared)
+    methods = {"99.999th percentile": CalibrationMethod.Percentile, "MinMax": CalibrationMethod.MinMax}
+    for name, method in methods.items():
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines say nothing a user acts on
+                quantize_static(prepared, int8_path, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                                calibrate_method=method,
+                                extra_options={"ActivationSymmetric": True, "CalibPercentile": 99.999})
+            return name
+        except ValueError as e:
+            # a tensor with one value on every calibration image (an untrained network) has no histogram
+            if "bins" not in str(e) or method == CalibrationMethod.MinMax:
+                raise
+            print(f"note: percentile calibration failed ({e}); using MinMax ranges")
+
+
+def write_onnx(net, path, metadata, opset, img_size, batch_size, calibration_images=None):
+    """Export net (fp32, or int8 calibrated on the given normalized images) to path, with the metadata."""
+    import onnx
+    with tempfile.TemporaryDirectory(prefix="mobilenetv3-export-") as work:
+        graph_path = os.path.join(work, "fp32.onnx")
+        export_onnx_graph(net, graph_path, opset, img_size, batch_size)
+        if calibration_images is not None:
+            int8_path = os.path.join(work, "int8.onnx")
+            method = quantize_onnx(graph_path, int8_path, in_batches(calibration_images, batch_size, fill_last=True),
+                                   work)
+            metadata = {**metadata, "calibration_method": json.dumps(method)}
+            graph_path = int8_path
+        model = onnx.load(graph_path)
+        onnx.helper.set_model_props(model, metadata)
+        model.doc_string = "MobileNetV3 written by export.py: classes and preprocessing in metadata_props"
+        onnx.save(model, path)
+
+
+def write_pt2(net, path, metadata, img_size, batch_size):
+    """torch.export's ExportedProgram with the same metadata as a JSON file inside the archive."""
+    example = torch.zeros(batch_size or 2, 3, img_size, img_size)
+    dynamic = None if batch_size else {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
+    torch.export.save(program, path, extra_files={"metadata.json": json.dumps(
+        {key: json.loads(value) for key, value in metadata.items()})})
+
+
+def temp_file_beside(path):
+    """A temp file in the target folder, so that os.replace is an atomic rename."""
+    # ends with the target's name: torch.export.save wants a .pt2 suffix
+    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                                    suffix="-" + os.path.basename(path))
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 suits a checkpoint, not a file to deploy
+    return tmp_path
+
+
+def default_output(checkpoint, file_format, int8):
+    stem = os.path.splitext(checkpoint)[0]
+    return stem + (".pt2" if file_format == "pt2" else ".int8.onnx" if int8 else ".onnx")
+
+
+def check_args(args):
+    """Every flag problem before any work (and an unwritable output before an export that takes seconds)."""
+    if args.opset < MIN_OPSET:
+        raise UserError(f"--opset {args.opset} is too old: HardSwish, which MobileNetV3 uses throughout, is an ONNX "
+                        f"operator from opset {MIN_OPSET} on (use --opset {MIN_OPSET} or later)")
+    if args.opset > MAX_OPSET:
+        raise UserError(f"--opset {args.opset} is newer than torch's TorchScript ONNX exporter writes "
+                        f"(opsets {MIN_OPSET}-{MAX_OPSET})")
+    if args.int8 and args.format != "onnx":
+        raise UserError("--int8 writes ONNX; drop --format pt2")
+    if args.int8 and not args.calib_data:
+        raise UserError("--int8 needs --calib-data DIR: training images to calibrate the activation ranges on")
+    for flag in ("calib_images", "check_images", "img_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    if args.calib_data and not os.path.isdir(args.calib_data):
+        raise UserError(f"--calib-data {args.calib_data} is not a folder")
+    if str(args.checkpoint).lower().endswith(".onnx"):
+        raise UserError(f"{args.checkpoint} is already an ONNX file; export.py takes a checkpoint of train.py")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {args.output}: its folder does not exist or is not writable")
+
+
+def main(args):
+    args.output = args.output or default_output(args.checkpoint, args.format, args.int8)
+    check_args(args)
+    net, info = evaluate.load_model_for_eval(args.checkpoint, args.weights)
+    if info["classes"] is None:
+        raise CheckpointError(f"{args.checkpoint} is a torchvision state dict, which holds no class list; export "
+                              "a checkpoint of train.py (e.g. after train.py --pretrained)")
+    net = net.float().eval()
+    crop = info["val_crop_size"] or 224
+    resize = info["val_resize_size"] or round(crop / 0.875)
+    img_size = args.img_size or crop
+    if img_size != crop:  # another input size: the same resize/crop ratio at that size, so evaluate.py feeds it
+        resize = round(resize * img_size / crop)
+        print(f"note: the checkpoint was validated at crop {crop}; the file takes {img_size} px "
+              f"(resize {resize}, crop {img_size})")
+    info["val_crop_size"], info["val_resize_size"] = img_size, resize
+    config = info["config"]
+    print(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, {config['num_classes']} "
+          f"classes, {info['weights']} weights, epoch {info['epoch']} | input {args.batch_size or 'N'}x3x{img_size}"
+          f"x{img_size}, resize {resize}, crop {img_size}, norm {info['norm']}")
+
+    # real images: from --calib-data, else from the data the checkpoint was trained on
+    check_source = args.calib_data or info["data_path"]
+    if check_source and not os.path.isdir(check_source):
+        check_source = None
+    calibration, calibration_note = None, None
+    if args.int8:
+        index = image_index(args.calib_data, "train")
+        calibration = load_images(index, args.calib_images, resize, img_size, info["norm"])
+        calibration_note = (f"{len(calibration)} training images of {os.path.abspath(args.calib_data)}; QDQ, "
+                            "per-channel int8 weights, symmetric int8 activations")
+        print(f"calibrating on {len(calibration)} training images of {args.calib_data}")
+    check_images = None
+    if check_source:  # validation images when there are some: the calibration never saw them
+        check_images = load_images(image_index(check_source, "val"), args.check_images, resize, img_size,
+                                   info["norm"])
+
+    precision = "int8" if args.int8 else "fp32"
+    metadata = make_metadata(info, img_size, args.batch_size, precision, args.checkpoint, calibration_note)
+    tmp_path = None
+    try:
+        try:
+            tmp_path = temp_file_beside(args.output)  # checked there, then renamed: never a half-written file
+            if args.format == "pt2":
+                write_pt2(net, tmp_path, metadata, img_size, args.batch_size)
+            else:
+                write_onnx(net, tmp_path, metadata, args.opset, img_size, args.batch_size, calibration)
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e.strerror or e}") from None
+        if check_images is None:
+            print("check skipped: no real images (pass --calib-data DIR to check the file against PyTorch)")
+        else:
+            check(net, tmp_path, args, check_images, precision)
+        os.replace(tmp_path, args.output)
+        tmp_path = None
+    finally:
+        if tmp_path is not None and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    size_mb = os.path.getsize(args.output) / 2**20
+    print(f"wrote {args.output} ({size_mb:.2f} MB, {precision}"
+          + (f", opset {args.opset}" if args.format == "onnx" else ", torch.export program") + ")")
+    if args.format == "onnx":
+        print(f"score it: python evaluate.py {args.output} --data-path DIR")
+    return 0
+
+
+def check(net, path, args, images, precision):
+    """The written file against PyTorch on real images; an fp32 file that disagrees is an error (and not kept)."""
+    if args.format == "pt2":
+        program = torch.export.load(path).module()
+        run = lambda batch: program(batch)  # noqa: E731
+        runtime = "torch.export program"
+    else:
+        run = OnnxModel(onnx_session(path))
+        runtime = "onnxruntime"
+    difference, agreement, scale = compare_with_pytorch(net, run, images, args.batch_size)
+    print(f"check on {len(images)} real images: {runtime} {precision} vs PyTorch fp32: max |logit difference| "
+          f"{difference:.2e} (logits up to {scale:.1f}), top-1 agreement {agreement:.1f}%")
+    if precision == "fp32" and difference > FP32_TOLERANCE * max(1.0, scale):
+        raise UserError(f"the exported file disagrees with PyTorch (max |logit difference| {difference:.2e}); "
+                        f"nothing was written to {args.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_cli(main, get_args_parser().parse_args()))
