@@ -45,9 +45,10 @@ FP32_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime fp32 and PyT
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Export a MobileNetV3 checkpoint to ONNX (fp32 or int8) or pt2.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint of train.py")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "pt2"],
-                        help="onnx (onnxruntime, TensorRT, OpenVINO) or pt2 (torch.export, the entry to ExecuTorch)")
+    parser.add_argument("checkpoint", nargs="+", help="a checkpoint of train.py (several with --format average)")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "pt2", "average"],
+                        help="onnx (onnxruntime, TensorRT, OpenVINO), pt2 (torch.export, the entry to ExecuTorch), "
+                             "or average: the mean of several checkpoints' weights as one best_weights-style file")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="default: beside the checkpoint, as NAME.onnx, NAME.int8.onnx or NAME.pt2")
     parser.add_argument("--weights", default=None, choices=["ema", "raw"], help="default: the ones marked best")
@@ -349,7 +350,49 @@ def check_args(args):
         raise UserError(f"cannot write {args.output}: its folder does not exist or is not writable")
 
 
+def average_checkpoints(paths, weights=None):
+    """The element-wise mean of several checkpoints' weights (train.py --keep-checkpoints keeps them per epoch),
+    as a weights file that evaluate.py, export.py and train.py --pretrained read. The BatchNorm running statistics
+    are averaged like the weights, not recomputed on data (torchvision's averaging of its MobileNetV3 V1 weights
+    did the same); integer buffers (BN's batch counters) come from the last file."""
+    files = [utils.load_checkpoint(path) for path in paths]
+    for path, ckpt in zip(paths, files):
+        if ckpt.get("format") not in (utils.CHECKPOINT_FORMAT, utils.WEIGHTS_FORMAT):
+            raise CheckpointError(f"{path} is not a checkpoint or weights file of this project")
+        if ckpt["model_config"] != files[0]["model_config"]:
+            raise CheckpointError(f"{path} holds another model ({ckpt['model_config']}) than {paths[0]}")
+    states = []
+    for path, ckpt in zip(paths, files):
+        if ckpt["format"] == utils.WEIGHTS_FORMAT:
+            states.append(ckpt["model"])
+        elif (weights or "raw") == "ema" and ckpt.get("ema_model") is None:
+            raise CheckpointError(f"{path} holds no EMA weights")
+        else:
+            states.append(ckpt["ema_model"] if weights == "ema" else ckpt["model"])
+    average = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            average[key] = (sum(state[key].double() for state in states) / len(states)).to(last.dtype)
+        else:
+            average[key] = last.clone()
+    keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "data_path")
+    return {"format": utils.WEIGHTS_FORMAT, "weights": f"average of {len(paths)}", "model": average,
+            "best_top1": -1.0, "epoch": files[-1].get("epoch"), "averaged": [os.path.abspath(p) for p in paths],
+            **{key: files[-1].get(key) for key in keep}, "args": files[-1].get("args", {})}
+
+
 def main(args):
+    if args.format == "average":
+        output = args.output or os.path.join(os.path.dirname(args.checkpoint[-1]), "averaged_weights.pth")
+        if len(args.checkpoint) < 2:
+            raise UserError("--format average needs two checkpoints or more")
+        utils.save_checkpoint(average_checkpoints(args.checkpoint, args.weights), output)
+        print(f"wrote {output}: the mean of {len(args.checkpoint)} checkpoints' {args.weights or 'raw'} weights "
+              f"(BatchNorm statistics averaged too)\nscore it: python evaluate.py {output} --data-path DIR")
+        return 0
+    if len(args.checkpoint) > 1:
+        raise UserError(f"{len(args.checkpoint)} checkpoints given: one to export (several only with --format average)")
+    args.checkpoint = args.checkpoint[0]
     args.output = args.output or default_output(args.checkpoint, args.format, args.int8)
     check_args(args)
     net, info = evaluate.load_model_for_eval(args.checkpoint, args.weights)

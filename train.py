@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import pickle
+import re
 import sys
 import time
 
@@ -74,6 +75,11 @@ def get_args_parser():
     group.add_argument("--num-classes", type=int, default=None, help="default: number of training classes")
     group.add_argument("--dropout", type=float, default=0.2, help="before the last layer (paper: keep 0.8)")
     group.add_argument("--bn-momentum", type=float, default=0.01, help="PyTorch BN momentum (0.01 = TF decay 0.99, paper 6.1)")
+    group.add_argument("--teacher", default=None, metavar="CKPT",
+                       help="knowledge distillation from this model (a checkpoint or best_weights.pth of this project, "
+                            "or a torchvision state dict; any arch or width, the same classes)")
+    group.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the distillation loss (0-1)")
+    group.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of distillation")
     group.add_argument("--pretrained", default=None,
                        help="'torchvision' (needs internet), a torchvision state-dict file, or a checkpoint or "
                             "best_weights.pth of this project (fine-tuning: a classifier of another size is skipped)")
@@ -128,6 +134,9 @@ def get_args_parser():
     group.add_argument("--overwrite", action="store_true",
                        help="start afresh in a run folder that holds another run's checkpoints or logs (they are "
                             "deleted); without it such a start is refused")
+    group.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
+                       help="also keep the raw weights of the last K epochs (epoch_NNNN.pth), for "
+                            "`python export.py FILES --format average`")
     group.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     group.add_argument("--print-freq", type=int, default=10, help="steps between logged training metrics")
     group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
@@ -153,6 +162,8 @@ def validate_args(args):
                         "--val-resize-size": args.val_resize_size}.items():
         if value is not None and value < 32:
             raise UserError(f"{flag} must be at least 32 pixels (got {value})")
+    if args.keep_checkpoints < 0:
+        raise UserError(f"--keep-checkpoints must be 0 or more (got {args.keep_checkpoints})")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be 0 or more (got {args.workers})")
     if not 0 <= args.ema_decay < 1:
@@ -165,6 +176,10 @@ def validate_args(args):
                         "--random-erase": args.random_erase, "--max-steps": args.max_steps}.items():
         if not value >= 0:
             raise UserError(f"{flag} must be 0 or more (got {value})")
+    if not 0 <= args.kd_alpha <= 1 or not args.kd_temperature > 0:
+        raise UserError("--kd-alpha must be in [0, 1] and --kd-temperature positive")
+    if args.teacher is not None and not os.path.isfile(args.teacher):
+        raise UserError(f"--teacher file not found: {args.teacher}")
     if args.label_smoothing >= 1 or args.random_erase > 1 or not 0 <= args.dropout < 1:
         raise UserError("--label-smoothing and --dropout must be below 1, --random-erase at most 1")
     if args.decode_on == "device" and (args.auto_augment or args.random_erase):
@@ -336,6 +351,29 @@ def ema_checkpoint_state(ema):
     state = ema.state_dict()
     state["collected_params"] = None
     return state
+
+
+def distillation_loss(logits, targets, criterion, teacher_logits, alpha, temperature):
+    """(1 - alpha) x the usual loss + alpha x T^2 x KL(teacher || student) on softmaxes at temperature T
+    (Hinton et al., 2015: T^2 keeps the gradients' scale independent of T). Returns (loss, the KL term)."""
+    student = torch.log_softmax(logits.float() / temperature, dim=1)
+    teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kd = nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
+    return (1 - alpha) * criterion(logits, targets) + alpha * kd, kd
+
+
+def load_teacher(args, classes, num_classes, device):
+    """The teacher of --teacher, frozen, in eval mode, on the training device."""
+    import evaluate
+    with torch.random.fork_rng(devices=[]):  # building it must not move the student's random stream
+        teacher, info = evaluate.load_model_for_eval(args.teacher)
+    outputs = info["config"]["num_classes"]
+    if info["classes"] is not None and list(info["classes"][:len(classes)]) != list(classes):
+        raise UserError(f"--teacher {args.teacher} was trained on other classes than this dataset's")
+    if outputs != num_classes:
+        raise UserError(f"--teacher {args.teacher} has {outputs} outputs, this model {num_classes}")
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher.to(memory_format=torch.channels_last) if args.channels_last else teacher
 
 
 def train_step(model, images, targets, criterion, scaler, autocast, accum_steps=1):
@@ -589,6 +627,8 @@ def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
     ctx.ema = make_ema(net, ctx.ema_decay)
     ctx.autocast, ctx.scaler, ctx.precision = utils.precision_for(device, args.amp, args.amp_dtype)
     ctx.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    ctx.teacher = utils.fail_together(load_teacher, args, splits.classes, num_classes, device) if args.teacher else None
+    ctx.kd_sum = torch.zeros((), device=device)  # the distillation term since the last report
     ctx.mixup = dataset.make_mixup_cutmix(args.mixup_alpha, args.cutmix_alpha, num_classes)
     ctx.channels_last = args.channels_last
     ctx.steps_per_epoch = len(train_loader) // args.accum_steps
@@ -614,8 +654,17 @@ def train_on_batch(ctx, images, targets, batch):
             warm_up_bn_momentum(ctx.model_without_ddp, s.step, a.bn_momentum)
         ctx.update_loss_finite = torch.ones((), dtype=torch.bool, device=ctx.device)
     no_sync = ctx.ddp.no_sync() if ctx.ddp is not None and not last else contextlib.nullcontext()
+    criterion = ctx.criterion
+    if ctx.teacher is not None:  # the same augmented (and mixed) batch, the same autocast, no gradients
+        with torch.no_grad(), ctx.autocast():
+            teacher_logits = ctx.teacher(images)
+
+        def criterion(logits, targets):
+            loss, kd = distillation_loss(logits, targets, ctx.criterion, teacher_logits, a.kd_alpha, a.kd_temperature)
+            ctx.kd_sum += kd.detach()
+            return loss
     with no_sync:
-        logits, loss = train_step(ctx.model, images, targets, ctx.criterion, ctx.scaler, ctx.autocast, a.accum_steps)
+        logits, loss = train_step(ctx.model, images, targets, criterion, ctx.scaler, ctx.autocast, a.accum_steps)
     ctx.update_loss_finite &= torch.isfinite(loss)
     if not last:
         return logits, loss, False
@@ -726,6 +775,7 @@ def log_training(ctx, window, bar):
     lr = ctx.optimizer.param_groups[0]["lr"]
     speed = images * ctx.world_size / max(elapsed, 1e-9)
     bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.1f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+    kd_sum, ctx.kd_sum = ctx.kd_sum, torch.zeros((), device=ctx.device)
     if ctx.writer:
         w = ctx.writer
         w.add_scalar("train/loss", loss, s.step)
@@ -735,6 +785,8 @@ def log_training(ctx, window, bar):
         w.add_scalar("train/images_per_sec", speed, s.step)
         w.add_scalar("train/data_wait_fraction", window.data_wait / max(elapsed, 1e-9), s.step)
         w.add_scalar("train/nonfinite_steps", s.nonfinite_steps, s.step)
+        if ctx.teacher is not None:
+            w.add_scalar("train/kd_loss", kd_sum.item() / max(1, images // ctx.args.batch_size), s.step)
         if ctx.scaler is not None:
             w.add_scalar("train/scaler_skips", s.scaler_skips, s.step)
             w.add_scalar("train/loss_scale", ctx.scaler.get_scale(), s.step)
@@ -803,6 +855,8 @@ def save(ctx, also_best=False):
             if also_best:
                 utils.save_checkpoint(state, os.path.join(ctx.args.output_dir, "best.pth"))
                 utils.save_checkpoint(weights_file(state), os.path.join(ctx.args.output_dir, "best_weights.pth"))
+            if ctx.args.keep_checkpoints and not ctx.state.batch_in_epoch and not ctx.state.validation_pending:
+                keep_epoch_weights(state, ctx.args.output_dir, ctx.args.keep_checkpoints)
     utils.fail_together(write)
     return True
 
@@ -815,6 +869,15 @@ def weights_file(state):
     weights = state["best_weights"]
     return {"format": utils.WEIGHTS_FORMAT, "weights": weights, **{key: state[key] for key in keep},
             "model": state["ema_model"] if weights == "ema" else state["model"], "args": state["args"]}
+
+
+def keep_epoch_weights(state, output_dir, keep):
+    """epoch_NNNN.pth: the raw weights after each epoch, the last `keep` of them (for checkpoint averaging)."""
+    utils.save_checkpoint({**weights_file(state), "weights": "raw", "model": state["model"]},
+                          os.path.join(output_dir, f"epoch_{state['epoch']:04d}.pth"))
+    kept = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"epoch_\d{4}\.pth", name))
+    for name in kept[:-keep]:
+        os.remove(os.path.join(output_dir, name))
 
 
 def repair_best(ckpt, output_dir):

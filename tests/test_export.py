@@ -184,3 +184,25 @@ def test_bad_inputs_are_one_line_and_leave_nothing(exported, trained, tiny_data,
     assert target.read_bytes() == b"the previous export"
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
     assert not any(os.path.exists(tmp_path / name) for name in ("q.onnx", "o.onnx", "n.onnx"))
+
+
+def test_keep_checkpoints_then_average_them(tiny_data, tmp_path):
+    import train
+    from conftest import tiny_train_args
+    args = train.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--epochs", "3",
+                                                              "--keep-checkpoints", "2"))
+    assert train.main(args) == 0
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("epoch_*.pth"))
+    assert kept == ["epoch_0002.pth", "epoch_0003.pth"]
+    files = [str(tmp_path / "ckpt" / name) for name in kept]
+    out = tmp_path / "avg.pth"
+    assert export.main(export.get_args_parser().parse_args([*files, "--format", "average", "--output", str(out)])) == 0
+    average = torch.load(out, weights_only=True)
+    a, b = (torch.load(path, weights_only=True)["model"] for path in files)
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(average["model"][key], (a[key] + b[key]) / 2)
+    metrics = tmp_path / "m.json"
+    run = evaluate.get_args_parser().parse_args([str(out), "--data-path", tiny_data, "--workers", "0",
+                                                 "--json", str(metrics)])
+    assert evaluate.main(run) == 0 and json.load(open(metrics))["images"] == 18

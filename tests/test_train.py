@@ -322,3 +322,30 @@ def test_resume_turning_rmsprop_momentum_on(tiny_data, tmp_path):
                                "--resume", "auto"))
     last = load(tmp_path / "ckpt/last.pth")
     assert last["step"] == 4 and last["optimizer"]["param_groups"][0]["momentum"] == 0.9
+
+
+def test_distillation_loss_is_the_weighted_sum_of_cross_entropy_and_kl():
+    torch.manual_seed(0)
+    logits, teacher, targets = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    ce = torch.nn.CrossEntropyLoss()
+    loss, kd = train.distillation_loss(logits, targets, ce, logits.clone(), 0.5, 4.0)
+    assert kd.item() == pytest.approx(0, abs=1e-6) and loss.item() == pytest.approx(0.5 * ce(logits, targets).item())
+    loss, kd = train.distillation_loss(logits, targets, ce, teacher, 0.3, 2.0)
+    p, q = torch.softmax(teacher / 2, 1), torch.log_softmax(logits / 2, 1)
+    expected_kd = 4 * (p * (p.log() - q)).sum(1).mean()
+    assert kd.item() == pytest.approx(expected_kd.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.7 * ce(logits, targets).item() + 0.3 * expected_kd.item(), rel=1e-5)
+
+
+def test_a_teacher_distils_into_the_student(trained, tiny_data, tmp_path):
+    teacher = str(trained / "ckpt/best_weights.pth")
+    common = ["--max-steps", "3", "--deterministic", "--ema-decay", "0"]
+    run_train(*tiny_train_args(tiny_data, tmp_path / "alone", *common))
+    run_train(*tiny_train_args(tiny_data, tmp_path / "alpha0", *common, "--teacher", teacher, "--kd-alpha", "0"))
+    run_train(*tiny_train_args(tiny_data, tmp_path / "kd", *common, "--teacher", teacher, "--kd-alpha", "0.7",
+                               "--kd-temperature", "2"))
+    alone, alpha0, kd = (load(tmp_path / run / "ckpt/last.pth")["model"] for run in ("alone", "alpha0", "kd"))
+    assert all(torch.equal(alone[k], alpha0[k]) for k in alone)  # the teacher adds nothing but its loss term
+    assert any(not torch.allclose(alone[k], kd[k]) for k in alone if alone[k].is_floating_point())
+    kd_losses = [v for _, v in scalars(str(tmp_path / "kd/runs/t"))["train/kd_loss"]]
+    assert len(kd_losses) == 3 and all(v > 0 for v in kd_losses)
