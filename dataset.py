@@ -2,6 +2,8 @@
 
     python dataset.py /path/to/imagenet     # show what is found there, without training
     python dataset.py                       # make (or reuse) the demo dataset in data/demo and show it
+    python dataset.py --resize-copy /path/to/imagenet /fast/imagenet-320 [--short-side 320] [--workers N]
+                                            # a copy with every image's shorter side at most 320 px
 
 Layouts read by find_dataset(data_path), tried in this order:
 
@@ -41,6 +43,13 @@ their subfolders at any depth) are unchanged: adding, removing or renaming a fil
 EXIF orientation: training and validation decode the stored pixels and ignore the EXIF orientation tag, as
 torchvision's ImageFolder does, so that numbers stay comparable with published ImageNet results; prediction on
 single files (evaluate.py --predict) applies it, as an image viewer does.
+
+Decoding: JPEGs by TorchCodec's decoder (libjpeg-turbo; torchvision's decode_jpeg where torchcodec does not
+import), any other file by PIL, whatever its name says (a WebP or AVIF named .JPEG, a PNG named .jpg). Training
+crops use scaled decoding (ImageFiles): a JPEG whose RandomResizedCrop box is at least twice the output size is
+decoded at 1/2, 1/4 or 1/8 size by DCT scaling, with the same box and random stream as a full decode.
+`--resize-copy` makes a copy of a dataset with smaller images (make_resized_copy), which decodes faster still;
+RandomResizedCrop then samples its crops from the smaller images.
 """
 import atexit
 import colorsys
@@ -74,8 +83,13 @@ try:
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # torchvision has announced it will move its decoders to TorchCodec
     decode_jpeg = None
+try:  # TorchCodec's JPEG decoder (libjpeg-turbo, bundled): the maintained successor of torchvision's
+    from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
+except Exception:  # missing, or built for another torch version (each torchcodec release matches one torch)
+    torchcodec_decode_jpeg = None
 
-# torchvision 0.29 marks decode_jpeg deprecated in favour of TorchCodec; it still works and is our fast path.
+# torchvision 0.29 marks decode_jpeg deprecated in favour of TorchCodec; it still decodes on the device
+# (--decode-on device) and on the CPU when torchcodec cannot be imported.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
@@ -198,6 +212,20 @@ def find_dataset(data_path, cache_dir=None):
     else:
         class_names = imagenet_class_names(classes)
     return DataSplits(f"{train_layout}; {val_layout}", classes, class_names, train, val)
+
+
+def split_validation(index, fraction, seed=0):
+    """(train, val) FileIndex from one split with no validation folder: `fraction` of each class's images held
+    out (at least one, and at least one kept for training, when a class has two or more), chosen by a generator
+    seeded with `seed` alone, so train.py and evaluate.py draw the same split."""
+    rng = np.random.default_rng(seed)
+    held_out = np.zeros(len(index), dtype=bool)
+    for label in np.unique(index.labels):
+        members = np.flatnonzero(index.labels == label)
+        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        held_out[rng.permutation(members)[:count]] = True
+    keep = lambda mask: FileIndex(index.root, index.paths[mask], index.labels[mask])  # noqa: E731
+    return keep(~held_out), keep(held_out)
 
 
 def find_val_split(data_path, classes, cache_dir=None):
@@ -549,6 +577,59 @@ def extract_ilsvrc_tars(root, splits):
 # Decoding
 
 
+def decode_jpeg_cpu(data, exif_orientation=False):
+    """JPEG bytes (a 1-D uint8 tensor) -> uint8 RGB (3, H, W), laid out height-width-channel in memory (which the
+    uint8 resize of RandomResizedCrop is fastest on): the stored pixels, or (exif_orientation=True) turned
+    upright by the EXIF orientation tag. TorchCodec's decoder where it imports, else torchvision's: the same
+    libjpeg-turbo, identical pixels and speed (measured on 400 ImageNet JPEGs)."""
+    if torchcodec_decode_jpeg is None:
+        image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
+    else:
+        image = torchcodec_decode_jpeg(data, mode="RGB")  # torchcodec 0.17 always applies the orientation tag
+        undo = None if exif_orientation else UNDO_EXIF_ORIENTATION.get(jpeg_exif_orientation(data))
+        image = image if undo is None else undo(image)
+    if not image.permute(1, 2, 0).is_contiguous():  # turned: height-width-channel in memory again
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    return image
+
+
+def jpeg_exif_orientation(data):
+    """The EXIF orientation tag of JPEG bytes as torchcodec 0.17 reads it (the first APP1 segment, as EXIF, its
+    first directory), None when there is none: a few reads of the segments before the image data, no decoding."""
+    header = memoryview(data.numpy())  # indexing gives plain ints: fast
+    position = 2  # after the start-of-image marker
+    while position + 4 <= len(header) and header[position] == 0xFF:
+        marker = header[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan (the image data), end of image: no APP1 segment before it
+            return None
+        length = header[position + 2] << 8 | header[position + 3]
+        if marker == 0xE1:
+            tiff = header[position + 10:position + 2 + length].tobytes()  # after "Exif\0\0"
+            order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+            if order is None or len(tiff) < 8 or int.from_bytes(tiff[2:4], order) != 0x2A:
+                return None  # not EXIF (an XMP block first, say): torchcodec leaves the image as stored
+            directory = int.from_bytes(tiff[4:8], order)
+            count = int.from_bytes(tiff[directory:directory + 2], order)
+            for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 11), 12):
+                if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:  # orientation, a 2-byte value
+                    return int.from_bytes(tiff[entry + 8:entry + 10], order)
+            return None
+        position += 2 + length
+    return None
+
+
+# EXIF orientation tag -> the turn that undoes it on a (C, H, W) image (those of ImageOps.exif_transpose, inverted:
+# 6 and 8 are a quarter turn each way, the others their own inverse)
+UNDO_EXIF_ORIENTATION = {
+    2: lambda x: x.flip(-1), 3: lambda x: x.flip(-1, -2), 4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-1, -2), 6: lambda x: x.transpose(-1, -2).flip(-2),
+    7: lambda x: x.transpose(-1, -2).flip(-1, -2), 8: lambda x: x.transpose(-1, -2).flip(-1),
+}
+
+
 def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=False):
     """(data, size): a JPEG in one of jpeg_modes (what decode_jpeg decodes) as its bytes in a 1-D uint8 tensor
     and its (height, width) as stored; any other image decoded by PIL, as a uint8 RGB tensor (3, H, W), and None.
@@ -566,7 +647,8 @@ def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=Fals
     except Image.UnidentifiedImageError:  # its message names our BytesIO object, not the file
         raise Image.UnidentifiedImageError("not an image format Pillow can read") from None
     with image:
-        if decode_jpeg is not None and image.format == "JPEG" and image.mode in jpeg_modes:
+        has_decoder = torchcodec_decode_jpeg is not None or decode_jpeg is not None
+        if has_decoder and image.format == "JPEG" and image.mode in jpeg_modes:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), (image.height, image.width)
         if exif_orientation:
             image = ImageOps.exif_transpose(image)
@@ -577,23 +659,60 @@ def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=Fals
 def decode_image_file(path, exif_orientation=False):
     """The image at path as a uint8 RGB tensor (3, H, W).
 
-    JPEGs are decoded by libjpeg-turbo through torchvision (faster than PIL, and the result is laid out
-    height-width-channel in memory, which the uint8 resize of RandomResizedCrop is fastest on); other files by PIL.
+    JPEGs are decoded by libjpeg-turbo through TorchCodec (decode_jpeg_cpu: faster than PIL, and laid out
+    height-width-channel in memory); other files (PNG, WebP, AVIF..., whatever their name) by PIL.
     exif_orientation=False gives the pixels as stored, as torchvision's ImageFolder does (training, validation);
     True turns the image as its EXIF orientation tag says, as image viewers show it (a phone photo, --predict).
     """
     data, size = read_image_file(path, exif_orientation=exif_orientation)
     if size is None:
         return data
-    if exif_orientation:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    return decode_jpeg(data, mode=ImageReadMode.RGB)
+    return decode_jpeg_cpu(data, exif_orientation)
+
+
+def draw_crop_box(crop, image_size):
+    """RandomResizedCrop's box (top, left, height, width) for an image of image_size (height, width), drawn with
+    the same random calls as crop(image) makes: the box depends on the image's size only, not on its pixels."""
+    make_params = getattr(crop, "make_params", None) or crop._get_params  # torchvision < 0.21
+    box = make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
+    return box["top"], box["left"], box["height"], box["width"]
+
+
+def dct_scale(box_height, box_width, out_height, out_width):
+    """The denominator of the smallest JPEG DCT scale (1/8, 1/4, 1/2 or 1) at which a box_height x box_width crop
+    still holds at least out_height x out_width pixels, so that the crop is still shrunk, never enlarged."""
+    for scale in (8, 4, 2):
+        if box_height >= scale * out_height and box_width >= scale * out_width:
+            return scale
+    return 1
+
+
+def decode_jpeg_crop_reduced(data, scale, box, out_size):
+    """A crop of JPEG bytes (a 1-D uint8 tensor) decoded at 1/scale of their size by libjpeg-turbo's DCT scaling
+    (PIL's draft), resized to out_size (height, width): uint8 RGB (3, *out_size); None if the decoder did not
+    reduce by exactly scale.
+
+    box (top, left, height, width) is in full-size pixels. Reduced pixel (y, x) stands for the full-size pixels
+    [y*scale, (y+1)*scale) x [x*scale, (x+1)*scale), so the box's edges divided by scale are the same edges on the
+    reduced image; PIL's resize takes them as fractions, so the geometry is the full-size crop's exactly (edges
+    rounded to whole reduced pixels would shift it by up to half an output pixel: 2x the pixel difference)."""
+    top, left, height, width = box
+    with Image.open(io.BytesIO(data.numpy())) as image:
+        full_width, full_height = image.size
+        image.draft("RGB", (full_width // scale, full_height // scale))
+        if image.size != (-(-full_width // scale), -(-full_height // scale)):
+            return None
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        edges = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+        image = image.resize(out_size[::-1], Image.Resampling.BILINEAR, box=edges)  # antialiased, like v2's
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # height-width-channel in memory, like decode_jpeg's
 
 
 def bad_file_reason(error):
     """What a decoding error says about the file, in one line."""
     reason = " ".join(str(error).split()) or type(error).__name__
-    return re.sub(r"^decode_jpeg, \S+:\d+, ", "", reason)  # torchvision's source location says nothing here
+    return re.sub(r"^\w+, \S+:\d+, ", "", reason)  # the decoder's C++ source location says nothing here
 
 
 @contextlib.contextmanager
@@ -625,12 +744,27 @@ class ImageFiles(torch.utils.data.Dataset):
     `skipped`, and replaced by the next readable file so that the batch keeps its size (right for training; for
     validation, ValidationImageFiles leaves it out instead). A bad file is counted each time it is read (once per
     epoch).
+
+    Scaled decoding (scaled_decoding=True, used when the transform starts with a RandomResizedCrop, as
+    train_transform's does): the crop box is drawn first, from the file's full size and with the same random
+    calls as the transform makes, and a JPEG whose box is at least twice the output size in both directions is
+    decoded at 1/2, 1/4 or 1/8 of its size by DCT scaling (decode_jpeg_crop_reduced), the smallest scale that
+    keeps at least the output's resolution in the box, and the box (its edges divided by the scale) resized by PIL.
+    Same box, same flip and same later augmentation as a full decode; such a crop's pixels differ from the full
+    decode's by about 1-2 grey levels on average (tested). Smaller boxes are decoded at full size, exactly as
+    with scaled_decoding=False.
     """
 
-    def __init__(self, index, transform, strict=False):
+    def __init__(self, index, transform, strict=False, scaled_decoding=True):
         self.index = index
         self.transform = transform
         self.strict = strict
+        steps = getattr(transform, "transforms", [])
+        self.crop = None  # the RandomResizedCrop that scaled decoding does itself, then the steps after it
+        if (scaled_decoding and steps and isinstance(steps[0], v2.RandomResizedCrop) and steps[0].antialias
+                and getattr(steps[0].interpolation, "value", steps[0].interpolation) == "bilinear"
+                and (torchcodec_decode_jpeg is not None or decode_jpeg is not None)):
+            self.crop, self.after_crop = steps[0], v2.Compose(steps[1:])
         # In shared memory so that counts made in DataLoader workers are seen by the main process; one slot per
         # process, so no two processes ever write the same number.
         self.skip_counts = torch.zeros(SKIP_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
@@ -644,11 +778,34 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         position, seed = item if isinstance(item, tuple) else (item, None)
+        if self.crop is not None:
+            with sample_rng(seed):
+                start = torch.random.get_rng_state()
+
+                def read(path):  # each file tried starts from the sample's random state, as transform(image) does
+                    torch.random.set_rng_state(start)
+                    return self.read_cropped(path)
+
+                image, label, _ = self.load(position, read=read)
+                return self.after_crop(image), label
         image, label, _ = self.load(position)
         if self.transform is not None:
             with sample_rng(seed):
                 image = self.transform(image)
         return image, label
+
+    def read_cropped(self, path):
+        """The file at path, decoded and put through RandomResizedCrop, with scaled decoding where it applies."""
+        data, size = read_image_file(path)
+        if size is None:  # decoded by PIL already
+            return self.crop(data)
+        box = draw_crop_box(self.crop, size)
+        scale = dct_scale(box[2], box[3], *self.crop.size)
+        if scale > 1:
+            image = decode_jpeg_crop_reduced(data, scale, box, self.crop.size)
+            if image is not None:
+                return image
+        return v2.functional.resized_crop(decode_jpeg_cpu(data), *box, self.crop.size, antialias=True)
 
     def load(self, position, read=decode_image_file):
         """(read(path), label, position read) for the file at position, or for the next readable one after it."""
@@ -735,9 +892,10 @@ class EncodedImageFiles(ImageFiles):
     The loader workers only read each file and draw its RandomResizedCrop box and flip, with the same random
     calls as train_transform, so a sample seed gives the same crop either way; batch_to then decodes the
     batch's JPEGs in one call on the device (nvjpeg on CUDA) and crops, resizes and flips them there. This
-    frees the CPU cores for machines with many GPUs and few cores each. On the CPU the images are identical
-    to ImageFiles' with train_transform; on CUDA nvjpeg and the float resize differ from them by about 1 level.
-    Files nvjpeg can't take (PNGs, CMYK JPEGs) are decoded and cropped in the worker as usual.
+    frees the CPU cores for machines with many GPUs and few cores each. The device decodes every JPEG at full
+    size (nvjpeg has no DCT scaling here), so on the CPU the images are identical to ImageFiles' with
+    train_transform and scaled_decoding=False; on CUDA nvjpeg and the float resize differ from them by about 1
+    level. Files nvjpeg can't take (PNGs, CMYK JPEGs) are decoded and cropped in the worker as usual.
     """
 
     DEVICE_JPEG_MODES = ("RGB", "L")  # torchvision's nvjpeg decoder does not take CMYK
@@ -758,10 +916,9 @@ class EncodedImageFiles(ImageFiles):
         image_size = size or tuple(data.shape[-2:])
         with sample_rng(seed):
             # the random calls of train_transform, in its order: RandomResizedCrop's box, then the flip's draw
-            make_params = getattr(self.crop, "make_params", None) or self.crop._get_params  # torchvision < 0.21
-            box = make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
+            box = draw_crop_box(self.crop, image_size)
             flip = bool(torch.rand(1) < self.flip.p)
-        plan = torch.tensor([position, box["top"], box["left"], box["height"], box["width"], flip])
+        plan = torch.tensor([position, *box, flip])
         if size is None:  # already decoded by PIL: finish it here
             data = self.crop_resize_flip(data, plan)
         return data, plan, label
@@ -1014,6 +1171,135 @@ def start_worker(nice, worker_id):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A pre-resized copy of a dataset
+
+
+RESIZED_MARKER = "RESIZED_COPY"  # written last: its presence says the copy is complete
+RESIZED_SETTINGS = ".resized-copy-settings"  # written first: a rerun must use the same settings
+LAYOUT_FILES = (*LABEL_FILE_NAMES, "LOC_synset_mapping.txt")  # what find_dataset reads besides the images
+
+
+def make_resized_copy(source, destination, short_side=320, workers=None, quality=90):
+    """Copy every image of every split of the dataset at source to the same path under destination, resized so
+    that its shorter side is at most short_side pixels (never enlarged) and written as JPEG; the label and
+    mapping files of the layout come along, so destination reads as the same layout with the same classes.
+
+    Run in parallel (a multiprocessing Pool of workers processes), each file written under a temporary name and
+    renamed when complete; a rerun skips the files already there, so an interrupted copy is resumed. An unreadable
+    image is reported, counted and left out. Returns {"resized", "unchanged", "done before", "unreadable"} counts.
+    """
+    if short_side < 1:
+        raise DataError(f"--short-side must be at least 1 pixel, not {short_side}")
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality must be in 1..100, not {quality}")
+    source = existing_folder(source, "source folder")
+    destination = os.path.abspath(os.path.expanduser(str(destination)))
+    if destination == source or destination.startswith(source + os.sep):
+        raise DataError(f"the copy {destination} must not be inside the source folder {source}")
+    if os.path.isfile(destination):
+        raise DataError(f"{destination} is a file: give a folder for the copy")
+    settings = f"short side {short_side}, quality {quality}, from {source}"
+    settings_file = os.path.join(destination, RESIZED_SETTINGS)
+    if os.path.isdir(destination) and os.listdir(destination):
+        try:
+            with open(settings_file) as f:
+                earlier = f.read()
+        except OSError:
+            raise DataError(f"{destination} exists and is not a resized copy: move it away or choose another "
+                            f"folder") from None
+        if earlier != settings:
+            raise DataError(f"{destination} is a resized copy with other settings ({earlier}): choose another "
+                            f"folder to copy with {settings}")
+    splits = find_dataset(source, cache_dir=None)
+    marker = os.path.join(destination, RESIZED_MARKER)
+    os.makedirs(destination, exist_ok=True)
+    with open(settings_file, "w") as f:
+        f.write(settings)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(marker)  # complete again only when this run has seen every file
+
+    tasks, folders = [], set()
+    for index in (splits.train, splits.val):
+        for i in range(len(index) if index is not None else 0):
+            relative = os.path.relpath(index.path(i), source)
+            tasks.append((index.path(i), os.path.join(destination, relative), short_side, quality))
+            folders.add(os.path.dirname(tasks[-1][1]))
+    for folder in folders:  # every class folder, even one whose images all turn out unreadable
+        os.makedirs(folder, exist_ok=True)
+    copy_layout_files(source, destination, splits)
+
+    counts = {"resized": 0, "unchanged": 0, "done before": 0, "unreadable": 0}
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with multiprocessing.Pool(workers) as pool:
+        results = pool.imap_unordered(resize_image_file, tasks, chunksize=8)
+        for outcome, message in tqdm(results, total=len(tasks), desc="resized copy", unit="img",
+                                     disable=not sys.stderr.isatty()):
+            counts[outcome] += 1
+            if message:
+                warn(message)
+    with open(marker, "w") as f:
+        f.write(f"{settings}\n" + "".join(f"{name}: {count}\n" for name, count in counts.items()))
+    return counts
+
+
+def copy_layout_files(source, destination, splits):
+    """The label and mapping files find_dataset reads (LAYOUT_FILES), from the dataset root and the split folders."""
+    folders = {source, os.path.dirname(splits.train.root), splits.train.root}
+    if splits.val is not None:
+        folders |= {splits.val.root, os.path.dirname(splits.val.root)}
+    for folder in folders:
+        for name in LAYOUT_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and (folder + os.sep).startswith(source + os.sep):
+                target = os.path.join(destination, os.path.relpath(path, source))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                partial = f"{target}.partial-{os.getpid()}"
+                shutil.copyfile(path, partial)
+                os.replace(partial, target)
+
+
+def resize_image_file(task):
+    """One image of make_resized_copy, in a Pool worker: (outcome, warning or None). The file is written under a
+    temporary name and renamed, so a file with the final name is complete."""
+    path, target, short_side, quality = task
+    if os.path.exists(target):
+        return "done before", None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data:
+            raise ValueError("empty file (0 bytes)")
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if min(width, height) <= short_side and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                resized = None  # small enough already: the same bytes, no second JPEG loss
+            else:
+                scale = min(1.0, short_side / min(width, height))
+                size = (max(1, round(width * scale)), max(1, round(height * scale)))
+                # DCT-scaled decoding down to at least twice the size, then Lanczos, as PIL's thumbnail() does
+                image.draft("RGB", (2 * size[0], 2 * size[1]))
+                resized = image.convert("L" if image.mode == "L" else "RGB")
+                if resized.size != size:
+                    resized = resized.resize(size, Image.Resampling.LANCZOS)
+    except DECODE_ERRORS as error:
+        return "unreadable", f"leaving out unreadable image {path}: {bad_file_reason(error)}"
+    partial = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{os.getpid()}")
+    try:
+        if resized is None:
+            with open(partial, "wb") as f:
+                f.write(data)
+        else:
+            resized.save(partial, format="JPEG", quality=quality)
+        os.replace(partial, target)
+    except OSError as error:  # disk full, no permission: the copy cannot go on
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise DataError(f"cannot write {target}: {error.strerror or error}") from None
+    return ("unchanged" if resized is None else "resized"), None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The demo dataset
 
 
@@ -1131,12 +1417,33 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Show what dataset.py finds in a data folder (extracting the "
-                                                 "ILSVRC2012 tar files first if that is what it holds).")
+                                                 "ILSVRC2012 tar files first if that is what it holds), or make a "
+                                                 "pre-resized copy of a dataset.")
     parser.add_argument("data_path", nargs="?", help="dataset folder (default: make or reuse data/demo)")
     parser.add_argument("--cache-dir", default=None, help="where to cache file listings (default: "
                                                           "$XDG_CACHE_HOME or ~/.cache, /mobilenetv3-torch)")
+    group = parser.add_argument_group("pre-resized copy")
+    group.add_argument("--resize-copy", nargs=2, metavar=("SRC", "DST"), default=None,
+                       help="copy the dataset at SRC to DST, every image's shorter side at most --short-side "
+                            "pixels, as JPEG, with its label files; resumes an interrupted copy")
+    group.add_argument("--short-side", type=int, default=320, help="shorter side of the copied images, in pixels")
+    group.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
+    group.add_argument("--quality", type=int, default=90, help="JPEG quality of the resized images")
     args = parser.parse_args()
     try:
+        if args.resize_copy:
+            if args.data_path:
+                parser.error("give either a data folder to show or --resize-copy SRC DST, not both")
+            if args.workers is not None and args.workers < 1:
+                raise DataError(f"--workers must be at least 1, not {args.workers}")
+            counts = make_resized_copy(*args.resize_copy, short_side=args.short_side, workers=args.workers,
+                                       quality=args.quality)
+            destination = os.path.abspath(args.resize_copy[1])
+            print(f"{destination}: {plural(counts['resized'], 'image')} resized to a shorter side of "
+                  f"{args.short_side} px, {counts['unchanged']} small enough already (copied), "
+                  f"{counts['done before']} done by an earlier run, {counts['unreadable']} unreadable (left out)")
+            print(f"train on it with: python train.py --data-path {destination}")
+            sys.exit(0)
         splits = find_dataset(args.data_path or make_demo_dataset(), args.cache_dir)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -128,7 +128,8 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
             "norm": ckpt.get("norm", "imagenet"), "val_resize_size": ckpt.get("val_resize_size"),
             "val_crop_size": ckpt.get("val_crop_size"), "amp": args.get("amp", False),
             "amp_dtype": args.get("amp_dtype", "auto"),
-            "data_path": ckpt.get("data_path") or args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config}
+            "data_path": ckpt.get("data_path") or args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config,
+            "val_split": (args.get("val_split_fraction") or 0, args.get("seed", 0))}
     return net, info
 
 
@@ -376,6 +377,19 @@ def write_predictions(results, json_path):
         raise UserError(f"{which} given to --predict could {'not ' if len(results) == 1 else ''}be read as an image")
 
 
+def held_out_split(data_path, info):
+    """(index, layout) of the training images held out by train.py --val-split-fraction, when the checkpoint was
+    trained that way on data_path's training split; else None."""
+    fraction, seed = info.get("val_split", (0, 0))
+    if not fraction:
+        return None
+    splits = dataset.find_dataset(data_path)
+    if splits.val is not None or list(splits.classes) != list(info["classes"]):
+        return None  # a real validation split, or other data: scored as usual
+    _, index = dataset.split_validation(splits.train, fraction, seed)
+    return index, f"the {fraction:g} of each training class held out by --val-split-fraction (seed {seed})"
+
+
 def main(args):
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch-size must be at least 1 and --workers 0 or more")
@@ -418,7 +432,7 @@ def main(args):
         raise UserError("no --data-path given and the checkpoint does not say where its data was")
     if not os.path.isdir(data_path):
         raise UserError(f"--data-path {data_path} is not a folder")
-    index, layout = dataset.find_val_split(data_path, info["classes"])
+    index, layout = held_out_split(data_path, info) or dataset.find_val_split(data_path, info["classes"])
     val_set = dataset.ValidationImageFiles(index, dataset.val_transform(resize, crop))
     sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
     loader = dataset.build_loader(val_set, sampler, args.batch_size, args.workers, train=False,

@@ -103,6 +103,7 @@ def make_metadata(info, img_size, batch_size, precision, checkpoint, calibration
         "weights": info["weights"],
         "epoch": info["epoch"],
         "data_path": info["data_path"],
+        "val_split": list(info.get("val_split", (0, 0))),  # (fraction, seed) of train.py --val-split-fraction
         "config": info["config"],
         "source_checkpoint": os.path.abspath(checkpoint),
         "calibration": calibration,
@@ -173,7 +174,7 @@ def load_onnx_for_eval(path):
     info = {"classes": meta["classes"], "class_names": meta["class_names"], "weights": meta["weights"],
             "norm": meta["norm"], "val_resize_size": meta["val_resize_size"], "val_crop_size": meta["val_crop_size"],
             "amp": False, "amp_dtype": "auto", "data_path": meta["data_path"], "epoch": meta["epoch"],
-            "config": meta["config"]}
+            "config": meta["config"], "val_split": tuple(meta.get("val_split", (0, 0)))}
     return OnnxModel(session), info
 
 
@@ -314,9 +315,7 @@ def temp_file_beside(path):
     fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                     suffix="-" + os.path.basename(path))
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 suits a checkpoint, not a file to deploy
+    os.chmod(tmp_path, 0o666 & ~utils.current_umask())  # mkstemp's 0600 suits a checkpoint, not a file to deploy
     return tmp_path
 
 
@@ -363,7 +362,10 @@ def average_checkpoints(paths, weights=None):
             raise CheckpointError(f"{path} holds another model ({ckpt['model_config']}) than {paths[0]}")
     states = []
     for path, ckpt in zip(paths, files):
-        if ckpt["format"] == utils.WEIGHTS_FORMAT:
+        if ckpt["format"] == utils.WEIGHTS_FORMAT:  # one set of weights: the kind asked for, never a mix
+            if ckpt["weights"] != (weights or "raw"):
+                raise CheckpointError(f"{path} holds {ckpt['weights']} weights, not {weights or 'raw'} ones: "
+                                      f"average files of one kind (--weights {ckpt['weights']})")
             states.append(ckpt["model"])
         elif (weights or "raw") == "ema" and ckpt.get("ema_model") is None:
             raise CheckpointError(f"{path} holds no EMA weights")

@@ -64,6 +64,9 @@ def get_args_parser():
     group.add_argument("--mixup-alpha", type=float, default=0.0, help="mixup alpha (0: off)")
     group.add_argument("--cutmix-alpha", type=float, default=0.0, help="cutmix alpha (0: off)")
     group.add_argument("--norm", default="imagenet", choices=sorted(dataset.NORMS), help="normalization statistics")
+    group.add_argument("--val-split-fraction", type=float, default=0.0,
+                       help="for data without a validation split: hold out this fraction of each class's training "
+                            "images (the same ones for a given --seed; evaluate.py finds them again)")
     group.add_argument("--strict-data", action="store_true", help="stop on an unreadable image instead of skipping it")
     group.add_argument("--decode-on", default="workers", choices=["workers", "device"],
                        help="where training JPEGs are decoded: loader workers (CPU), or the training device in "
@@ -162,6 +165,8 @@ def validate_args(args):
                         "--val-resize-size": args.val_resize_size}.items():
         if value is not None and value < 32:
             raise UserError(f"{flag} must be at least 32 pixels (got {value})")
+    if not 0 <= args.val_split_fraction < 1:
+        raise UserError(f"--val-split-fraction must be in [0, 1) (got {args.val_split_fraction})")
     if args.keep_checkpoints < 0:
         raise UserError(f"--keep-checkpoints must be 0 or more (got {args.keep_checkpoints})")
     if args.workers is not None and args.workers < 0:
@@ -221,16 +226,21 @@ RECIPE_METADATA = {"name": str, "source": str, "published_top1": (int, float), "
 
 def read_recipe(path, parser):
     """{flag dest: value} from a recipe file, checked against the parser; one-line UserError otherwise."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise UserError("--config needs Python 3.11 or newer (it reads TOML with the standard library)") from None
     try:
         with open(path, "rb") as f:
             recipe = tomllib.load(f)
     except OSError as e:
         raise UserError(f"--config {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path} is not valid TOML ({e})") from None
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     meta = recipe.pop("recipe", {})
+    if not isinstance(meta, dict):
+        raise UserError(f"--config {path}: recipe must be a [recipe] table (name, source, published_top1, ...)")
     for key, value in meta.items():
         if key not in RECIPE_METADATA:
             raise UserError(f"--config {path}: unknown key {key!r} in [recipe] (known: {', '.join(RECIPE_METADATA)})")
@@ -368,6 +378,9 @@ def load_teacher(args, classes, num_classes, device):
     with torch.random.fork_rng(devices=[]):  # building it must not move the student's random stream
         teacher, info = evaluate.load_model_for_eval(args.teacher)
     outputs = info["config"]["num_classes"]
+    if info["norm"] != args.norm:
+        raise UserError(f"--teacher {args.teacher} was trained with --norm {info['norm']}, this run uses --norm "
+                        f"{args.norm}: the teacher would see wrongly normalized images")
     if info["classes"] is not None and list(info["classes"][:len(classes)]) != list(classes):
         raise UserError(f"--teacher {args.teacher} was trained on other classes than this dataset's")
     if outputs != num_classes:
@@ -476,25 +489,38 @@ def run_name(args):
 
 
 def choose_run_folder(args):
-    """This run's checkpoint folder and name (rank 0 decides; main broadcasts them). Every run gets its own:
-    <output-dir> when given, else checkpoints/<run-name> with a new, time-stamped name, so that a second run
-    never overwrites the first one's checkpoints or TensorBoard events. --resume auto without a folder continues
-    the latest run (checkpoints/latest); --resume PATH continues in PATH's folder."""
+    """(checkpoint folder, run name, whether it is the latest run followed by --resume auto), decided on rank 0
+    and broadcast by main. Every run gets its own folder: <output-dir> when given, else checkpoints/<run-name>
+    with a new, time-stamped name (reserved at once, so two runs started in the same second get two), so that a
+    second run never overwrites a first one's checkpoints or TensorBoard events. --resume auto without a folder
+    continues the latest run (checkpoints/latest); --resume PATH continues in PATH's folder."""
     if args.output_dir is not None:
-        return args.output_dir, run_name(args)
+        folder = os.path.realpath(args.output_dir)  # checkpoints/latest/ given as a folder: the run it points to
+        return folder, args.run_name or os.path.basename(folder), False
     if args.resume not in (None, "auto"):
-        folder = os.path.dirname(os.path.abspath(args.resume))
-        return folder, args.run_name or os.path.basename(folder)
+        folder = os.path.dirname(os.path.realpath(args.resume))
+        return folder, args.run_name or os.path.basename(folder), False
     latest = os.path.join(CHECKPOINTS, "latest")
     if args.resume == "auto" and not args.run_name and os.path.isdir(latest):
         folder = os.path.realpath(latest)
-        return folder, os.path.basename(folder)
+        return folder, os.path.basename(folder), True
     name = args.run_name or f"{args.arch}_{args.width_mult:g}_{time.strftime('%Y%m%d-%H%M%S')}"
-    folder, n = os.path.join(CHECKPOINTS, name), 1
-    while args.run_name is None and os.path.exists(folder):  # two runs started in the same second
-        n += 1
-        folder = os.path.join(CHECKPOINTS, f"{name}-{n}")
-    return folder, os.path.basename(folder)
+    folder = os.path.join(CHECKPOINTS, name)
+    for n in range(2, 1000):
+        if args.run_name is not None:
+            break
+        try:
+            os.makedirs(folder)  # reserved: a run started in the same second takes the next suffix
+            break
+        except FileExistsError:
+            folder = os.path.join(CHECKPOINTS, f"{name}-{n}")
+        except OSError:
+            break  # an unwritable checkpoints/: prepare_output says so in one line
+    return folder, os.path.basename(folder), False
+
+
+# a run's files: what refuse_to_overwrite looks for in a run folder before a fresh start there
+RUN_FILES = re.compile(r"(last|best|best_weights|epoch_\d{4})\.pth")
 
 
 def refuse_to_overwrite(args, rank):
@@ -503,8 +529,10 @@ def refuse_to_overwrite(args, rank):
     if args.resume is not None or rank != 0:
         return
     log_folder = os.path.join(args.log_dir, args.run_name)
-    found = [os.path.join(args.output_dir, name) for name in ("last.pth", "best.pth")
-             if os.path.exists(os.path.join(args.output_dir, name))]
+    found = []
+    if os.path.isdir(args.output_dir):
+        found += [os.path.join(args.output_dir, name) for name in sorted(os.listdir(args.output_dir))
+                  if RUN_FILES.fullmatch(name)]
     if os.path.isdir(log_folder):
         found += [os.path.join(log_folder, name) for name in sorted(os.listdir(log_folder)) if "tfevents" in name]
     if not found:
@@ -513,26 +541,39 @@ def refuse_to_overwrite(args, rank):
         raise UserError(f"{found[0]} belongs to an earlier run: add --resume auto to continue it, --overwrite to "
                         f"start afresh (deleting {plural(len(found), 'file')} of it), or choose another "
                         f"--output-dir / --run-name")
-    for path in found:
-        os.remove(path)
+    try:
+        for path in found:
+            os.remove(path)
+    except OSError as e:
+        raise UserError(f"--overwrite: cannot delete {path}: {e.strerror or e}") from None
 
 
 def point_latest_at(folder):
     """checkpoints/latest -> the run folder (a relative symbolic link, replaced atomically)."""
-    if os.path.dirname(os.path.abspath(folder)) != os.path.abspath(CHECKPOINTS):
+    folder = os.path.realpath(folder)
+    if os.path.dirname(folder) != os.path.realpath(CHECKPOINTS) or os.path.basename(folder) == "latest":
         return
     link, tmp = os.path.join(CHECKPOINTS, "latest"), os.path.join(CHECKPOINTS, f".latest-{os.getpid()}")
-    with contextlib.suppress(OSError):  # a filesystem without symbolic links: no pointer, nothing else lost
+    try:
         os.symlink(os.path.basename(folder), tmp)
         os.replace(tmp, link)
+    except OSError:  # a filesystem without symbolic links, or a real folder named latest: no pointer
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def build_data(args, rank, world_size, device):
     """(splits, train set, val set, train loader, val loader) for this rank."""
     data_path = args.data_path or DEMO_DIR
     splits = dataset.find_dataset(data_path)
+    if splits.val is not None and args.val_split_fraction:
+        raise UserError(f"--val-split-fraction: {data_path} has a validation split already ({splits.layout})")
+    if splits.val is None and args.val_split_fraction:
+        splits.train, splits.val = dataset.split_validation(splits.train, args.val_split_fraction, args.seed)
+        splits.layout += f"; validation: {args.val_split_fraction:g} of each training class, held out"
     if splits.val is None:
-        raise UserError(f"no validation split found under {data_path} (see README: accepted layouts)")
+        raise UserError(f"no validation split found under {data_path}: add a val/ folder (see README: accepted "
+                        "layouts) or hold out part of the training images with --val-split-fraction 0.05")
     if args.decode_on == "device":
         dataset.EncodedImageFiles.check_device(device)
         train_set = dataset.EncodedImageFiles(splits.train, args.img_size, args.min_scale, strict=args.strict_data)
@@ -715,6 +756,7 @@ def train_one_epoch(ctx):
     ctx.sampler.set_epoch(s.epoch, skip_batches=start_batch, batch_size=a.batch_size)
     mean, std = dataset.NORMS[a.norm]
     window, epoch_sums = MetricWindow(ctx.device), MetricWindow(ctx.device, utils.sum_dtype(ctx.device))
+    ctx.kd_sum.zero_()  # the distillation term, summed over the same micro-batches as the window
     status = "done"
     bar = tqdm(total=batches, initial=start_batch, desc=f"epoch {s.epoch + 1}/{a.epochs}",
                disable=not ctx.show_progress, dynamic_ncols=True, leave=False)
@@ -867,7 +909,7 @@ def weights_file(state):
     keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "best_top1",
             "epoch", "data_path")
     weights = state["best_weights"]
-    return {"format": utils.WEIGHTS_FORMAT, "weights": weights, **{key: state[key] for key in keep},
+    return {"format": utils.WEIGHTS_FORMAT, "weights": weights, **{key: state.get(key) for key in keep},
             "model": state["ema_model"] if weights == "ema" else state["model"], "args": state["args"]}
 
 
@@ -919,6 +961,12 @@ def check_resume_flags(ctx, ckpt, path):
                 "resume from a checkpoint written at the end of an epoch")
     changed = [f"--{key.replace('_', '-')} {saved[key]} -> {value}" for key, value in sorted(vars(a).items())
                if key in saved and saved[key] != value and key not in RESUME_QUIET_FLAGS]
+    other_run = [change for change in changed if not change.startswith("--epochs ")]  # more epochs: same run
+    if other_run and getattr(ctx, "followed_latest", False):  # --resume auto found the latest run by itself
+        raise utils.CheckpointError(
+            f"--resume auto would continue the latest run, {os.path.dirname(path)}, which was started with other "
+            f"flags ({', '.join(other_run[:3])}{', ...' if len(other_run) > 3 else ''}): give --run-name or "
+            "--output-dir to continue a run, or leave out --resume to start a new one")
     if changed and ctx.rank == 0:
         print(f"resume: flags changed since the checkpoint, applied from now on: {', '.join(changed)}")
 
@@ -972,9 +1020,11 @@ def main(args):
     rank, world_size, device = utils.setup_distributed(args.device)
     stop = utils.StopRequest()
     say = print if rank == 0 else (lambda *a, **k: None)
-    args.output_dir, args.run_name = utils.broadcast_object(choose_run_folder(args) if rank == 0 else None)
+    args.output_dir, args.run_name, followed_latest = utils.broadcast_object(choose_run_folder(args) if rank == 0
+                                                                             else None)
     utils.fail_together(refuse_to_overwrite, args, rank)
     ctx = build_context(args, rank, world_size, device)
+    ctx.followed_latest = followed_latest
     if rank == 0:
         point_latest_at(args.output_dir)
     ctx.stop = stop

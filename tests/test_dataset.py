@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
+from conftest import assert_clean_error, run_script  # noqa: E402
 import utils  # noqa: E402
 from dataset import DataError  # noqa: E402
 
@@ -280,6 +281,44 @@ def test_real_imagenet_jpegs_decode_like_pil():
         assert np.array_equal(dataset.decode_image_file(path).permute(1, 2, 0).numpy(), expected)
 
 
+@pytest.mark.parametrize("format, name", [("WEBP", "scraped.JPEG"), ("WEBP", "scraped.jpg"), ("AVIF", "scraped.JPEG"),
+                                          ("AVIF", "scraped.jpg")])
+def test_webp_and_avif_named_jpeg_decode_to_rgb(tmp_path, format, name):
+    from PIL import features
+    if format == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow cannot write AVIF")
+    path = tmp_path / name
+    Image.fromarray(image_pixels()).save(path, format=format, quality=90)
+    with Image.open(path) as image:
+        assert image.format == format  # really a WebP/AVIF file, whatever its name says
+        expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    decoded = dataset.decode_image_file(path)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 32, 40)
+    assert torch.equal(decoded, expected)
+    assert (decoded.int() - torch.from_numpy(image_pixels()).permute(2, 0, 1).int()).abs().float().mean() < 4
+    train = dataset.ImageFiles(dataset.FileIndex(tmp_path, [name.encode()], [0]), dataset.train_transform(16))
+    assert train[(0, 1)][0].shape == (3, 16, 16)  # the training path (scaled decoding) takes it too
+
+
+@pytest.mark.skipif(dataset.torchcodec_decode_jpeg is None, reason="torchcodec is not installed")
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="needs ../shared/data/imagenet-sample")
+def test_torchcodec_decodes_real_jpegs_as_torchvision_does():
+    files = sorted(SAMPLE.glob("*.JPEG"))
+    odd = [path for path in files if Image.open(path).mode == "L" or "exif" in Image.open(path).info]
+    for path in files[:10] + odd:  # grayscale, and EXIF blocks (one after a Photoshop block, with an XMP block)
+        data, _ = dataset.read_image_file(path)
+        image = dataset.decode_jpeg_cpu(data)
+        assert torch.equal(image, torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB))
+        assert image.permute(1, 2, 0).is_contiguous()  # height-width-channel in memory, for the fast resize
+
+
+def test_without_torchcodec_torchvision_decodes(tmp_path, monkeypatch):
+    path = save_image(tmp_path / "x.jpg")
+    expected = dataset.decode_image_file(path)
+    monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)
+    assert torch.equal(dataset.decode_image_file(path), expected)
+
+
 def test_palette_with_transparency_decodes(tmp_path):
     path = tmp_path / "transparent.png"
     Image.fromarray(image_pixels()).convert("P").save(path, transparency=0)
@@ -437,7 +476,8 @@ def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path):
     save_image(tmp_path / "train" / "b" / "cmyk.jpg", mode="CMYK", size=(30, 50))
     save_image(tmp_path / "train" / "b" / "png_named.jpg", format="PNG")  # decoded and cropped in the worker
     splits = dataset.find_dataset(tmp_path, str(tmp_path / "cache"))
-    on_workers = dataset.ImageFiles(splits.train, dataset.train_transform(16, min_scale=0.3))
+    # the device decodes every JPEG at full size: it matches the workers' path without scaled decoding
+    on_workers = dataset.ImageFiles(splits.train, dataset.train_transform(16, min_scale=0.3), scaled_decoding=False)
     on_device = dataset.EncodedImageFiles(splits.train, 16, min_scale=0.3)
 
     def batches(images, workers):
@@ -485,6 +525,210 @@ def test_device_decoding_draws_a_new_crop_for_each_unseeded_sample(tmp_path):
     images = dataset.EncodedImageFiles(index, 16)
     plans = [images[0][1][1:].tolist() for _ in range(4)]
     assert len({tuple(plan) for plan in plans}) > 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scaled JPEG decoding (DCT scaling for large RandomResizedCrop boxes)
+
+
+def photo_like_pixels(size, seed):
+    """A photograph's statistics, roughly: smooth colour fields, a few hard-edged shapes, fine noise. A gradient
+    in x and y besides, so that a crop taken from the wrong place or flipped shows as a large difference."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width] / max(size)
+    field = np.stack([80 + 120 * x, 60 + 140 * y, 100 + 60 * np.sin(2 * np.pi * (x + y))], axis=-1)
+    for _ in range(3):  # low-frequency texture
+        fx, fy, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 2 * np.pi)
+        field += rng.uniform(5, 20, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + phase)[..., None]
+    image = Image.fromarray((field + rng.normal(0, 3, field.shape)).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        draw.ellipse((x0, y0, x0 + rng.integers(10, width // 3), y0 + rng.integers(10, height // 3)),
+                     fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return np.array(image)
+
+
+def photo_like_index(tmp_path, count=6, size=(400, 300), mode="RGB"):
+    for i in range(count):
+        path = tmp_path / "train" / "a" / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like_pixels(size, seed=i)).convert(mode).save(path, quality=90)
+    return dataset.find_dataset(tmp_path, str(tmp_path / "cache")).train
+
+
+def test_dct_scale_is_the_smallest_that_keeps_the_output_resolution():
+    assert dataset.dct_scale(512, 600, 64, 64) == 8
+    assert dataset.dct_scale(511, 600, 64, 64) == 4  # 511 / 8 < 64
+    assert dataset.dct_scale(600, 255, 64, 64) == 2  # the narrower side decides
+    assert dataset.dct_scale(127, 400, 64, 64) == 1
+    assert dataset.dct_scale(448, 224, 224, 112) == 2  # a non-square output
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_scaled_decoding_keeps_the_crop_and_flip_and_is_within_a_few_grey_levels(tmp_path, monkeypatch, mode):
+    index = photo_like_index(tmp_path, mode=mode)
+    full = dataset.ImageFiles(index, dataset.train_transform(32), scaled_decoding=False)
+    scaled = dataset.ImageFiles(index, dataset.train_transform(32))
+    scales = []
+    reduced = dataset.decode_jpeg_crop_reduced
+    monkeypatch.setattr(dataset, "decode_jpeg_crop_reduced",
+                        lambda data, scale, *rest: scales.append(scale) or reduced(data, scale, *rest))
+    differences = []
+    for i in range(len(index)):
+        for seed in range(8):
+            expected, label = full[(i, seed)]
+            image, scaled_label = scaled[(i, seed)]
+            assert image.shape == expected.shape == (3, 32, 32) and image.dtype == torch.uint8
+            assert label == scaled_label
+            differences.append((image.int() - expected.int()).abs().float().mean().item())
+    assert {2, 4, 8} <= set(scales)  # every scale was used (boxes of 64 to 400 px for a 32 px output)
+    # Measured: at most 1.1 levels, 0.55 on average. A box taken elsewhere or a flip not drawn alike gives tens of
+    # levels; box edges rounded to whole reduced pixels (up to half an output pixel off) give up to 3.4.
+    assert max(differences) < 2.0 and np.mean(differences) < 1.0, (max(differences), np.mean(differences))
+
+
+def test_scaled_decoding_gives_small_boxes_the_full_decode_exactly(tmp_path):
+    index = photo_like_index(tmp_path, count=3, size=(120, 90))  # boxes under 2 x 224 px: never reduced
+    full = dataset.ImageFiles(index, dataset.train_transform(224, auto_augment="ta_wide"), scaled_decoding=False)
+    scaled = dataset.ImageFiles(index, dataset.train_transform(224, auto_augment="ta_wide"))
+    for i in range(len(index)):
+        assert torch.equal(full[(i, 5 + i)][0], scaled[(i, 5 + i)][0])
+
+
+def test_reduced_decode_of_the_whole_image_is_close_to_the_full_decode_resized(tmp_path):
+    path = photo_like_index(tmp_path, count=1, size=(400, 296)).path(0)  # 296 / 8 = 37: the reduced size
+    data, size = dataset.read_image_file(path)
+    full = dataset.decode_jpeg(data, mode=dataset.ImageReadMode.RGB)
+    for scale in (2, 4, 8):
+        out = (size[0] // scale, size[1] // scale)
+        reduced = dataset.decode_jpeg_crop_reduced(data, scale, (0, 0, *size), out)
+        expected = torchvision.transforms.v2.functional.resize(full, list(out), antialias=True)
+        assert reduced.shape == (3, *out)
+        assert (reduced.int() - expected.int()).abs().float().mean() < 2.0
+
+
+def test_scaled_decoding_replaces_a_bad_file_with_the_next_one_and_its_own_crop(tmp_path, capsys):
+    index = photo_like_index(tmp_path, count=3)
+    path = Path(index.path(1))
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 3])  # the header reads, the pixels do not
+    full = dataset.ImageFiles(index, dataset.train_transform(32), scaled_decoding=False)
+    scaled = dataset.ImageFiles(index, dataset.train_transform(32))
+    for seed in range(6):
+        # the next file (2) stands in, with the crop and flip the seed gives it without scaled decoding, as if
+        # the bad file had consumed no random numbers
+        expected, _ = full[(1, seed)]
+        image, label = scaled[(1, seed)]
+        assert label == int(index.labels[2])
+        assert (image.int() - expected.int()).abs().float().mean() < 4.0
+    assert scaled.skipped == 6 and "01.jpg" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pre-resized copy (python dataset.py --resize-copy SRC DST)
+
+
+def image_sizes(root):
+    """{path relative to root: (width, height, format)} of every image file under root."""
+    sizes = {}
+    for path in sorted(Path(root).rglob("*")):
+        if dataset.is_image_name(path.name) and path.is_file():
+            with Image.open(path) as image:
+                sizes[str(path.relative_to(root))] = (*image.size, image.format)
+    return sizes
+
+
+def test_resized_copy_has_the_shorter_side_the_aspect_ratio_and_the_labels(tmp_path, cache_dir):
+    source = tmp_path / "source"
+    save_image(source / "train" / "a" / "wide.jpg", size=(100, 60))
+    save_image(source / "train" / "a" / "tall_gray.jpg", mode="L", size=(45, 101))
+    save_image(source / "train" / "b" / "small.jpg", size=(30, 24))  # smaller already: copied as it is
+    save_image(source / "train" / "b" / "small.png", format="PNG", size=(20, 28))  # re-encoded, never enlarged
+    save_image(source / "train" / "b" / "cmyk.jpg", mode="CMYK", size=(64, 64))
+    save_image(source / "train" / "b" / "nested" / "png_named.JPEG", format="PNG", size=(90, 70))
+    save_image(source / "val" / "b" / "v.jpg", size=(77, 33))
+    counts = dataset.make_resized_copy(source, tmp_path / "copy", short_side=32, workers=2)
+    assert counts == {"resized": 6, "unchanged": 1, "done before": 0, "unreadable": 0}
+    before, after = image_sizes(source), image_sizes(tmp_path / "copy")
+    assert before.keys() == after.keys()
+    for name, (width, height, _) in before.items():
+        new_width, new_height, format = after[name]
+        scale = min(1.0, 32 / min(width, height))
+        assert min(new_width, new_height) == min(32, width, height), name
+        assert abs(new_width - width * scale) <= 1 and abs(new_height - height * scale) <= 1, name
+        assert format == "JPEG"
+    assert (tmp_path / "copy" / "train" / "b" / "small.jpg").read_bytes() == \
+        (source / "train" / "b" / "small.jpg").read_bytes()
+    assert Image.open(tmp_path / "copy" / "train" / "a" / "tall_gray.jpg").mode == "L"
+    original, copy = dataset.find_dataset(source, cache_dir), dataset.find_dataset(tmp_path / "copy", cache_dir)
+    assert copy.classes == original.classes and copy.layout == original.layout
+    assert labelled_paths(copy.train) == labelled_paths(original.train)
+    assert labelled_paths(copy.val) == labelled_paths(original.val)
+    # the pixels are the original's, smaller: compare with the original resized the same way
+    resized = dataset.decode_image_file(tmp_path / "copy" / "train" / "a" / "wide.jpg")
+    expected = torchvision.transforms.v2.functional.resize(
+        dataset.decode_image_file(source / "train" / "a" / "wide.jpg"), [32, 53], antialias=True)
+    assert resized.shape == (3, 32, 53) and (resized.int() - expected.int()).abs().float().mean() < 3.0
+    assert "short side 32" in (tmp_path / "copy" / dataset.RESIZED_MARKER).read_text()
+
+
+def test_resized_copy_of_the_kaggle_layout_keeps_its_label_and_mapping_files(tmp_path, cache_dir):
+    make_kaggle_layout(tmp_path / "kaggle")
+    dataset.make_resized_copy(tmp_path / "kaggle", tmp_path / "copy", short_side=16, workers=1)
+    original = dataset.find_dataset(tmp_path / "kaggle", cache_dir)
+    copy = dataset.find_dataset(tmp_path / "copy", cache_dir)
+    assert "Kaggle" in copy.layout and copy.layout == original.layout
+    assert copy.class_names == original.class_names == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+    assert labelled_paths(copy.val) == labelled_paths(original.val)
+    assert labelled_paths(copy.train) == labelled_paths(original.train)
+    assert all(min(width, height) == 16 for width, height, _ in image_sizes(tmp_path / "copy").values())
+
+
+def test_interrupted_resized_copy_resumes_without_redoing_finished_files(tmp_path, cache_dir):
+    make_class_folders(tmp_path / "source" / "train", ["a", "b"], per_class=4)
+    copy = tmp_path / "copy"
+    dataset.make_resized_copy(tmp_path / "source", copy, short_side=20, workers=2)
+    # What an interrupted run leaves: some files written, some not, a temporary file, no completion marker
+    (copy / dataset.RESIZED_MARKER).unlink()
+    for name in ("a/a_1.jpg", "b/b_3.jpg"):
+        (copy / "train" / name).unlink()
+    (copy / "train" / "b" / ".b_3.jpg.partial-12345").write_bytes(b"half a file")
+    finished = {path: path.stat().st_ino for path in (copy / "train").rglob("*.jpg")}
+    counts = dataset.make_resized_copy(tmp_path / "source", copy, short_side=20, workers=2)
+    assert counts == {"resized": 2, "unchanged": 0, "done before": 6, "unreadable": 0}
+    assert all(path.stat().st_ino == inode for path, inode in finished.items())  # not written again
+    assert (copy / dataset.RESIZED_MARKER).exists()
+    assert len(dataset.find_dataset(copy, cache_dir).train) == 8  # the temporary file is no image
+
+
+def test_resized_copy_reports_bad_files_and_refuses_bad_input(tmp_path, capsys):
+    make_class_folders(tmp_path / "source" / "train", ["a"], per_class=3)
+    (tmp_path / "source" / "train" / "a" / "a_1.jpg").write_bytes(b"not a jpeg")
+    counts = dataset.make_resized_copy(tmp_path / "source", tmp_path / "copy", short_side=20, workers=1)
+    assert counts["unreadable"] == 1 and counts["resized"] == 2
+    assert "a_1.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "copy" / "train" / "a" / "a_1.jpg").exists()
+    with pytest.raises(DataError, match="other settings"):
+        dataset.make_resized_copy(tmp_path / "source", tmp_path / "copy", short_side=24)
+    with pytest.raises(DataError, match="inside the source"):
+        dataset.make_resized_copy(tmp_path / "source", tmp_path / "source" / "small")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("someone's files")
+    with pytest.raises(DataError, match="not a resized copy"):
+        dataset.make_resized_copy(tmp_path / "source", tmp_path / "other")
+    with pytest.raises(DataError, match="short-side"):
+        dataset.make_resized_copy(tmp_path / "source", tmp_path / "new", short_side=0)
+
+
+def test_resized_copy_command_line(tmp_path):
+    make_class_folders(tmp_path / "source" / "train", ["a", "b"])
+    proc = run_script("dataset.py", "--resize-copy", tmp_path / "source", tmp_path / "copy", "--short-side", "20",
+                      "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 images resized" in proc.stdout and f"--data-path {tmp_path / 'copy'}" in proc.stdout
+    assert_clean_error(run_script("dataset.py", "--resize-copy", tmp_path / "missing", tmp_path / "copy2"),
+                       "does not exist")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -712,6 +956,37 @@ def test_warnings_in_the_main_process_go_through_tqdm_write(monkeypatch):
     dataset.warn("a message")
     assert written == [("warning: a message", sys.stderr)]
     assert dataset.plural(1, "class") == "1 class" and dataset.plural(2, "image") == "2 images"
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_every_exif_orientation_turns_as_pillow_does(tmp_path, monkeypatch, format, orientation, decoder):
+    if decoder == "torchvision":  # what decodes where torchcodec does not import
+        monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)
+    elif dataset.torchcodec_decode_jpeg is None:
+        pytest.skip("torchcodec is not installed")
+    path = tmp_path / f"turned.{format.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(photo_like_pixels((64, 48), seed=orientation)).save(path, format=format, exif=exif)
+    upright = dataset.decode_image_file(path, exif_orientation=True)
+    with Image.open(path) as image:
+        expected = np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    assert upright.permute(1, 2, 0).shape == expected.shape
+    assert np.abs(upright.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 2
+    assert upright.permute(1, 2, 0).is_contiguous()
+    # training and validation: the stored pixels, whatever the tag says (torchcodec turns JPEGs by it: undone)
+    stored = dataset.decode_image_file(path)
+    with Image.open(path) as image:
+        assert np.abs(stored.permute(1, 2, 0).numpy().astype(int) - np.array(image.convert("RGB"))).max() <= 2
+    assert stored.permute(1, 2, 0).is_contiguous()
+    if format == "JPEG":
+        data, _ = dataset.read_image_file(path)
+        assert torch.equal(stored, torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB))
+        train = dataset.ImageFiles(dataset.FileIndex(tmp_path, [path.name.encode()], [0]),
+                                   dataset.train_transform(64, min_scale=1.0), scaled_decoding=False)
+        assert torch.equal(train[(0, 3)][0], torchvision.transforms.v2.functional.resize(stored, [64, 64]))
 
 
 @pytest.mark.parametrize("format", ["JPEG", "PNG"])

@@ -124,6 +124,7 @@ def test_recipe_runs_3_steps(path, tiny_data, tmp_path):
     ("opt = \"lamb\"", "opt = 'lamb' is not one of"),
     ("[recipe]\nauthor = \"me\"", "unknown key 'author' in [recipe]"),
     ("lr = [", "is not valid TOML"),
+    ("recipe = \"x\"", "must be a [recipe] table"),
 ])
 def test_a_bad_recipe_is_one_line(tmp_path, capsys, text, message):
     path = tmp_path / "bad.toml"

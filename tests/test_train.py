@@ -277,9 +277,15 @@ def test_a_second_run_never_destroys_the_first(tiny_data, tmp_path, monkeypatch,
         assert load(f"checkpoints/{name}/last.pth")["step"] == 6
         assert [s for s, _ in scalars(f"runs/{name}")["train/loss"]] == list(range(1, 7))  # nothing purged
     assert load(f"checkpoints/{first}/last.pth")["args"]["lr"] == 5e-3
+    code = utils.run_cli(train.main, train.get_args_parser().parse_args([*argv, "--resume", "auto"]))
+    err = capsys.readouterr().err  # the first run's command: the latest run is the second, with another --lr
+    assert code == 2 and "would continue the latest run" in err and "--lr 0.001 -> 0.005" in err, err
     run_train(*argv, "--lr", "1e-3", "--epochs", "2", "--resume", "auto")
     assert load(f"checkpoints/{second}/last.pth")["step"] == 12 and load(f"checkpoints/{first}/last.pth")["step"] == 6
-    assert f"python evaluate.py checkpoints/{second}/best.pth" in capsys.readouterr().out
+    assert f"python evaluate.py {tmp_path}/checkpoints/{second}/best.pth" in capsys.readouterr().out
+    run_train(*argv, "--lr", "1e-3", "--epochs", "3", "--resume", "checkpoints/latest/last.pth")  # through the link
+    assert load(f"checkpoints/{second}/last.pth")["step"] == 18
+    assert os.path.realpath("checkpoints/latest") == str(tmp_path / "checkpoints" / second)
 
     explicit = argv + ["--output-dir", "mine", "--run-name", "mine"]
     run_train(*explicit)
@@ -349,3 +355,28 @@ def test_a_teacher_distils_into_the_student(trained, tiny_data, tmp_path):
     assert any(not torch.allclose(alone[k], kd[k]) for k in alone if alone[k].is_floating_point())
     kd_losses = [v for _, v in scalars(str(tmp_path / "kd/runs/t"))["train/kd_loss"]]
     assert len(kd_losses) == 3 and all(v > 0 for v in kd_losses)
+
+
+def test_a_dataset_without_validation_holds_out_part_of_training(tmp_path, capsys):
+    """--val-split-fraction: a deterministic, stratified share of each class, scored by train.py and found again
+    by evaluate.py."""
+    import json
+    import shutil
+    import dataset
+    import evaluate
+    data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=1)
+    shutil.rmtree(os.path.join(data, "val"))
+    code = utils.run_cli(train.main, train.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "no")))
+    assert code == 2 and "--val-split-fraction" in capsys.readouterr().err
+    run_train(*tiny_train_args(data, tmp_path, "--epochs", "1", "--val-split-fraction", "0.25"))
+    best = load(tmp_path / "ckpt/best.pth")
+    assert best["metrics"]["val_images"] == 12  # 4 of each class's 16
+    train_split, val_split = dataset.split_validation(dataset.find_dataset(data).train, 0.25, 0)
+    assert len(train_split) == 36 and sorted(val_split.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert not set(train_split.paths.tolist()) & set(val_split.paths.tolist())
+    assert best["steps_per_epoch"] == 36 // 8
+    out = tmp_path / "m.json"
+    assert evaluate.main(evaluate.get_args_parser().parse_args([str(tmp_path / "ckpt/best.pth"), "--workers", "0",
+                                                                "--json", str(out)])) == 0
+    metrics = json.load(open(out))
+    assert metrics["images"] == 12 and metrics["top1"] == pytest.approx(best["best_top1"])
