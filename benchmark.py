@@ -29,6 +29,10 @@ ratio is the median of the per-round ratios (their range is in the note). Images
 (ImageNet layout or a folder of JPEGs), else ../shared/data/imagenet-sample when it exists, else generated
 photo-like JPEGs; they are linked into train/<class>/ and val/<class>/ folders in a temporary directory.
 """
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: sleeping, not spinning, OpenMP threads
+
 import argparse
 import contextlib
 import functools

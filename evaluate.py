@@ -12,6 +12,10 @@ subset of the classes, or ordered differently, is scored correctly. An unreadabl
 (never scored as another image) and named: `skipped_images` and `skipped_files` in --json, over all processes.
 --predict turns each image upright by its EXIF orientation first, as an image viewer shows it.
 """
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: sleeping, not spinning, OpenMP threads
+
 import argparse
 import csv
 import json

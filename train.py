@@ -14,11 +14,17 @@ Several GPUs on one node (batch size is per process), or several nodes (run on e
 Resume after a crash or preemption (same command line is safe to re-run):
     python train.py --data-path /data/imagenet --resume auto
 """
+import os
+
+# OpenMP threads that spin while they wait lose their time slices to any other busy process and then stall each
+# other: next to one busy process, 4 training steps on the CPU took 38-44 s with spinning threads and 7 s with
+# sleeping ones (docs/performance.md). Set before torch loads OpenMP; an OMP_WAIT_POLICY given by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import pickle
 import re
 import sys

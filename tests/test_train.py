@@ -380,3 +380,14 @@ def test_a_dataset_without_validation_holds_out_part_of_training(tmp_path, capsy
                                                                 "--json", str(out)])) == 0
     metrics = json.load(open(out))
     assert metrics["images"] == 12 and metrics["top1"] == pytest.approx(best["best_top1"])
+
+
+def test_openmp_threads_sleep_instead_of_spinning_unless_told_otherwise():
+    """train.py sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (spinning threads stall on a shared CPU)."""
+    probe = "import os, train; print(os.environ.get('OMP_WAIT_POLICY'))"
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if preset:
+            env["OMP_WAIT_POLICY"] = preset
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env)
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
