@@ -1,11 +1,11 @@
 """Evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion matrix, and predictions for images.
 
-    python evaluate.py checkpoints/best.pth                       # the demo validation split
-    python evaluate.py checkpoints/best.pth --data-path /data/imagenet --json metrics.json --per-class classes.csv
-    python evaluate.py checkpoints/best.pth --confusion confusion.png --log-dir runs/eval
-    python evaluate.py checkpoints/best.pth --predict cat.jpg dog.jpg
+    python evaluate.py checkpoints/latest/best.pth                       # the demo validation split
+    python evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet --json metrics.json --per-class classes.csv
+    python evaluate.py checkpoints/latest/best.pth --confusion confusion.png --log-dir runs/eval
+    python evaluate.py checkpoints/latest/best.pth --predict cat.jpg dog.jpg
     python evaluate.py mobilenet_v3_large-8738ca79.pth --data-path /data/imagenet   # a torchvision state dict
-    torchrun --nproc_per_node=4 evaluate.py checkpoints/best.pth --data-path /data/imagenet  # same numbers, faster
+    torchrun --nproc_per_node=4 evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet  # same numbers, faster
 
 The model is rebuilt from the checkpoint alone; classes are matched by name, so a validation folder holding a
 subset of the classes, or ordered differently, is scored correctly. An unreadable validation image is left out

@@ -1,10 +1,12 @@
 """Export a checkpoint for deployment, then prove the file scores what the checkpoint scores.
 
-    python export.py checkpoints/best.pth                                    # -> checkpoints/best.onnx (fp32)
-    python export.py checkpoints/best.pth --int8 --calib-data /data/imagenet # -> checkpoints/best.int8.onnx
-    python export.py checkpoints/best.pth --format pt2                       # -> checkpoints/best.pt2 (torch.export)
-    python export.py checkpoints/best.pth --opset 14 --batch-size 1 --img-size 224 --output mnv3.onnx
-    python evaluate.py checkpoints/best.onnx --data-path /data/imagenet      # score the exported file
+    python export.py checkpoints/latest/best.pth                         # -> best.onnx beside it (fp32)
+    python export.py checkpoints/latest/best.pth --int8 --calib-data /data/imagenet   # -> best.int8.onnx
+    python export.py checkpoints/latest/best.pth --format pt2            # -> best.pt2 (torch.export)
+    python export.py checkpoints/latest/best.pth --opset 14 --batch-size 1 --img-size 224 --output mnv3.onnx
+    python export.py checkpoints/latest/epoch_*.pth --format average     # -> averaged_weights.pth (train.py
+                                                                         #    --keep-checkpoints K keeps them)
+    python evaluate.py checkpoints/latest/best.onnx --data-path /data/imagenet   # score the exported file
 
 The ONNX file takes the normalized float batch "images" (N, 3, H, W) and returns "logits" (N, classes). Its
 metadata (JSON strings) holds everything needed to use it: classes, class names, mean/std, the resize and crop,

@@ -3,9 +3,14 @@
 Demo (no data needed; generates a small shapes dataset under data/demo and trains on the CPU):
     python train.py
 
-One GPU, the 2021 predecessor's configuration (Large 0.5, batch 128, Adam 5e-3, AMP, EMA 0.9999, 224 px):
+One GPU, the 2021 predecessor's configuration (Large 0.5, batch 128, Adam 5e-3, AMP, EMA 0.9999, 224 px), or
+another published recipe (recipes/), whose lr and EMA decay are scaled to this run's global batch:
+    python train.py --data-path /data/imagenet --config recipes/original_2021.toml
     python train.py --data-path /data/imagenet --arch large --width-mult 0.5 -b 128 --lr 5e-3 --opt adam \
-        --ema-decay 0.9999 --img-size 224
+        --amp --ema-decay 0.9999 --img-size 224
+
+Each run writes checkpoints/<run-name>/ (last.pth, best.pth, best_weights.pth) and runs/<run-name>/ (TensorBoard);
+checkpoints/latest points to the newest run. Distillation: add --teacher checkpoints/<big run>/best_weights.pth.
 
 Several GPUs on one node (batch size is per process), or several nodes (run on each node):
     torchrun --nproc_per_node=8 train.py --data-path /data/imagenet
