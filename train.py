@@ -744,10 +744,10 @@ class MetricWindow:
         self.sums = torch.zeros(3, dtype=dtype, device=device)  # loss x images, top-1 hits, images
         self.start, self.data_wait = time.perf_counter(), 0.0
 
-    def add(self, loss, logits, targets):
-        n = targets.shape[0]
+    def add(self, loss, hits, n):
+        """loss: the batch's mean loss; hits: its top-1 hits (a device tensor); n: its images."""
         self.sums[0] += loss.to(self.sums.dtype) * n
-        self.sums[1] += utils.correct_topk(logits, targets, (1,))[0]
+        self.sums[1] += hits
         self.sums[2] += n
 
     def read(self):
@@ -783,8 +783,9 @@ def train_one_epoch(ctx):
             log_augmented_images(ctx.writer, images, mean, std)
         logits, loss, updated = train_on_batch(ctx, images, targets, s.batch_in_epoch)
         s.batch_in_epoch += 1
-        window.add(loss, logits, targets)
-        epoch_sums.add(loss, logits, targets)
+        hits = utils.correct_topk(logits, targets, (1,))[0]  # once, for both meters
+        window.add(loss, hits, targets.shape[0])
+        epoch_sums.add(loss, hits, targets.shape[0])
         bar.update(1)
         if updated and ctx.time_compile:
             log_compile_time(ctx, loss, compile_start)
