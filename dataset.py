@@ -67,6 +67,7 @@ import signal
 import sys
 import tempfile
 import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass
 
@@ -87,11 +88,6 @@ try:  # TorchCodec's JPEG decoder (libjpeg-turbo, bundled): the maintained succe
     from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
 except Exception:  # missing, or built for another torch version (each torchcodec release matches one torch)
     torchcodec_decode_jpeg = None
-
-# torchvision 0.29 marks decode_jpeg deprecated in favour of TorchCodec; it still decodes on the device
-# (--decode-on device) and on the CPU when torchcodec cannot be imported.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 NORMS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -577,13 +573,26 @@ def extract_ilsvrc_tars(root, splits):
 # Decoding
 
 
+@contextlib.contextmanager
+def torchvision_decoding():
+    """Silences, around a call of torchvision's decoders, their notice that torchvision 0.29 deprecates them in
+    favour of TorchCodec: they still decode on the device (--decode-on device) and on the CPU when torchcodec
+    cannot be imported. Around our calls only, not for the whole process. Costs ~5 us a call (measured: 1,000
+    calls), next to ~1.7 ms for decoding a 500x375 ImageNet JPEG."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        yield
+
+
 def decode_jpeg_cpu(data, exif_orientation=False):
     """JPEG bytes (a 1-D uint8 tensor) -> uint8 RGB (3, H, W), laid out height-width-channel in memory (which the
     uint8 resize of RandomResizedCrop is fastest on): the stored pixels, or (exif_orientation=True) turned
     upright by the EXIF orientation tag. TorchCodec's decoder where it imports, else torchvision's: the same
     libjpeg-turbo, identical pixels and speed (measured on 400 ImageNet JPEGs)."""
     if torchcodec_decode_jpeg is None:
-        image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
+        with torchvision_decoding():
+            image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
     else:
         image = torchcodec_decode_jpeg(data, mode="RGB")  # torchcodec 0.17 always applies the orientation tag
         undo = None if exif_orientation else UNDO_EXIF_ORIENTATION.get(jpeg_exif_orientation(data))
@@ -973,6 +982,7 @@ class EncodedImageFiles(ImageFiles):
             images[i], labels[i] = images[source], labels[source]
         return images, labels.to(device, non_blocking=True)
 
+    @torchvision_decoding()
     def decode_jpegs(self, jpegs, positions, device):
         """Decoded images on device (None for a file that can't be decoded): the whole list in one call, and
         one by one only when that call fails (a batched decode stops at its first broken file)."""
@@ -1003,6 +1013,7 @@ class EncodedImageFiles(ImageFiles):
         return images
 
     @staticmethod
+    @torchvision_decoding()
     def check_device(device):
         """Raise DataError unless this torchvision can decode JPEGs on device (nvjpeg on CUDA)."""
         from torchvision.io import encode_jpeg
@@ -1133,15 +1144,32 @@ class EpochSampler(torch.utils.data.Sampler):
         return zip(order[:total][mine].tolist(), seeds[mine].tolist())
 
 
+# This module's loader worker processes, for end_loader_workers; weak, so a worker is forgotten with its loader.
+loader_workers = weakref.WeakSet()
+ending_loader_workers_at_exit = False  # end_loader_workers is registered with atexit (once, by build_loader)
+
+
+class Loader(DataLoader):
+    """A DataLoader that records its worker processes in `loader_workers`."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        # torch's multi-process iterator has started all its workers by now; the single-process one has none
+        loader_workers.update(getattr(iterator, "_workers", ()))
+        return iterator
+
+
 def end_loader_workers():
-    """Workers ignore SIGTERM (ignore_stop_signals), which is what multiprocessing sends them at exit: end them first."""
-    if hasattr(signal, "SIGCHLD"):
+    """End the loader workers still alive, at exit. They ignore SIGTERM (start_worker), which is how
+    multiprocessing's exit handler ends daemon children before it waits for them: it would wait forever.
+    Other child processes are left alone."""
+    workers = [child for child in multiprocessing.active_children() if child in loader_workers]
+    if workers and hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would call their end an error
-    for child in multiprocessing.active_children():
-        child.kill()
-
-
-atexit.register(end_loader_workers)  # runs before multiprocessing's own exit handler (registered earlier)
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join()
 
 
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False, worker_nice=0):
@@ -1149,16 +1177,22 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False,
 
     worker_nice > 0 lowers the workers' CPU priority: when the model trains on the same cores, the workers then
     decode in the gaps the compute threads leave instead of stalling them (measured in README, Performance)."""
+    global ending_loader_workers_at_exit
     worker_options = {}
     if workers > 0:
         # Workers stay alive across epochs; 4 batches in flight each is cheap with uint8 images.
         worker_options = {"persistent_workers": True, "prefetch_factor": 4}
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-                      pin_memory=pin_memory, collate_fn=getattr(dataset, "collate", None),
-                      worker_init_fn=functools.partial(start_worker, worker_nice),
-                      # seeds torch, random and numpy in each worker the same way every run
-                      generator=torch.Generator().manual_seed(getattr(sampler, "seed", 0)),
-                      **worker_options)
+        if not ending_loader_workers_at_exit:
+            # atexit runs the last registered first: this runs before multiprocessing's handler (registered
+            # when torch imported multiprocessing.util)
+            atexit.register(end_loader_workers)
+            ending_loader_workers_at_exit = True
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+                  pin_memory=pin_memory, collate_fn=getattr(dataset, "collate", None),
+                  worker_init_fn=functools.partial(start_worker, worker_nice),
+                  # seeds torch, random and numpy in each worker the same way every run
+                  generator=torch.Generator().manual_seed(getattr(sampler, "seed", 0)),
+                  **worker_options)
 
 
 def start_worker(nice, worker_id):

@@ -4,6 +4,7 @@ import csv
 import inspect
 import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -16,11 +17,12 @@ from PIL import Image, ImageDraw, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-from conftest import assert_clean_error, run_script  # noqa: E402
+from conftest import REPO, assert_clean_error, run_script  # noqa: E402
 import utils  # noqa: E402
 from dataset import DataError  # noqa: E402
 
-# torchvision 0.29 deprecates its decoders (dataset.py silences this, but pytest shows every warning)
+# torchvision 0.29 deprecates its decoders: tests here call them directly, to compare (dataset.py silences only
+# its own calls)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
@@ -319,6 +321,22 @@ def test_without_torchcodec_torchvision_decodes(tmp_path, monkeypatch):
     assert torch.equal(dataset.decode_image_file(path), expected)
 
 
+def test_torchvision_decoders_run_without_their_deprecation_warning(tmp_path, monkeypatch, recwarn):
+    # recwarn records every warning, whatever filters pytest or this file set: only dataset.py's silencing counts
+    path = save_image(tmp_path / "x.jpg")
+    monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)  # the CPU fallback: torchvision's decoder
+    assert dataset.decode_image_file(path).shape == (3, 32, 40)
+    index = dataset.FileIndex(tmp_path, [b"x.jpg"], [0])
+    images = dataset.EncodedImageFiles(index, 16)  # decoding on the device: torchvision's, on the CPU here
+    dataset.EncodedImageFiles.check_device(torch.device("cpu"))
+    decoded, _ = images.batch_to(torch.device("cpu"), *images.collate([images[0]]))
+    assert decoded.shape == (1, 3, 16, 16)
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    if hasattr(torchvision.io.image, "_warn_deprecated"):  # torchvision >= 0.29: the warning exists to be silenced
+        with pytest.warns(DeprecationWarning, match="decoding and encoding capabilities of TorchVision"):
+            torchvision.io.decode_jpeg(dataset.read_image_file(path)[0])
+
+
 def test_palette_with_transparency_decodes(tmp_path):
     path = tmp_path / "transparent.png"
     Image.fromarray(image_pixels()).convert("P").save(path, transparency=0)
@@ -468,6 +486,32 @@ def test_workers_of_a_cpu_training_run_at_a_lower_priority():
                                   workers=1, train=False, worker_nice=nice)
     assert [int(n) for n in loader] == [min(19, os.nice(0) + nice)] * 2 and nice > 0
     assert utils.worker_nice(torch.device("cuda")) == 0  # a GPU's workers keep up with the training process
+
+
+# Exits normally with a persistent loader worker alive (which ignores SIGTERM) beside another child process.
+EXIT_WITH_WORKERS = """
+import atexit, multiprocessing, sys, time
+sys.path.insert(0, {repo!r})
+import dataset
+
+def report():  # registered before build_loader registers end_loader_workers: atexit runs it after that one
+    print("loader worker alive:", worker.is_alive(), "other child alive:", other.is_alive(), flush=True)
+
+atexit.register(report)
+other = multiprocessing.Process(target=time.sleep, args=(60,), daemon=True)  # not a loader worker
+other.start()
+loader = dataset.build_loader(list(range(4)), dataset.EpochSampler(4, shuffle=False), batch_size=2, workers=1,
+                              train=False)
+assert next(iter(loader)).tolist() == [0, 1]
+(worker,) = [child for child in multiprocessing.active_children() if child is not other]
+"""
+
+
+def test_exit_ends_the_loader_workers_and_only_them():
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_WORKERS.format(repo=REPO)], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "loader worker alive: False other child alive: True" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path):
@@ -1002,3 +1046,25 @@ def test_exif_orientation_is_applied_only_when_asked(tmp_path, format):
         expected = np.array(ImageOps.exif_transpose(image).convert("RGB"))
     assert np.abs(upright.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 2
     assert torch.equal(upright, torch.rot90(stored, -1, dims=(1, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Importing
+
+
+def test_importing_changes_no_warning_filter_and_registers_no_exit_handler():
+    probe = f"""
+import atexit, sys, warnings
+sys.path.insert(0, {REPO!r})
+import numpy, PIL.Image, torch, torchvision.io, tqdm, utils  # what the modules import: their own effects aside
+try:
+    import torchcodec.decoders
+except Exception:
+    pass
+filters, exit_handlers = list(warnings.filters), atexit._ncallbacks()
+import dataset, evaluate, export, model
+assert warnings.filters == filters, [f for f in warnings.filters if f not in filters]
+assert atexit._ncallbacks() == exit_handlers
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
