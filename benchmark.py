@@ -5,6 +5,7 @@
     python benchmark.py --device cuda --quick            # a GPU session: everything in under 3 minutes
     python benchmark.py --data-path /data/imagenet -b 64 --windows 5
     python benchmark.py --compile                        # add torch.compile (minutes of compiling on a CPU)
+    python benchmark.py --busy 0                         # without the comparison under load (section 3)
     python benchmark.py --inference-only --arch small    # only the deployment figures: PyTorch, ONNX fp32, int8
 
 MobileNetV3 is so cheap that the training speed is decided around the model: JPEG decoding, copies, syncs,
@@ -12,11 +13,15 @@ memory format, precision. So this measures, with train.py's and dataset.py's own
   1. the model-only training step on a synthetic batch, with train.py's defaults for the device (precision,
      memory format, optimizer implementation), and the alternatives to those defaults;
   2. this project's model against torchvision's mobilenet_v3_large at width 1.0 (the same architecture);
-  3. the full pipeline: train.py's own loop (train_one_epoch on a train.build_context) reading JPEG files
+  3. the full pipeline: train.py's own loop (train_one_epoch on a train.build_run) reading JPEG files
      through dataset.py's loader; on CUDA also with fewer workers and with the JPEGs decoded on the GPU
-     (train.py --decode-on device), which shows how many CPU workers GPU decoding stands in for;
-  4. the loader alone against torchvision's ImageFolder with the standard PIL transforms, per worker; the time
-     to index a 100k-file tree; the memory of 4 workers over a 1.28M-entry index (FileIndex against a list);
+     (train.py --decode-on device), which shows how many CPU workers GPU decoding stands in for; then the
+     model-only step and the full pipeline again, side by side, while --busy other processes (started and
+     ended by this benchmark) spin a core each;
+  4. the loader alone, per worker: dataset.py's with its defaults (TorchCodec's decoder, scaled decoding),
+     with torchvision's decoder, without scaled decoding, and on a pre-resized copy of the images, against
+     torchvision's ImageFolder with the standard PIL transforms; the time to index a 100k-file tree; the memory
+     of 4 workers over a 1.28M-entry index (FileIndex against a list);
   5. evaluation throughput through evaluate.evaluate;
   6. the peak resident memory of the training process and of its loader workers;
   I. deployment: batch-1 latency and batch-32 throughput on the CPU of PyTorch eager against the ONNX files of
@@ -35,10 +40,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: sleeping, no
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
-import os
 import platform
 import random
 import shutil
@@ -48,7 +53,6 @@ import sys
 import tempfile
 import time
 import warnings
-from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -66,13 +70,16 @@ import utils
 from utils import UserError
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "imagenet-sample")
-TARGETS = {"ours_vs_torchvision": 1.0, "full_vs_model": 0.9, "loader_vs_imagefolder": 1.4, "int8_vs_fp32": 1.5}
+TARGETS = {"ours_vs_torchvision": 1.0, "full_vs_model": 0.9, "full_vs_model_busy": 0.8, "loader_vs_imagefolder": 1.4,
+           "int8_vs_fp32": 1.5}
 QUICK = {"windows": 3, "window_seconds": 0.5, "index_files": 20_000, "index_entries": 320_000}
 SECTIONS = "123456ICG"  # the table's order: the issue's six figures, inference, the choices behind the defaults,
 # GPU decoding
 INFERENCE_BATCHES = (1, 32)  # latency of one image, throughput of a batch
 LOADER_BATCHES = 8  # batches per timed window of the loader-alone comparison
+RESIZED_SHORT_SIDE = 320  # the pre-resized copy of section 4, as docs/data-pipeline.md suggests
 MEMORY_PROBE_STEPS = 5
+MODEL_ONLY_EPOCH = 10**6  # the model-only step's epoch length: it only places the LR schedule (in its warm-up)
 
 
 def get_args_parser():
@@ -101,6 +108,12 @@ def get_args_parser():
     parser.add_argument("--index-entries", type=int, default=1_280_000,
                         help="entries of the index for the worker-memory test (0: skip it)")
     parser.add_argument("--memory-workers", type=int, default=4, help="workers of the worker-memory test")
+    parser.add_argument("--busy", type=int, default=2,
+                        help="section 3 also under load: this many other processes, each spinning a core at this "
+                             "process's priority, while model-only and the full pipeline take turns (0: skip it)")
+    parser.add_argument("--busy-seconds", type=float, default=300,
+                        help="each busy process ends itself after this long, even if this process dies without "
+                             "ending it (normally they are ended as soon as the loaded comparison is done)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a CPU)")
     parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
                         help="nvjpeg against CPU decoding, alone and in train.py's loop with --decode-on device "
@@ -235,21 +248,72 @@ def proc_stat(pid):
     return int(fields[1]), int(fields[11]) + int(fields[12])  # ppid; utime + stime
 
 
+def runnable_threads(pid):
+    """How many threads of a process are running or waiting for a core (state R), 0 when it is gone."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"/proc/{pid}/task/{thread}/stat") as f:
+                    count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    return count
+
+
 def wait_until_idle(timeout=10.0):
     """Wait until the loader workers stop using CPU: they refill their queues after a window of the pipeline,
-    and that work must not be billed to the next window, which may belong to another variant."""
+    and that work must not be billed to the next window, which may belong to another variant.
+
+    Idle means: at two polls in a row no thread of a worker is runnable and their CPU time has not grown. CPU time
+    alone is not enough on a loaded machine, where a worker waiting for a core uses none. The busy processes of
+    the loaded comparison are children too, but never idle: they are not watched."""
     if not os.path.isdir("/proc"):
         time.sleep(0.2)  # no way to watch them here: give them a moment
         return
-    pids = child_pids()
+    pids = [pid for pid in child_pids() if pid not in busy_pids]
     last = sum(proc_stat(pid)[1] for pid in pids)
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
         now = sum(proc_stat(pid)[1] for pid in pids)
-        if now == last:
+        if now == last and not any(runnable_threads(pid) for pid in pids):
             return
         last = now
+
+
+# A busy process: spins until its deadline, or until its parent is gone (then it is an orphan nobody will end).
+# It ignores Ctrl-C, which reaches the whole process group: the benchmark ends it, without a traceback from it.
+BUSY_LOOP = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+deadline, parent = time.monotonic() + float(sys.argv[1]), os.getppid()
+while time.monotonic() < deadline and os.getppid() == parent:
+    pass
+"""
+busy_pids = set()  # the busy processes running now (wait_until_idle leaves them out)
+
+
+@contextlib.contextmanager
+def busy_processes(count, seconds):
+    """count other processes, each spinning a core at this process's priority, for the block: yields their Popen
+    objects. Each ends itself after `seconds` at the latest (should this process die without ending it); all are
+    ended, and waited for, when the block is left, however it is left (an exception, Ctrl-C)."""
+    processes = []
+    try:
+        for _ in range(count):
+            processes.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(seconds)],
+                                              stdin=subprocess.DEVNULL))
+            busy_pids.add(processes[-1].pid)
+        yield processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            busy_pids.discard(process.pid)
 
 
 def memory_mb(pid="self"):
@@ -280,13 +344,12 @@ def total(values):
 # ---------------------------------------------------------------- train.py's step, with train.py's defaults
 
 def train_args(args, device, *flags, **overrides):
-    """train.py's arguments at their defaults, with the device-dependent ones resolved by train.resolve_defaults."""
-    targs = train.get_args_parser().parse_args(["--arch", args.arch, "--width-mult", str(args.width_mult),
-                                                "-b", str(args.batch_size), "--img-size", str(args.img_size), *flags])
-    train.validate_args(targs)
-    train.resolve_defaults(targs, device)
-    vars(targs).update(overrides)
-    return targs
+    """train.py's configuration at its defaults, resolved for the device by train.resolve_config: `flags` as on
+    its command line, `overrides` for the values a comparison changes."""
+    parsed = train.get_args_parser().parse_args(["--arch", args.arch, "--width-mult", str(args.width_mult),
+                                                 "-b", str(args.batch_size), "--img-size", str(args.img_size), *flags])
+    train.validate_args(parsed)
+    return train.resolve_config(argparse.Namespace(**{**vars(parsed), **overrides}), device)
 
 
 def alternative_threads(args, device):
@@ -301,25 +364,10 @@ def alternative_threads(args, device):
 
 
 def make_trainer(net, targs, device):
-    """Model, optimizer, EMA, autocast and scaler, built by train.py's functions as train.main builds them."""
-    net = net.to(device)
-    if targs.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    net.train()
-    autocast, scaler, _ = utils.precision_for(device, targs.amp, targs.amp_dtype)
-    return SimpleNamespace(model=net, optimizer=train.make_optimizer(net, targs, device),
-                           ema=train.make_ema(net, targs.ema_decay), autocast=autocast, scaler=scaler,
-                           criterion=nn.CrossEntropyLoss(label_smoothing=targs.label_smoothing),
-                           channels_last=targs.channels_last, norm=targs.norm)
-
-
-def train_iteration(trainer, images, targets):
-    """One optimizer step as train_one_epoch takes it: train_step, optimizer_step (with its finite-gradient
-    check, a host sync), the EMA update."""
-    train.train_step(trainer.model, images, targets, trainer.criterion, trainer.scaler, trainer.autocast)
-    train.optimizer_step(trainer.optimizer, trainer.scaler, list(trainer.model.parameters()))
-    if trainer.ema is not None:
-        trainer.ema.update()
+    """A train.Run around net, built by train.build_trainer as train.py builds its own: optimizer, EMA,
+    precision, loss, torch.compile with --compile (the training step, train.train_update, needs nothing else)."""
+    net = train.place_model(net, targs, device).train()
+    return train.build_trainer(targs, net, device, steps_per_epoch=MODEL_ONLY_EPOCH, show_progress=False)
 
 
 def precision_name(targs, device):
@@ -336,15 +384,18 @@ def describe(trainer, targs, device):
 
 
 def model_only(name, trainer, batch_size, img_size, device, threads=None):
-    """The training step on one synthetic batch, already normalized and on the device."""
+    """train.py's update step, train.train_update, on one synthetic batch, already normalized and on the device
+    (learning rate, BN-momentum warm-up, forward, backward, the finite-gradient check, a host sync, the optimizer
+    step and the EMA update)."""
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    if trainer.channels_last:
+    if trainer.config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 1000, (batch_size,), device=device)
+    state = train.TrainState()
 
     def run(steps):
         for _ in range(steps):
-            train_iteration(trainer, images, targets)
+            train.train_update(trainer, state, [(images, targets)])
     return Variant(name, run, batch_size, threads)
 
 
@@ -355,34 +406,37 @@ def repeat_index(index, length):
 
 
 class Pipeline:
-    """train.py's own training loop, train_one_epoch, on a Context from train.build_context with train.py's
-    defaults, over the JPEG files in root/train. Each run(steps) is one call of train_one_epoch stopped by
-    --max-steps; the loader's iterator lives across the calls, so windows measure the steady state and not the
+    """train.py's own training loop, train_one_epoch, on a train.Run from train.build_run with train.py's
+    defaults, over the JPEG files in root/train. Each run(steps) is one call of train_one_epoch on an epoch of
+    `steps` steps; the loader's iterator lives across the calls, so windows measure the steady state and not the
     start of an epoch, as in a long ImageNet epoch."""
 
     def __init__(self, args, device, root, out_folder, workers, decode_on="workers", worker_nice=None):
         targs = train_args(args, device, "--data-path", root, "--workers", str(workers), "--decode-on", decode_on,
                            "--output-dir", os.path.join(out_folder, "ckpt"), "--log-dir", out_folder)
         with contextlib.redirect_stdout(sys.stderr):
-            self.ctx = train.build_context(targs, device=device)
-        self.ctx.show_progress = False
+            run = train.build_run(targs, device=device)
+        data = run.data
         # the few hundred benchmark images, repeated: an "epoch" of 500 batches, as ImageNet's are long. The
         # loader is train.py's own; its workers start with the first window, so they see the longer index.
-        self.ctx.train_set.index = repeat_index(self.ctx.train_set.index, args.batch_size * 500)
-        self.ctx.sampler.num_samples = len(self.ctx.train_set)
+        data.train_set.index = repeat_index(data.train_set.index, args.batch_size * 500)
+        data.train_loader.sampler.num_samples = len(data.train_set)
         if worker_nice is not None:  # instead of train.py's choice, to show what that choice is worth
-            self.ctx.loader.worker_init_fn = functools.partial(dataset.start_worker, worker_nice)
-        self.ctx.loader = LiveLoader(self.ctx.loader)
+            data.train_loader.worker_init_fn = functools.partial(dataset.start_worker, worker_nice)
+        live = dataclasses.replace(data, train_loader=LiveLoader(data.train_loader))
+        self.run_of, self.state = dataclasses.replace(run, data=live, show_progress=False), train.TrainState()
+        self.config, self.epochs = targs, {}  # epochs: the run with steps_per_epoch = steps, for each window size
 
     def run(self, steps):
-        self.ctx.args.max_steps = self.ctx.state.step + steps
-        self.ctx.state.batch_in_epoch = 0  # the same endless epoch; its position only sizes the LR schedule
-        if train.train_one_epoch(self.ctx) != "stopped":  # "diverged": fewer steps ran
+        if steps not in self.epochs:
+            self.epochs[steps] = dataclasses.replace(self.run_of, steps_per_epoch=steps)
+        self.state.epoch = self.state.batch_in_epoch = 0  # the same endless epoch; it only sizes the LR schedule
+        if train.train_one_epoch(self.epochs[steps], self.state)[0] != "done":  # "diverged": fewer steps ran
             raise UserError(f"the loss was not finite for {train.MAX_NONFINITE_STREAK} steps in a row in the "
                             "full-pipeline benchmark")
 
     def close(self):
-        self.ctx.loader = self.ctx = None  # persistent workers exit when their iterator is freed
+        self.run_of = self.epochs = None  # persistent workers exit when their iterator is freed
         gc.collect()
 
 
@@ -391,6 +445,7 @@ class LiveLoader:
 
     def __init__(self, loader):
         self.loader, self.batches = loader, None  # its workers start with the first window, not before
+        self.sampler = loader.sampler  # train_one_epoch sets its epoch (the live iterator keeps its own order)
 
     def __len__(self):
         return 10**9
@@ -442,11 +497,15 @@ def bench_training(report, args, device, root, folder):
             pipelines[f"device {workers}"] = Pipeline(args, device, root, folder, workers, decode_on="device")
     full = {}
     for key, pipe in pipelines.items():
-        workers = pipe.ctx.args.workers
-        where = f", JPEGs decoded on {device.type}" if pipe.ctx.args.decode_on == "device" else ""
+        workers = pipe.config.workers
+        where = f", JPEGs decoded on {device.type}" if pipe.config.decode_on == "device" else ""
         where += ", workers at the same CPU priority" if key == "same priority" else ""
         full[key] = Variant(f"full pipeline, {workers} worker{'s' * (workers > 1)}{where}", pipe.run,
                             args.batch_size, settle=wait_until_idle, whole_windows=True)
+    # right after the default: the same pipeline with the accounting of the loaded comparison (refilled)
+    full = {args.workers: full.pop(args.workers),
+            "refill timed": Variant("  the same, the queue's refill timed", refilled(pipelines[args.workers].run),
+                                    args.batch_size, settle=wait_until_idle, whole_windows=True), **full}
     if other_threads:
         full["threads"] = Variant(f"full pipeline, {args.workers} worker{'s' * (args.workers > 1)}, {other_threads} "
                                   f"thread{'s' * (other_threads > 1)}", pipelines[args.workers].run, args.batch_size,
@@ -469,7 +528,7 @@ def bench_training(report, args, device, root, folder):
     for workers, v in full.items():
         default_workers = workers == args.workers
         key = {args.workers: "full_pipeline", "threads": "full_pipeline_other_threads",
-               "same priority": "full_pipeline_workers_same_priority",
+               "same priority": "full_pipeline_workers_same_priority", "refill timed": "full_pipeline_refill_timed",
                "device 1": "full_pipeline_gpu_decode_1_worker",
                "device 2": "full_pipeline_gpu_decode_2_workers"}.get(workers)
         report.add("3", v.name + (" (train.py default)" if default_workers else ""), rates[v.name], "img/s",
@@ -477,14 +536,57 @@ def bench_training(report, args, device, root, folder):
                    target=TARGETS["full_vs_model"] if default_workers else None,
                    key=key or f"full_pipeline_{workers}_worker")
 
+    if args.busy > 0:
+        bench_under_load(report, args, device, default, pipelines, rates[base.name])
     for pipe in pipelines.values():
         pipe.close()
     return default, rates[base.name]
 
 
+def refilled(run):
+    """A Pipeline's run(steps), then the wait until its workers have refilled their queues, both in the timed
+    window. Each window then pays for decoding every batch it trained on. With the wait outside the window, a
+    window starts from full queues (4 batches a worker) and a worker slower than the model goes unseen in a
+    window of a few steps: under load on a 2-core CPU, a window is 1-2 steps."""
+    def run_and_refill(steps):
+        run(steps)
+        wait_until_idle()
+    return run_and_refill
+
+
+def bench_under_load(report, args, device, trainer, pipelines, quiet_model_rates):
+    """Section 3 under load: --busy other processes spin a core each, at this process's priority, while the
+    model-only step and the full pipeline take turns window by window, as in the quiet comparison. The busy
+    processes run for this comparison only and are ended when it ends, whatever happens (busy_processes)."""
+    busy = f"{args.busy} busy process{'es' * (args.busy > 1)}"
+    size = (args.batch_size, args.img_size, device)
+    workers = f"{args.workers} worker{'s' * (args.workers > 1)}"
+    model = model_only(f"model-only step, {busy}", trainer, *size)
+    full = {"full_pipeline_busy": Variant(f"full pipeline, {workers}, {busy}", refilled(pipelines[args.workers].run),
+                                          args.batch_size, settle=wait_until_idle, whole_windows=True),
+            "full_pipeline_busy_refill_untimed": Variant("  the same, the queue refilled between windows (untimed)",
+                                                         pipelines[args.workers].run, args.batch_size,
+                                                         settle=wait_until_idle, whole_windows=True)}
+    if "same priority" in pipelines:  # the CPU: train.py lowers its workers' priority, is that right under load?
+        full["full_pipeline_busy_workers_same_priority"] = Variant(
+            "  the same, workers at the same CPU priority", refilled(pipelines["same priority"].run),
+            args.batch_size, settle=wait_until_idle, whole_windows=True)
+    with busy_processes(args.busy, args.busy_seconds) as processes:
+        rates = compare([model, *full.values()], args, device)
+        ended = sum(process.poll() is not None for process in processes)
+    note = f"{ended} busy processes ended before the comparison did: raise --busy-seconds" if ended else ""
+    report.add("3", model.name, rates[model.name], "img/s", variant=model, key="model_only_busy",
+               ratio=statistics.median(rates[model.name]) / statistics.median(quiet_model_rates),
+               ratio_text="of quiet", note=note or "medians of two comparisons, not paired")
+    for key, v in full.items():
+        report.add("3", v.name, rates[v.name], "img/s", variant=v, base=(rates[model.name], "full/model"),
+                   target=TARGETS["full_vs_model_busy"] if key == "full_pipeline_busy" else None, note=note,
+                   key=key)
+
+
 def bench_memory(report, args, device, root, folder):
     """Section 6: the memory of a training process as train.py makes it, alone in a fresh interpreter (this one
-    holds every contender, and workers forked from it would inherit them): build_context, then
+    holds every contender, and workers forked from it would inherit them): train.build_run, then
     MEMORY_PROBE_STEPS steps of train_one_epoch, then the peak RSS of the process and of its workers."""
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe", root, "--device", str(device),
                "--arch", args.arch, "--width-mult", str(args.width_mult), "-b", str(args.batch_size),
@@ -502,7 +604,7 @@ def bench_memory(report, args, device, root, folder):
         report.add("6", "memory of a training process", None, "", note=f"probe failed: {last}")
         return
     main, workers = memory["main"], memory["workers"]
-    steps = f"VmHWM of a fresh process from train.build_context, {MEMORY_PROBE_STEPS} steps"
+    steps = f"VmHWM of a fresh process from train.build_run, {MEMORY_PROBE_STEPS} steps"
     report.add("6", "peak RSS, training process", [main["peak_rss"]], "MB", key="peak_rss_main", note=steps)
     report.add("6", f"peak RSS, its {len(workers)} loader workers (sum)", [total(w["peak_rss"] for w in workers)],
                "MB", key="peak_rss_workers", note="shared pages counted in each")
@@ -600,8 +702,8 @@ def bench_compile(report, args, device):
     """torch.compile of the model: compile time (the first step) and the steady-state speed against eager."""
     targs = train_args(args, device)
     eager = make_trainer(model_lib.build_model(args.arch, args.width_mult, 1000), targs, device)
-    compiled = make_trainer(model_lib.build_model(args.arch, args.width_mult, 1000), targs, device)
-    compiled.model = torch.compile(compiled.model)
+    compiled = make_trainer(model_lib.build_model(args.arch, args.width_mult, 1000),
+                            train_args(args, device, compile=True), device)  # train.build_trainer compiles it
     variants = [model_only("  eager", eager, args.batch_size, args.img_size, device),
                 model_only("  torch.compile", compiled, args.batch_size, args.img_size, device)]
     start = time.perf_counter()
@@ -628,11 +730,11 @@ def bench_eval(report, args, device, trainer, splits):
 
     def run(steps):
         for _ in range(steps):
-            evaluate.evaluate(trainer.model, loader, device, trainer.autocast, trainer.norm, trainer.channels_last,
+            evaluate.evaluate(trainer.net, loader, device, trainer.autocast, trainer.config.norm, trainer.config.channels_last,
                            show_progress=False)
     variant = Variant("evaluation", run, images, settle=wait_until_idle)
     rates = compare([variant], args, device)
-    trainer.model.train()
+    trainer.net.train()
     report.add("5", f"evaluation, evaluate.evaluate ({args.workers} workers, {images} images a pass)", rates["evaluation"],
                "img/s", variant=variant, note="incl. each pass's loader start", key="evaluation")
     del loader
@@ -703,54 +805,92 @@ def version(package):
         return "?"
 
 
-def bench_loader(report, args, device, splits, train_dir):
-    """Section 4a: the loader alone, one worker each: dataset.py's (uint8 batches, normalized later on the
-    training device by normalize_batch) against torchvision's ImageFolder with the standard PIL transforms
+def start_worker_with_torchvision_decoder(nice, worker_id):
+    """A loader worker's start (dataset.start_worker) that also switches it to torchvision's decode_jpeg, the
+    decoder before TorchCodec: decode_jpeg_cpu falls back to it when dataset.torchcodec_decode_jpeg is None. Set in
+    the worker itself, so it holds however the worker was started (fork or spawn) and the parent keeps TorchCodec."""
+    dataset.start_worker(nice, worker_id)
+    dataset.torchcodec_decode_jpeg = None
+
+
+def bench_loader(report, args, device, splits, root, folder):
+    """Section 4a: the loader alone, one worker each, side by side: dataset.py's (uint8 batches, normalized later
+    on the training device by normalize_batch) with its defaults (TorchCodec's decoder, scaled decoding), with
+    torchvision's decoder instead, with scaled decoding off, and on a pre-resized copy of the same images
+    (dataset.make_resized_copy, shorter side 320); and torchvision's ImageFolder with the standard PIL transforms
     (normalized float batches). Each window loads exactly LOADER_BATCHES batches starting from an idle worker,
-    so it times the worker, not a queue filled beforehand. The main process only receives, except in the
-    middle variant, which also runs normalize_batch here, as a CPU training process would."""
+    so it times the worker, not a queue filled beforehand. The main process only receives, except in the variant
+    that also runs normalize_batch here, as a CPU training process would."""
     batch = min(args.batch_size, 32)
     per_window = batch * LOADER_BATCHES
     mean, std = dataset.NORMS["imagenet"]
-    ours_set = dataset.ImageFiles(repeat_index(splits.train, per_window), dataset.train_transform(args.img_size))
-    sampler = dataset.EpochSampler(len(ours_set), shuffle=True, seed=0, drop_last=True)
-    ours_loader = dataset.build_loader(ours_set, sampler, batch, 1, train=True)
-    epochs = iter(range(1, 10**9))
+    start = time.perf_counter()
+    resized_root = os.path.join(folder, f"resized-{RESIZED_SHORT_SIDE}")
+    copied = sum(dataset.make_resized_copy(root, resized_root, RESIZED_SHORT_SIDE).values())
+    resized = dataset.find_dataset(resized_root, cache_dir=os.path.join(folder, "cache")).train
+    copy_seconds = time.perf_counter() - start
 
-    def run_ours(steps, normalize=False):
-        for _ in range(steps):
-            sampler.set_epoch(next(epochs))  # a new shuffle and new augmentations every window
-            for images, _ in ours_loader:
-                if normalize:
-                    dataset.normalize_batch(images, mean, std)
+    def our_loader(index, scaled_decoding=True, torchvision_decoder=False):
+        """run(steps, normalize=False) over dataset.py's loader with one worker, a new epoch each step."""
+        image_set = dataset.ImageFiles(repeat_index(index, per_window), dataset.train_transform(args.img_size),
+                                       scaled_decoding=scaled_decoding)
+        sampler = dataset.EpochSampler(len(image_set), shuffle=True, seed=0, drop_last=True)
+        loader = dataset.build_loader(image_set, sampler, batch, 1, train=True)
+        if torchvision_decoder:
+            loader.worker_init_fn = functools.partial(start_worker_with_torchvision_decoder, 0)
+        epochs = iter(range(1, 10**9))
 
-    folder = torchvision.datasets.ImageFolder(train_dir, transform=pil_transforms.Compose([
+        def run(steps, normalize=False):
+            for _ in range(steps):
+                sampler.set_epoch(next(epochs))  # a new shuffle and new augmentations every window
+                for images, _ in loader:
+                    if normalize:
+                        dataset.normalize_batch(images, mean, std)
+        return run
+
+    image_folder = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=pil_transforms.Compose([
         pil_transforms.RandomResizedCrop(args.img_size), pil_transforms.RandomHorizontalFlip(),
         pil_transforms.ToTensor(), pil_transforms.Normalize(mean, std)]))
     folder_loader = torch.utils.data.DataLoader(
-        folder, batch_size=batch, num_workers=1, persistent_workers=True,
-        sampler=torch.utils.data.RandomSampler(folder, num_samples=per_window))
+        image_folder, batch_size=batch, num_workers=1, persistent_workers=True,
+        sampler=torch.utils.data.RandomSampler(image_folder, num_samples=per_window))
 
     def run_folder(steps):
         for _ in range(steps):
             for _ in folder_loader:
                 pass
 
-    variants = [Variant("  dataset.py loader (decode_jpeg, v2 on uint8)", run_ours, per_window),
-                Variant("  same + normalize_batch in this process", lambda steps: run_ours(steps, True), per_window),
-                Variant("  ImageFolder + PIL transforms", run_folder, per_window)]
-    rates = compare(variants, args, device)
-    ours, normalized, theirs = (rates[v.name] for v in variants)
+    has_torchcodec = dataset.torchcodec_decode_jpeg is not None
+    decoder = "TorchCodec" if has_torchcodec else "torchvision's decode_jpeg (torchcodec does not import)"
+    ours = our_loader(splits.train)
+    variants = {"loader_ours": Variant(f"  dataset.py loader ({decoder}, scaled decoding, v2 on uint8)", ours,
+                                       per_window),
+                "loader_ours_normalized": Variant("  same + normalize_batch in this process",
+                                                  lambda steps: ours(steps, True), per_window)}
+    if has_torchcodec:  # else the default already is torchvision's decoder
+        variants["loader_torchvision_decoder"] = Variant(
+            "  torchvision's decode_jpeg (the decoder before TorchCodec)",
+            our_loader(splits.train, torchvision_decoder=True), per_window)
+    variants["loader_scaled_decoding_off"] = Variant("  scaled decoding off",
+                                                     our_loader(splits.train, scaled_decoding=False), per_window)
+    variants["loader_resized_copy"] = Variant(f"  a pre-resized copy (shorter side {RESIZED_SHORT_SIDE})",
+                                              our_loader(resized), per_window)
+    variants["loader_imagefolder"] = Variant("  ImageFolder + PIL transforms", run_folder, per_window)
+    rates = compare(list(variants.values()), args, device)
+    default, theirs = rates[variants["loader_ours"].name], rates[variants["loader_imagefolder"].name]
+    notes = {"loader_ours": "uint8 out; normalized on the device",
+             "loader_scaled_decoding_off": f"only crop boxes >= 2x the output gain: few at {args.img_size}px",
+             "loader_resized_copy": f"{copied} files copied in {copy_seconds:.0f}s by dataset.make_resized_copy",
+             "loader_imagefolder": "normalized floats out"}
     report.add("4", f"loader alone, 1 worker, {batch} x {args.img_size}px batches", None, "")
-    report.add("4", variants[0].name, ours, "img/s/worker", variant=variants[0], key="loader_ours",
-               note="uint8 out; normalized on the device")
-    report.add("4", variants[1].name, normalized, "img/s/worker", variant=variants[1], key="loader_ours_normalized",
-               base=(theirs, "of ImageFolder"))
-    report.add("4", variants[2].name, theirs, "img/s/worker", variant=variants[2], key="loader_imagefolder",
-               note="normalized floats out")
-    report.add("4", "  dataset.py / ImageFolder", None, "", ratios=paired_ratios(ours, theirs),
+    for key, v in variants.items():
+        base = {"loader_ours": None, "loader_ours_normalized": (theirs, "of ImageFolder"),
+                "loader_imagefolder": None}.get(key, (default, "of default"))
+        report.add("4", v.name + (" (default)" if key == "loader_ours" else ""), rates[v.name], "img/s/worker",
+                   variant=v, base=base, note=notes.get(key, ""), key=key)
+    report.add("4", "  dataset.py / ImageFolder", None, "", ratios=paired_ratios(default, theirs),
                target=TARGETS["loader_vs_imagefolder"], key="loader_vs_imagefolder")
-    del ours_loader, folder_loader
+    del variants, ours, folder_loader
     gc.collect()
 
 
@@ -1010,6 +1150,8 @@ def main(args):
                         "--calib-images": args.calib_images}.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
+    if args.busy < 0 or args.busy_seconds <= 0:
+        raise UserError(f"--busy must be 0 or more and --busy-seconds positive (got {args.busy}, {args.busy_seconds})")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1 (got {args.threads})")
     if args.workers < 1:
@@ -1037,7 +1179,7 @@ def main(args):
             trainer, step_rates = bench_training(report, args, device, root, folder)
             bench_memory(report, args, device, root, folder)
             bench_eval(report, args, device, trainer, splits)
-            bench_loader(report, args, device, splits, os.path.join(root, "train"))
+            bench_loader(report, args, device, splits, root, folder)
             if args.index_files > 0:
                 bench_indexing(report, args, folder)
             if args.index_entries > 0:

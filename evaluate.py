@@ -155,7 +155,7 @@ def _load_torchvision(path, state, arch, width_mult, num_classes):
     info = {"classes": None, "class_names": None, "weights": "torchvision state dict", "norm": "imagenet",
             "val_resize_size": 256, "val_crop_size": 224, "amp": False, "amp_dtype": "auto", "data_path": None,
             "epoch": None,
-            "config": model_lib.model_config(net)}
+            "config": net.config.as_dict()}
     return net, info
 
 

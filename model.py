@@ -9,6 +9,8 @@ bneck block, and `MobileNetV3.__init__` is the one builder that reads them. Modu
 `mobilenet_v3_large`/`mobilenet_v3_small` (features.N.block.M, SE fc1/fc2, classifier.0/.3), so a torchvision
 state dict loads 1:1 with `load_torchvision_state_dict`.
 """
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -143,36 +145,57 @@ class InvertedResidual(nn.Module):
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The arguments that build a MobileNetV3 (`model.config`). Frozen: the network was built from these values,
+    so changing one afterwards would describe another network than the weights."""
+
+    arch: str
+    width_mult: float
+    num_classes: int
+    dropout: float
+    bn_eps: float
+    bn_momentum: float
+    classifier: bool = True
+
+    def __post_init__(self):
+        if self.arch not in ARCH_TABLES:
+            raise ValueError(f"unknown MobileNetV3 arch {self.arch!r}; expected one of {ARCHS}")
+        if not self.width_mult > 0:
+            raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
+        if self.classifier and self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+
+    def as_dict(self):
+        """What checkpoints store, and `build_model(**config.as_dict())` rebuilds the model from. "classifier"
+        appears (as False) only for a model without a head, so the dicts of checkpoints saved before that option
+        existed stay equal to those of the same models now."""
+        config = dataclasses.asdict(self)
+        del config["classifier"]
+        if not self.classifier:
+            config["classifier"] = False
+        return config
+
+
 class MobileNetV3(nn.Module):
     """MobileNetV3-Large or -Small built from the paper's table (see `ARCH_TABLES`).
 
-    `classifier_out_features` is an alias of `num_classes` kept for older call sites. With `classifier=False`
-    no head is built and `forward` returns the pooled features (`self.num_features` wide): the output of the
-    last 1x1 conv + BN + hard-swish, globally average-pooled and flattened.
+    The arguments are kept as `self.config` (a ModelConfig). `classifier_out_features` is an alias of
+    `num_classes` kept for older call sites. With `classifier=False` no head is built and `forward` returns the
+    pooled features (`self.num_features` wide): the output of the last 1x1 conv + BN + hard-swish, globally
+    average-pooled and flattened.
     """
 
     def __init__(self, arch="large", width_mult=1.0, num_classes=1000, dropout=0.2, bn_eps=1e-3, bn_momentum=0.01,
                  classifier=True, classifier_out_features=None):
         super().__init__()
-        if arch not in ARCH_TABLES:
-            raise ValueError(f"unknown MobileNetV3 arch {arch!r}; expected one of {ARCHS}")
-        if not width_mult > 0:
-            raise ValueError(f"width_mult must be > 0, got {width_mult}")
         if classifier_out_features is not None:
             if num_classes not in (1000, classifier_out_features):
                 raise ValueError(f"num_classes={num_classes} and classifier_out_features={classifier_out_features} "
                                  "disagree; give only one of them")
             num_classes = classifier_out_features
-        if classifier and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        # Kept so that model_config() can rebuild this model (e.g. from a checkpoint).
-        self.arch = arch
-        self.width_mult = width_mult
-        self.num_classes = num_classes
-        self.dropout = dropout
-        self.bn_eps = bn_eps
-        self.bn_momentum = bn_momentum
-        self.has_classifier = classifier
+        # ModelConfig checks the values; checkpoints store config.as_dict(), which rebuilds this model.
+        self.config = ModelConfig(arch, width_mult, num_classes, dropout, bn_eps, bn_momentum, classifier)
 
         # BN momentum 0.01 = TF decay 0.99 (paper, section 6.1.1); eps 1e-3 is the TF reference's default.
         norm = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
@@ -239,24 +262,9 @@ class MobileNetV3(nn.Module):
 
 
 def build_model(arch, width_mult, num_classes, **kwargs):
-    """Build a MobileNetV3; `kwargs` are the other `MobileNetV3` arguments (dropout, bn_eps, ...)."""
+    """Build a MobileNetV3; `kwargs` are the other `MobileNetV3` arguments (dropout, bn_eps, ...).
+    `build_model(**model.config.as_dict())` rebuilds `model` (checkpoints store that dict)."""
     return MobileNetV3(arch=arch, width_mult=width_mult, num_classes=num_classes, **kwargs)
-
-
-def model_config(model):
-    """The arguments that rebuild `model`: `build_model(**model_config(model))`. Checkpoints store this dict.
-    A model built with classifier=False also gets "classifier": False, so it rebuilds without a head too."""
-    config = {
-        "arch": model.arch,
-        "width_mult": model.width_mult,
-        "num_classes": model.num_classes,
-        "dropout": model.dropout,
-        "bn_eps": model.bn_eps,
-        "bn_momentum": model.bn_momentum,
-    }
-    if not model.has_classifier:
-        config["classifier"] = False
-    return config
 
 
 def count_params(model):
@@ -326,12 +334,13 @@ def _describe_misfit(model, state_dict):
         key = reshaped[0]
         problems.append(f"{len(reshaped)} shape mismatches (first {key!r}: {tuple(state_dict[key].shape)} in "
                         f"the state dict, {tuple(own[key].shape)} in the model)")
+    config = model.config
     guess = guess_torchvision_arch(state_dict)
-    if guess and guess != model.arch:
+    if guess and guess != config.arch:
         problems.append(f"it looks like a {guess!r} state dict")
-    elif model.width_mult != 1.0:
+    elif config.width_mult != 1.0:
         problems.append("torchvision's weights exist only for width_mult=1.0")
-    return (f"state dict does not fit MobileNetV3 arch={model.arch!r} width_mult={model.width_mult}: "
+    return (f"state dict does not fit MobileNetV3 arch={config.arch!r} width_mult={config.width_mult}: "
             + "; ".join(problems))
 
 
@@ -356,10 +365,11 @@ def load_pretrained(model, source):
     differs from the model's is skipped and keeps its fresh initialisation; a model built with
     classifier=False skips the whole head. Everything else must fit exactly (ValueError otherwise).
     """
+    config = model.config
     if source == "torchvision":
-        if model.width_mult != 1.0:
-            raise ValueError(f"torchvision has ImageNet weights only for width_mult=1.0, not {model.width_mult}")
-        state_dict = _torchvision_weights(model.arch)
+        if config.width_mult != 1.0:
+            raise ValueError(f"torchvision has ImageNet weights only for width_mult=1.0, not {config.width_mult}")
+        state_dict = _torchvision_weights(config.arch)
     elif isinstance(source, dict):  # a state dict already loaded (train.py --pretrained reads checkpoints too)
         state_dict, source = source, "the given state dict"
     else:
@@ -369,19 +379,19 @@ def load_pretrained(model, source):
                          "classifier.* tensors)")
 
     skipped = []
-    if not model.has_classifier:
+    if not config.classifier:
         skipped = [key for key in state_dict if key.startswith("classifier.")]
-    elif "classifier.3.weight" in state_dict and state_dict["classifier.3.weight"].shape[0] != model.num_classes:
+    elif "classifier.3.weight" in state_dict and state_dict["classifier.3.weight"].shape[0] != config.num_classes:
         skipped = [key for key in state_dict if key.startswith("classifier.3.")]
     kept = {key: value for key, value in state_dict.items() if key not in skipped}
-    if skipped and model.has_classifier:
+    if skipped and config.classifier:
         # Load the model's own fresh last layer back into itself, so the exact-fit check covers the rest.
         own = model.state_dict()
         kept.update({key: own[key] for key in own if key.startswith("classifier.3.")})
     load_torchvision_state_dict(model, kept)
     if skipped:
-        reason = (f"its {state_dict['classifier.3.weight'].shape[0]} classes vs this model's {model.num_classes}"
-                  if model.has_classifier else "this model has classifier=False")
+        reason = (f"its {state_dict['classifier.3.weight'].shape[0]} classes vs this model's {config.num_classes}"
+                  if config.classifier else "this model has classifier=False")
         print(f"load_pretrained: skipped {len(skipped)} classifier tensors from {source} ({reason})")
     return len(skipped)
 

@@ -29,11 +29,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import math
 import pickle
 import re
 import sys
 import time
+import typing
 
 import torch
 import torch.nn as nn
@@ -51,7 +53,7 @@ DEMO_DEFAULTS = {"img_size": 64, "epochs": 8}      # small images and few epochs
 IMAGENET_DEFAULTS = {"img_size": 224, "epochs": 200}  # the predecessor trained 203 epochs
 MAX_NONFINITE_STREAK = 20
 # A GradScaler halves its scale at each overflow while it calibrates; below 1 the gradients overflow fp16 even
-# unscaled, which is divergence, not calibration (train_on_batch)
+# unscaled, which is divergence, not calibration (count_skipped_update)
 MIN_LOSS_SCALE = 1.0
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
 CHECKPOINTS = "checkpoints"  # default parent of the run folders, relative to where train.py is started
@@ -159,58 +161,38 @@ def get_args_parser():
 
 def validate_args(args):
     """Reject bad values with one line before anything starts."""
-    positive = {"--batch-size": args.batch_size, "--accum-steps": args.accum_steps, "--eval-every": args.eval_every,
-                "--print-freq": args.print_freq, "--lr-step-size": args.lr_step_size}
-    if args.lr_base_batch is not None:
-        positive["--lr-base-batch"] = args.lr_base_batch
-    for flag, value in positive.items():
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        raise UserError(f"--lr must be a positive number (got {args.lr})")
-    if not math.isfinite(args.width_mult) or args.width_mult <= 0:
-        raise UserError(f"--width-mult must be positive (got {args.width_mult})")
-    if args.epochs is not None and args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1 (got {args.epochs})")
-    for flag, value in {"--img-size": args.img_size, "--val-crop-size": args.val_crop_size,
-                        "--val-resize-size": args.val_resize_size}.items():
-        if value is not None and value < 32:
-            raise UserError(f"{flag} must be at least 32 pixels (got {value})")
-    if not 0 <= args.val_split_fraction < 1:
-        raise UserError(f"--val-split-fraction must be in [0, 1) (got {args.val_split_fraction})")
-    if args.keep_checkpoints < 0:
-        raise UserError(f"--keep-checkpoints must be 0 or more (got {args.keep_checkpoints})")
-    if args.workers is not None and args.workers < 0:
-        raise UserError(f"--workers must be 0 or more (got {args.workers})")
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
-    if not 0 < args.min_scale <= 1:
-        raise UserError(f"--min-scale must be in (0, 1] (got {args.min_scale})")
-    for flag, value in {"--weight-decay": args.weight_decay, "--label-smoothing": args.label_smoothing,
-                        "--mixup-alpha": args.mixup_alpha, "--cutmix-alpha": args.cutmix_alpha,
-                        "--clip-grad-norm": args.clip_grad_norm, "--warmup-epochs": args.warmup_epochs,
-                        "--random-erase": args.random_erase, "--max-steps": args.max_steps}.items():
-        if not value >= 0:
-            raise UserError(f"{flag} must be 0 or more (got {value})")
-    if not 0 <= args.kd_alpha <= 1 or not args.kd_temperature > 0:
-        raise UserError("--kd-alpha must be in [0, 1] and --kd-temperature positive")
-    if args.teacher is not None and not os.path.isfile(args.teacher):
-        raise UserError(f"--teacher file not found: {args.teacher}")
-    if args.label_smoothing >= 1 or args.random_erase > 1 or not 0 <= args.dropout < 1:
-        raise UserError("--label-smoothing and --dropout must be below 1, --random-erase at most 1")
+    def check(names, ok, rule):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):  # `not ok` also catches NaN
+                raise UserError(f"--{name.replace('_', '-')} must be {rule} (got {value})")
+    check(("batch_size", "accum_steps", "eval_every", "print_freq", "lr_step_size", "lr_base_batch", "epochs"),
+          lambda v: v >= 1, "at least 1")
+    check(("workers", "keep_checkpoints", "max_steps", "weight_decay", "label_smoothing", "mixup_alpha",
+           "cutmix_alpha", "clip_grad_norm", "warmup_epochs", "random_erase"), lambda v: v >= 0, "0 or more")
+    check(("img_size", "val_crop_size", "val_resize_size"), lambda v: v >= 32, "at least 32 pixels")
+    check(("lr", "width_mult", "kd_temperature"), lambda v: math.isfinite(v) and v > 0, "a positive number")
+    check(("val_split_fraction", "ema_decay", "label_smoothing", "dropout"), lambda v: 0 <= v < 1, "in [0, 1)")
+    check(("kd_alpha", "random_erase"), lambda v: 0 <= v <= 1, "in [0, 1]")
+    check(("min_scale",), lambda v: 0 < v <= 1, "in (0, 1]")
     if args.decode_on == "device" and (args.auto_augment or args.random_erase):
         raise UserError("--decode-on device does the crop and flip only: drop --auto-augment and --random-erase, "
                         "or decode on the workers")
+    check_paths(args)
+
+
+def check_paths(args):
+    """The files and folders the flags name exist (and are files or folders, as each flag needs)."""
     if args.data_path is not None and not os.path.exists(args.data_path):
         raise UserError(f"--data-path {args.data_path} does not exist")
     if args.data_path is not None and not os.path.isdir(args.data_path):
         raise UserError(f"--data-path {args.data_path} is not a folder")
     if args.resume not in (None, "auto") and os.path.isdir(args.resume):
         raise UserError(f"--resume {args.resume} is a folder: give the checkpoint file in it (e.g. last.pth)")
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
-        raise UserError(f"--resume file not found: {args.resume}")
-    if args.pretrained not in (None, "torchvision") and not os.path.isfile(args.pretrained):
-        raise UserError(f"--pretrained file not found: {args.pretrained}")
+    for flag, path, words in (("--resume", args.resume, ("auto",)), ("--pretrained", args.pretrained,
+                              ("torchvision",)), ("--teacher", args.teacher, ())):
+        if path is not None and path not in words and not os.path.isfile(path):
+            raise UserError(f"{flag} file not found: {path}")
 
 
 def parse_args(argv=None):
@@ -257,20 +239,7 @@ def read_recipe(path, parser):
             raise UserError(f"--config {path}: unknown key {key!r} in [recipe] (known: {', '.join(RECIPE_METADATA)})")
         if not isinstance(value, RECIPE_METADATA[key]) or isinstance(value, bool):
             raise UserError(f"--config {path}: [recipe] {key} = {value!r} has the wrong type")
-    defaults = {}
-    for key, value in recipe.items():
-        action = actions.get(key)
-        if action is None:
-            raise UserError(f"--config {path}: unknown key {key!r} (keys are train.py flags, e.g. batch_size)")
-        switch = action.nargs == 0  # store_true and --x/--no-x flags
-        wanted = bool if switch else action.type or str
-        fits = isinstance(value, bool) if switch else (not isinstance(value, bool) and (
-            isinstance(value, wanted) or (wanted is float and isinstance(value, int))))
-        if not fits:
-            raise UserError(f"--config {path}: {key} = {value!r} should be {wanted.__name__}")
-        if action.choices is not None and value not in action.choices:
-            raise UserError(f"--config {path}: {key} = {value!r} is not one of {', '.join(map(str, action.choices))}")
-        defaults[key] = float(value) if wanted is float else value
+    defaults = {key: recipe_value(path, key, value, actions.get(key)) for key, value in recipe.items()}
     if "global_batch" in meta:
         defaults.setdefault("lr_base_batch", meta["global_batch"])
     if "lr_scaling" in meta:
@@ -278,6 +247,21 @@ def read_recipe(path, parser):
             raise UserError(f"--config {path}: [recipe] lr_scaling must be linear, sqrt or none")
         defaults.setdefault("lr_scaling", meta["lr_scaling"])
     return defaults
+
+
+def recipe_value(path, key, value, action):
+    """A recipe's value for the flag of `action`, checked as the command line would check it."""
+    if action is None:
+        raise UserError(f"--config {path}: unknown key {key!r} (keys are train.py flags, e.g. batch_size)")
+    switch = action.nargs == 0  # store_true and --x/--no-x flags
+    wanted = bool if switch else action.type or str
+    fits = isinstance(value, bool) if switch else (not isinstance(value, bool) and (
+        isinstance(value, wanted) or (wanted is float and isinstance(value, int))))
+    if not fits:
+        raise UserError(f"--config {path}: {key} = {value!r} should be {wanted.__name__}")
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"--config {path}: {key} = {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return float(value) if wanted is float else value
 
 
 def scaled_to_global_batch(args, world_size):
@@ -465,38 +449,87 @@ class TrainState:
         return self.epoch + (self.batch_in_epoch // accum_steps) / steps_per_epoch
 
 
-class Context:
-    """Everything the loop needs, in one place (a plain namespace)."""
+@dataclasses.dataclass
+class Data:
+    """A run's dataset, as this rank reads it."""
+    path: str                        # the data folder (the demo's when --data-path is omitted)
+    splits: dataset.DataSplits       # layout, classes and the train/val file indexes
+    train_set: torch.utils.data.Dataset
+    val_set: dataset.ValidationImageFiles
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
 
 
-def resolve_defaults(args, device):
-    """Fill in the defaults that depend on the data (demo or not) and on the device, as --help says."""
+@dataclasses.dataclass
+class Run:
+    """What a run is built from, built once (build_run; benchmark.py builds one around a bare model with
+    build_trainer). No field is reassigned afterwards except `writer`, which main opens once it knows the step the
+    run continues from. The run's progress is not here: it is the TrainState, which is what a checkpoint saves."""
+    config: argparse.Namespace       # the command line with every default resolved (resolve_config); never changed
+    device: torch.device
+    net: nn.Module                   # the model itself: what is saved, validated and resumed
+    model: nn.Module                 # what trains: net, or DDP(net), maybe compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    autocast: object                 # a function returning the autocast context (utils.precision_for)
+    precision: str                   # its name, for the start-up line
+    ema: ExponentialMovingAverage | None
+    criterion: nn.Module
+    lr: float                        # --lr and --ema-decay for this run's global batch (scaled_to_global_batch)
+    ema_decay: float
+    steps_per_epoch: int
+    ddp: DistributedDataParallel | None = None
+    teacher: nn.Module | None = None
+    mixup: object = None             # dataset.make_mixup_cutmix, or None
+    data: Data | None = None         # None for benchmark.py's model-only step
+    rank: int = 0
+    world_size: int = 1
+    stop: utils.StopRequest | None = None
+    writer: object = None            # TensorBoard's SummaryWriter on rank 0
+    show_progress: bool = True
+    # derived from net, for the update step: its parameters, its float buffers and a copy to take them back
+    params: list = dataclasses.field(init=False, repr=False)
+    bn_buffers: list = dataclasses.field(init=False, repr=False)
+    bn_backup: list = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.params = list(self.net.parameters())
+        self.bn_buffers = [b for b in self.net.buffers() if b.is_floating_point()]
+        self.bn_backup = [b.detach().clone() for b in self.bn_buffers]
+
+
+def resolve_config(args, device, output_dir=None, run_name=None):
+    """A new namespace: args with the defaults that depend on the data (demo or not), the device and the run
+    folder filled in, as --help says. args itself stays as parsed."""
     defaults = DEMO_DEFAULTS if args.data_path is None else IMAGENET_DEFAULTS
-    args.img_size = args.img_size or defaults["img_size"]
-    args.epochs = args.epochs or defaults["epochs"]
-    args.val_crop_size = args.val_crop_size or args.img_size
-    args.val_resize_size = args.val_resize_size or round(args.val_crop_size / 0.875)
-    if args.amp is None:
-        args.amp = device.type != "cpu"  # CPU bf16 autocast: 0.4-0.85x of fp32, even with AMX-BF16 (measured)
-    if args.channels_last is None:  # faster on CUDA and, measured with benchmark.py, 1.24x on the CPU too
-        args.channels_last = device.type in ("cuda", "cpu")
-    if args.workers is None:
-        args.workers = utils.default_workers(device)
-    return args
+    img_size = args.img_size or defaults["img_size"]
+    val_crop_size = args.val_crop_size or img_size
+    output_dir = output_dir or args.output_dir
+    return argparse.Namespace(**{
+        **vars(args),
+        "img_size": img_size,
+        "epochs": args.epochs or defaults["epochs"],
+        "val_crop_size": val_crop_size,
+        "val_resize_size": args.val_resize_size or round(val_crop_size / 0.875),
+        # CPU bf16 autocast: 0.4-0.85x of fp32, even with AMX-BF16 (measured)
+        "amp": device.type != "cpu" if args.amp is None else args.amp,
+        # faster on CUDA and, measured with benchmark.py, 1.24x on the CPU too
+        "channels_last": device.type in ("cuda", "cpu") if args.channels_last is None else args.channels_last,
+        "workers": utils.default_workers(device) if args.workers is None else args.workers,
+        "output_dir": output_dir,
+        # one folder per run: the TensorBoard run is named after the checkpoint folder
+        "run_name": run_name or args.run_name or (os.path.basename(os.path.abspath(output_dir)) if output_dir
+                                                  else None),
+    })
 
 
-def prepare_output(args, rank):
-    """Checkpoint and TensorBoard folders, checked at start (rank 0 writes both)."""
+def prepare_output(config, rank):
+    """Checkpoint and TensorBoard folders, checked at start (rank 0 writes both), and the demo data."""
     if rank == 0:
-        utils.prepare_output_dir(args.output_dir)
-        utils.prepare_log_dir(os.path.join(args.log_dir, run_name(args)))
-    if args.data_path is None and rank == 0:
+        utils.prepare_output_dir(config.output_dir)
+        utils.prepare_log_dir(os.path.join(config.log_dir, config.run_name))
+    if config.data_path is None and rank == 0:
         dataset.make_demo_dataset(DEMO_DIR)
-
-
-def run_name(args):
-    """The TensorBoard run name: --run-name, else the name of the checkpoint folder (one folder per run)."""
-    return args.run_name or os.path.basename(os.path.abspath(args.output_dir))
 
 
 def choose_run_folder(args):
@@ -534,21 +567,21 @@ def choose_run_folder(args):
 RUN_FILES = re.compile(r"(last|best|best_weights|epoch_\d{4})\.pth")
 
 
-def refuse_to_overwrite(args, rank):
+def refuse_to_overwrite(config, rank):
     """A fresh start (no --resume) never destroys another run's checkpoints or TensorBoard events, unless
     --overwrite asks for it: then they are deleted first (by rank 0)."""
-    if args.resume is not None or rank != 0:
+    if config.resume is not None or rank != 0:
         return
-    log_folder = os.path.join(args.log_dir, args.run_name)
+    log_folder = os.path.join(config.log_dir, config.run_name)
     found = []
-    if os.path.isdir(args.output_dir):
-        found += [os.path.join(args.output_dir, name) for name in sorted(os.listdir(args.output_dir))
+    if os.path.isdir(config.output_dir):
+        found += [os.path.join(config.output_dir, name) for name in sorted(os.listdir(config.output_dir))
                   if RUN_FILES.fullmatch(name)]
     if os.path.isdir(log_folder):
         found += [os.path.join(log_folder, name) for name in sorted(os.listdir(log_folder)) if "tfevents" in name]
     if not found:
         return
-    if not args.overwrite:
+    if not config.overwrite:
         raise UserError(f"{found[0]} belongs to an earlier run: add --resume auto to continue it, --overwrite to "
                         f"start afresh (deleting {plural(len(found), 'file')} of it), or choose another "
                         f"--output-dir / --run-name")
@@ -573,40 +606,43 @@ def point_latest_at(folder):
             os.remove(tmp)
 
 
-def build_data(args, rank, world_size, device):
-    """(splits, train set, val set, train loader, val loader) for this rank."""
-    data_path = args.data_path or DEMO_DIR
-    splits = dataset.find_dataset(data_path)
-    if splits.val is not None and args.val_split_fraction:
-        raise UserError(f"--val-split-fraction: {data_path} has a validation split already ({splits.layout})")
-    if splits.val is None and args.val_split_fraction:
-        splits.train, splits.val = dataset.split_validation(splits.train, args.val_split_fraction, args.seed)
-        splits.layout += f"; validation: {args.val_split_fraction:g} of each training class, held out"
+def build_data(config, rank, world_size, device):
+    """The datasets and loaders of this rank."""
+    path = config.data_path or DEMO_DIR
+    splits = dataset.find_dataset(path)
+    if splits.val is not None and config.val_split_fraction:
+        raise UserError(f"--val-split-fraction: {path} has a validation split already ({splits.layout})")
+    if splits.val is None and config.val_split_fraction:
+        train, val = dataset.split_validation(splits.train, config.val_split_fraction, config.seed)
+        splits = dataclasses.replace(splits, train=train, val=val, layout=splits.layout + (
+            f"; validation: {config.val_split_fraction:g} of each training class, held out"))
     if splits.val is None:
-        raise UserError(f"no validation split found under {data_path}: add a val/ folder (see README: accepted "
+        raise UserError(f"no validation split found under {path}: add a val/ folder (see README: accepted "
                         "layouts) or hold out part of the training images with --val-split-fraction 0.05")
-    if args.decode_on == "device":
+    if config.decode_on == "device":
         dataset.EncodedImageFiles.check_device(device)
-        train_set = dataset.EncodedImageFiles(splits.train, args.img_size, args.min_scale, strict=args.strict_data)
+        train_set = dataset.EncodedImageFiles(splits.train, config.img_size, config.min_scale,
+                                              strict=config.strict_data)
     else:
-        train_set = dataset.ImageFiles(splits.train, dataset.train_transform(args.img_size, args.auto_augment,
-                                       args.random_erase, args.norm, args.min_scale), strict=args.strict_data)
+        train_set = dataset.ImageFiles(splits.train, dataset.train_transform(
+            config.img_size, config.auto_augment, config.random_erase, config.norm, config.min_scale),
+            strict=config.strict_data)
     # unreadable validation images are left out and named, never replaced by a neighbour (which would count twice)
-    val_set = dataset.ValidationImageFiles(splits.val, dataset.val_transform(args.val_resize_size,
-                                           args.val_crop_size), strict=args.strict_data)
-    train_sampler = dataset.EpochSampler(len(train_set), shuffle=True, seed=args.seed, num_replicas=world_size,
+    val_set = dataset.ValidationImageFiles(splits.val, dataset.val_transform(config.val_resize_size,
+                                           config.val_crop_size), strict=config.strict_data)
+    train_sampler = dataset.EpochSampler(len(train_set), shuffle=True, seed=config.seed, num_replicas=world_size,
                                          rank=rank, drop_last=True)
     val_sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
     pin, nice = device.type == "cuda", utils.worker_nice(device)
-    train_loader = dataset.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True,
-                                        pin_memory=pin and args.decode_on == "workers", worker_nice=nice)
-    val_loader = dataset.build_loader(val_set, val_sampler, args.batch_size, args.workers, train=False,
+    train_loader = dataset.build_loader(train_set, train_sampler, config.batch_size, config.workers, train=True,
+                                        pin_memory=pin and config.decode_on == "workers", worker_nice=nice)
+    val_loader = dataset.build_loader(val_set, val_sampler, config.batch_size, config.workers, train=False,
                                       pin_memory=pin, worker_nice=nice)
     train_sampler.set_epoch(0)
-    if len(train_loader) < args.accum_steps:
+    if len(train_loader) < config.accum_steps:
         raise UserError(f"the training split has {len(train_set)} images: too few for one step of "
-                        f"{args.batch_size} x {args.accum_steps} x {world_size} processes; lower --batch-size")
-    return splits, train_set, val_set, train_loader, val_loader
+                        f"{config.batch_size} x {config.accum_steps} x {world_size} processes; lower --batch-size")
+    return Data(path, splits, train_set, val_set, train_loader, val_loader)
 
 
 def pretrained_state(source):
@@ -622,230 +658,239 @@ def pretrained_state(source):
     return ckpt
 
 
-def build_model(args, num_classes, device, world_size):
-    net = model_lib.build_model(args.arch, args.width_mult, num_classes, dropout=args.dropout,
-                                bn_momentum=args.bn_momentum)
-    if args.pretrained:
+def build_model(config, num_classes, device, world_size):
+    """The network on its device, with --pretrained weights, SyncBatchNorm and channels_last when asked."""
+    net = model_lib.build_model(config.arch, config.width_mult, num_classes, dropout=config.dropout,
+                                bn_momentum=config.bn_momentum)
+    if config.pretrained:
         try:
-            model_lib.load_pretrained(net, pretrained_state(args.pretrained))
+            model_lib.load_pretrained(net, pretrained_state(config.pretrained))
         except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
             reason = "not a readable state dict" if isinstance(e, pickle.UnpicklingError) else e
-            raise UserError(f"--pretrained {args.pretrained}: {reason}") from None
-    if args.sync_bn and world_size > 1 and device.type != "cuda":
+            raise UserError(f"--pretrained {config.pretrained}: {reason}") from None
+    if config.sync_bn and world_size > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
-    if args.sync_bn and world_size > 1:
+    if config.sync_bn and world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net.to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
+    return place_model(net, config, device)
 
 
-def build_context(args, rank=0, world_size=1, device=torch.device("cpu")):
-    """Data, model, optimizer, EMA and precision for training with args, as a Context; nothing runs yet.
-    main adds resuming, torch.compile, DDP and TensorBoard; benchmark.py uses it as it is. Every rank-local
-    failure here reaches every rank (utils.fail_together), so no rank waits for a peer that stopped."""
-    demo = args.data_path is None
-    resolve_defaults(args, device)
-    if args.deterministic:
+def place_model(net, config, device):
+    """The network on the training device, in the memory format --channels-last asks for."""
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if config.channels_last else net
+
+
+def build_run(config, rank=0, world_size=1, device=torch.device("cpu"), stop=None):
+    """Data, model and what trains it, for this rank; nothing runs yet. Every rank-local failure here reaches
+    every rank (utils.fail_together), so no rank waits for a peer that stopped."""
+    if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest convolution algorithms
-    utils.seed_everything(args.seed + rank)
-    utils.fail_together(prepare_output, args, rank)
-    splits, train_set, val_set, train_loader, val_loader = utils.fail_together(build_data, args, rank, world_size,
-                                                                               device)
-    num_classes = args.num_classes or len(splits.classes)
-    if num_classes < len(splits.classes):
-        raise UserError(f"--num-classes {num_classes} is smaller than the {len(splits.classes)} classes in the data")
-    net = utils.fail_together(build_model, args, num_classes, device, world_size)
+    utils.seed_everything(config.seed + rank)
+    utils.fail_together(prepare_output, config, rank)
+    data = utils.fail_together(build_data, config, rank, world_size, device)
+    classes = data.splits.classes
+    num_classes = config.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise UserError(f"--num-classes {num_classes} is smaller than the {len(classes)} classes in the data")
+    net = utils.fail_together(build_model, config, num_classes, device, world_size)
+    teacher = utils.fail_together(load_teacher, config, classes, num_classes, device) if config.teacher else None
+    return build_trainer(config, net, device, len(data.train_loader) // config.accum_steps, data=data,
+                         teacher=teacher, mixup=dataset.make_mixup_cutmix(config.mixup_alpha, config.cutmix_alpha,
+                                                                          num_classes),
+                         rank=rank, world_size=world_size, stop=stop, show_progress=rank == 0)
 
-    ctx = Context()
-    ctx.args, ctx.rank, ctx.world_size, ctx.device = args, rank, world_size, device
-    ctx.stop, ctx.writer, ctx.show_progress = None, None, rank == 0
-    ctx.splits, ctx.classes, ctx.class_names = splits, splits.classes, splits.class_names
-    ctx.data_path = args.data_path or DEMO_DIR
-    ctx.train_set, ctx.val_set, ctx.loader, ctx.val_loader = train_set, val_set, train_loader, val_loader
-    ctx.sampler = train_loader.sampler
-    ctx.model = ctx.model_without_ddp = net
-    ctx.ddp = None
-    ctx.num_params, ctx.madds, ctx.demo = model_lib.count_params(net), model_lib.count_madds(net, args.img_size), demo
-    ctx.params = list(net.parameters())
-    ctx.bn_buffers = [b for b in net.buffers() if b.is_floating_point()]
-    ctx.bn_backup = [b.detach().clone() for b in ctx.bn_buffers]
-    ctx.optimizer = make_optimizer(net, args, device)
-    ctx.lr, ctx.ema_decay = scaled_to_global_batch(args, world_size)
-    ctx.ema = make_ema(net, ctx.ema_decay)
-    ctx.autocast, ctx.scaler, ctx.precision = utils.precision_for(device, args.amp, args.amp_dtype)
-    ctx.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    ctx.teacher = utils.fail_together(load_teacher, args, splits.classes, num_classes, device) if args.teacher else None
-    ctx.kd_sum = torch.zeros((), device=device)  # the distillation term since the last report
-    ctx.mixup = dataset.make_mixup_cutmix(args.mixup_alpha, args.cutmix_alpha, num_classes)
-    ctx.channels_last = args.channels_last
-    ctx.steps_per_epoch = len(train_loader) // args.accum_steps
-    ctx.state = TrainState()
-    ctx.time_compile = bool(args.compile)  # the first update compiles the model: train_one_epoch times it
-    ctx.update_loss_finite = None
-    return ctx
+
+def build_trainer(config, net, device, steps_per_epoch, world_size=None, **parts):
+    """A Run around a network already on its device: optimizer, EMA, precision, loss, and the DDP and
+    torch.compile wrappers; `parts` are the other fields of Run (data, teacher, mixup, rank, stop, ...).
+    benchmark.py times the real update step on a Run built here."""
+    if world_size is None:  # the process group's, when there is one: DDP, the lr and the EMA decay agree
+        world_size = torch.distributed.get_world_size() if utils.is_distributed() else 1
+    lr, ema_decay = scaled_to_global_batch(config, world_size)
+    autocast, scaler, precision = utils.precision_for(device, config.amp, config.amp_dtype)
+    model = ddp = None
+    if utils.is_distributed():
+        # DDP first, then torch.compile: dynamo then splits the graph at DDP's bucket boundaries (DDPOptimizer),
+        # so gradient all-reduces overlap the backward pass (PyTorch's recommended order)
+        cuda = device.type == "cuda"
+        model = ddp = DistributedDataParallel(net, device_ids=[device.index] if cuda else None,
+                                              output_device=device.index if cuda else None)
+    model = model or net
+    if config.compile:
+        model = torch.compile(model)
+    return Run(config=config, device=device, net=net, model=model, ddp=ddp, world_size=world_size,
+               optimizer=make_optimizer(net, config, device), scaler=scaler, autocast=autocast, precision=precision,
+               ema=make_ema(net, ema_decay), criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+               lr=lr, ema_decay=ema_decay, steps_per_epoch=steps_per_epoch, **parts)
 
 
 # ---------------------------------------------------------------- the loop
 
-def train_on_batch(ctx, images, targets, batch):
-    """Train on micro-batch number `batch` of the epoch (0-based); on the last micro-batch of an update also take
-    the optimizer step. Owns the learning rate, the BN-momentum warm-up, DDP's no_sync, the step, the handling of
-    non-finite updates and the EMA. Returns (logits, loss, whether an update was taken)."""
-    a, s = ctx.args, ctx.state
-    first, last = batch % a.accum_steps == 0, (batch + 1) % a.accum_steps == 0
-    if first:
-        torch._foreach_copy_(ctx.bn_backup, ctx.bn_buffers)  # to take back if this update is not finite
-        ctx.update_progress = s.progress(ctx.steps_per_epoch, a.accum_steps)
-        set_hyperparameters(ctx.optimizer, a, ctx.lr * lr_factor(ctx.update_progress, a, ctx.steps_per_epoch))
-        if s.step * a.bn_momentum <= 10 and not a.compile:  # a changing float would recompile every step
-            warm_up_bn_momentum(ctx.model_without_ddp, s.step, a.bn_momentum)
-        ctx.update_loss_finite = torch.ones((), dtype=torch.bool, device=ctx.device)
-    no_sync = ctx.ddp.no_sync() if ctx.ddp is not None and not last else contextlib.nullcontext()
-    criterion = ctx.criterion
-    if ctx.teacher is not None:  # the same augmented (and mixed) batch, the same autocast, no gradients
-        with torch.no_grad(), ctx.autocast():
-            teacher_logits = ctx.teacher(images)
+class Update(typing.NamedTuple):
+    sums: torch.Tensor  # of its micro-batches, on the device: loss x images, top-1 hits, images, KD term x images
+    progress: float     # the point of training, in epochs, its learning rate was taken at
 
-        def criterion(logits, targets):
-            loss, kd = distillation_loss(logits, targets, ctx.criterion, teacher_logits, a.kd_alpha, a.kd_temperature)
-            ctx.kd_sum += kd.detach()
-            return loss
-    with no_sync:
-        logits, loss = train_step(ctx.model, images, targets, criterion, ctx.scaler, ctx.autocast, a.accum_steps)
-    ctx.update_loss_finite &= torch.isfinite(loss)
-    if not last:
-        return logits, loss, False
-    if optimizer_step(ctx.optimizer, ctx.scaler, ctx.params, a.clip_grad_norm):
-        s.nonfinite_streak = 0
-    elif ctx.scaler and ctx.scaler.get_scale() >= MIN_LOSS_SCALE and \
-            not utils.any_rank(not bool(ctx.update_loss_finite)):
-        s.scaler_skips += 1  # finite loss, fp16 gradients overflowed: the scaler lowers its scale, as designed
-        s.nonfinite_streak = 0  # and a finite loss ends a streak of non-finite ones
+
+def train_update(run, state, micro_batches):
+    """One optimizer update from `micro_batches`, the --accum-steps (images, targets) batches it is made of,
+    normalized and on the device. Owns the learning rate, the BN-momentum warm-up, DDP's no_sync, the step, the
+    handling of a non-finite update and the EMA. Returns its figures as device tensors (no host sync)."""
+    cfg = run.config
+    torch._foreach_copy_(run.bn_backup, run.bn_buffers)  # to take back if this update is not finite
+    progress = state.progress(run.steps_per_epoch, cfg.accum_steps)
+    set_hyperparameters(run.optimizer, cfg, run.lr * lr_factor(progress, cfg, run.steps_per_epoch))
+    if state.step * cfg.bn_momentum <= 10 and not cfg.compile:  # a changing float would recompile every step
+        warm_up_bn_momentum(run.net, state.step, cfg.bn_momentum)
+    sums = torch.zeros(4, dtype=utils.sum_dtype(run.device), device=run.device)
+    count = 0
+    for count, (images, targets) in enumerate(micro_batches, 1):
+        kd_terms = []
+        criterion = run.criterion if run.teacher is None else distillation_criterion(run, images, kd_terms)
+        no_sync = run.ddp is not None and count < cfg.accum_steps  # all-reduce the gradients once, at the end
+        with run.ddp.no_sync() if no_sync else contextlib.nullcontext():
+            logits, loss = train_step(run.model, images, targets, criterion, run.scaler, run.autocast,
+                                      cfg.accum_steps)
+        images_in_batch = targets.shape[0]
+        sums[0] += loss.to(sums.dtype) * images_in_batch  # a non-finite loss makes this sum non-finite too
+        sums[1] += utils.correct_topk(logits, targets, (1,))[0]
+        sums[2] += images_in_batch
+        if kd_terms:
+            sums[3] += kd_terms[0].to(sums.dtype) * images_in_batch
+    if count != cfg.accum_steps:  # a short update would step on partial gradients (and skip DDP's all-reduce)
+        raise ValueError(f"train_update got {count} micro-batches for --accum-steps {cfg.accum_steps}")
+    applied = optimizer_step(run.optimizer, run.scaler, run.params, cfg.clip_grad_norm)
+    count_skipped_update(run, state, applied, loss_finite=torch.isfinite(sums[0]))
+    if run.ema is not None:
+        run.ema.update()
+    state.step += 1
+    return Update(sums, progress)
+
+
+def count_skipped_update(run, state, applied, loss_finite):
+    """An update optimizer_step did not apply is either a GradScaler overflow skip (the loss finite on every rank
+    and the scale still >= MIN_LOSS_SCALE: routine calibration) or a non-finite update, whose forward passes
+    already moved the BN running statistics (maybe to NaN): those are taken back."""
+    if applied:
+        state.nonfinite_streak = 0
+    elif run.scaler and run.scaler.get_scale() >= MIN_LOSS_SCALE and not utils.any_rank(not bool(loss_finite)):
+        state.scaler_skips += 1  # fp16 gradients overflowed: the scaler lowers its scale, as designed
+        state.nonfinite_streak = 0  # and a finite loss ends a streak of non-finite ones
     else:
-        # the forward passes already moved the BN running statistics (maybe to NaN): take them back
-        torch._foreach_copy_(ctx.bn_buffers, ctx.bn_backup)
-        s.nonfinite_steps += 1
-        s.nonfinite_streak += 1
-    if ctx.ema is not None:
-        ctx.ema.update()
-    s.step += 1
-    return logits, loss, True
+        torch._foreach_copy_(run.bn_buffers, run.bn_backup)
+        state.nonfinite_steps += 1
+        state.nonfinite_streak += 1
 
 
-class MetricWindow:
-    """Sums of loss, top-1 hits and images since the last report, kept on the device (reading them is a sync)."""
+def distillation_criterion(run, images, kd_terms):
+    """The loss of a distilled micro-batch: the teacher sees the same augmented (and mixed) batch under the same
+    autocast, without gradients; the KL term is appended to kd_terms, for TensorBoard."""
+    with torch.no_grad(), run.autocast():
+        teacher_logits = run.teacher(images)
 
-    def __init__(self, device, dtype=torch.float32):
-        self.sums = torch.zeros(3, dtype=dtype, device=device)  # loss x images, top-1 hits, images
-        self.start, self.data_wait = time.perf_counter(), 0.0
-
-    def add(self, loss, hits, n):
-        """loss: the batch's mean loss; hits: its top-1 hits (a device tensor); n: its images."""
-        self.sums[0] += loss.to(self.sums.dtype) * n
-        self.sums[1] += hits
-        self.sums[2] += n
-
-    def read(self):
-        """(mean loss, top-1 %, images, seconds since start)."""
-        loss_sum, hits, count = self.sums.tolist()
-        return loss_sum / max(count, 1), 100 * hits / max(count, 1), int(count), time.perf_counter() - self.start
+    def criterion(logits, targets):
+        loss, kd = distillation_loss(logits, targets, run.criterion, teacher_logits, run.config.kd_alpha,
+                                     run.config.kd_temperature)
+        kd_terms.append(kd.detach())
+        return loss
+    return criterion
 
 
-def train_one_epoch(ctx):
-    """Train the epoch ctx.state.epoch from micro-batch ctx.state.batch_in_epoch (non-zero after a mid-epoch
-    resume) to its end. Returns "done", "stopped" (signal or --max-steps; state saved by the caller) or
-    "diverged"."""
-    a, s = ctx.args, ctx.state
-    ctx.model.train()
-    start_batch = s.batch_in_epoch
-    batches = ctx.steps_per_epoch * a.accum_steps  # micro-batches left over by --accum-steps are not loaded
-    ctx.sampler.set_epoch(s.epoch, skip_batches=start_batch, batch_size=a.batch_size)
-    mean, std = dataset.NORMS[a.norm]
-    window, epoch_sums = MetricWindow(ctx.device), MetricWindow(ctx.device, utils.sum_dtype(ctx.device))
-    ctx.kd_sum.zero_()  # the distillation term, summed over the same micro-batches as the window
-    status = "done"
-    bar = tqdm(total=batches, initial=start_batch, desc=f"epoch {s.epoch + 1}/{a.epochs}",
-               disable=not ctx.show_progress, dynamic_ncols=True, leave=False)
-    compile_start, fetch_start = None, time.perf_counter()
-    for images, targets in ctx.loader:
+def device_batches(run, state, window):
+    """The training loader's batches on the device, normalized (and mixed, with --mixup/--cutmix-alpha), the wait
+    for each added to window.data_wait. The first batch of a run also goes to TensorBoard, as images."""
+    cfg = run.config
+    mean, std = dataset.NORMS[cfg.norm]
+    log_images = run.writer is not None and state.step == 0 and state.batch_in_epoch == 0
+    fetch_start = time.perf_counter()
+    for images, targets in run.data.train_loader:
         window.data_wait += time.perf_counter() - fetch_start
-        compile_start = compile_start or time.perf_counter()  # --compile: the first update compiles the model
-        images, targets = ctx.train_set.batch_to(ctx.device, images, targets)
-        images = dataset.normalize_batch(images, mean, std, ctx.channels_last)
-        if ctx.mixup is not None:
-            images, targets = ctx.mixup(images, targets)
-        if s.step == 0 and s.batch_in_epoch == 0 and ctx.writer:
-            log_augmented_images(ctx.writer, images, mean, std)
-        logits, loss, updated = train_on_batch(ctx, images, targets, s.batch_in_epoch)
-        s.batch_in_epoch += 1
-        hits = utils.correct_topk(logits, targets, (1,))[0]  # once, for both meters
-        window.add(loss, hits, targets.shape[0])
-        epoch_sums.add(loss, hits, targets.shape[0])
-        bar.update(1)
-        if updated and ctx.time_compile:
-            log_compile_time(ctx, loss, compile_start)
-        if updated and s.step % a.print_freq == 0:
-            log_training(ctx, window, bar)
-            window = MetricWindow(ctx.device)
-        if s.nonfinite_streak >= MAX_NONFINITE_STREAK:
+        images, targets = run.data.train_set.batch_to(run.device, images, targets)
+        images = dataset.normalize_batch(images, mean, std, cfg.channels_last)
+        if run.mixup is not None:
+            images, targets = run.mixup(images, targets)
+        if log_images:
+            log_augmented_images(run.writer, images, mean, std)
+            log_images = False
+        yield images, targets
+        fetch_start = time.perf_counter()
+
+
+def train_one_epoch(run, state, time_first_update=False):
+    """Train the epoch state.epoch from micro-batch state.batch_in_epoch (non-zero after a mid-epoch resume) to its
+    end. Returns (status, the epoch's training figures); status is "done", "stopped" (a signal or --max-steps
+    inside the epoch; the caller saves) or "diverged"."""
+    cfg = run.config
+    batches = run.steps_per_epoch * cfg.accum_steps  # micro-batches left over by --accum-steps are not loaded
+    run.data.train_loader.sampler.set_epoch(state.epoch, skip_batches=state.batch_in_epoch, batch_size=cfg.batch_size)
+    window, epoch = utils.MetricMeter(run.device), utils.MetricMeter(run.device)
+    micro_batches = device_batches(run, state, window)
+    bar = tqdm(total=batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+               disable=not run.show_progress, dynamic_ncols=True, leave=False)
+    run.model.train()
+    status = "done"
+    while state.batch_in_epoch < batches:
+        start, waited = time.perf_counter(), window.data_wait
+        update = train_update(run, state, itertools.islice(micro_batches, cfg.accum_steps))
+        state.batch_in_epoch += cfg.accum_steps
+        window.add(update.sums)
+        epoch.add(update.sums)
+        bar.update(cfg.accum_steps)
+        if time_first_update:  # --compile: the first update of this process compiles the model
+            log_compile_time(run, state, update, start, window.data_wait - waited)
+            time_first_update = False
+        if state.step % cfg.print_freq == 0:
+            log_training(run, state, window, update.progress, bar)
+            window.reset()
+        if state.nonfinite_streak >= MAX_NONFINITE_STREAK:
             status = "diverged"
             break
         # every rank must stop at the same step, whichever of them got the signal
-        if updated and (utils.any_rank(ctx.stop) or (a.max_steps and s.step >= a.max_steps)):
-            if s.batch_in_epoch < batches:
-                status = "stopped"
+        if utils.any_rank(run.stop) or (cfg.max_steps and state.step >= cfg.max_steps):
+            status = "stopped" if state.batch_in_epoch < batches else "done"
             break
-        if s.batch_in_epoch >= batches:
-            break
-        fetch_start = time.perf_counter()
     bar.close()
-    utils.all_reduce_sum(epoch_sums.sums)
-    loss, top1, images, seconds = epoch_sums.read()
-    ctx.last_train = {"loss": loss, "top1": top1, "time": seconds, "images": images}
+    utils.all_reduce_sum(epoch.sums)
     if status == "done":
-        s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-    return status
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    return status, epoch.read()
 
 
-def log_compile_time(ctx, loss, start):
-    loss.item()  # wait for the device, once
-    seconds = time.perf_counter() - start
-    if ctx.rank == 0:
+def log_compile_time(run, state, update, start, data_wait):
+    update.sums.sum().item()  # wait for the device, once
+    seconds = time.perf_counter() - start - data_wait
+    if run.rank == 0:
         tqdm.write(f"torch.compile: the first step took {seconds:.1f}s (compiling)")
-    if ctx.writer:
-        ctx.writer.add_scalar("perf/compile_first_step_sec", seconds, ctx.state.step)
-    ctx.time_compile = False
+    if run.writer:
+        run.writer.add_scalar("perf/compile_first_step_sec", seconds, state.step)
 
 
-def log_training(ctx, window, bar):
+def log_training(run, state, window, progress, bar):
     """The training figures of the last --print-freq steps: progress bar and TensorBoard (one host sync)."""
-    s = ctx.state
-    loss, top1, images, elapsed = window.read()
-    lr = ctx.optimizer.param_groups[0]["lr"]
-    speed = images * ctx.world_size / max(elapsed, 1e-9)
-    bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.1f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
-    kd_sum, ctx.kd_sum = ctx.kd_sum, torch.zeros((), device=ctx.device)
-    if ctx.writer:
-        w = ctx.writer
-        w.add_scalar("train/loss", loss, s.step)
-        w.add_scalar("train/top1", top1, s.step)
-        w.add_scalar("train/lr", lr, s.step)
-        w.add_scalar("train/epoch", ctx.update_progress, s.step)  # where the last update's lr was taken
-        w.add_scalar("train/images_per_sec", speed, s.step)
-        w.add_scalar("train/data_wait_fraction", window.data_wait / max(elapsed, 1e-9), s.step)
-        w.add_scalar("train/nonfinite_steps", s.nonfinite_steps, s.step)
-        if ctx.teacher is not None:
-            w.add_scalar("train/kd_loss", kd_sum.item() / max(1, images // ctx.args.batch_size), s.step)
-        if ctx.scaler is not None:
-            w.add_scalar("train/scaler_skips", s.scaler_skips, s.step)
-            w.add_scalar("train/loss_scale", ctx.scaler.get_scale(), s.step)
-        if ctx.device.type == "cuda":
-            w.add_scalar("train/gpu_memory_mb", utils.peak_memory_mb(ctx.device), s.step)
+    figures = window.read()
+    lr = run.optimizer.param_groups[0]["lr"]
+    speed = figures["images"] * run.world_size / max(figures["time"], 1e-9)
+    bar.set_postfix(loss=f"{figures['loss']:.3f}", top1=f"{figures['top1']:.1f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+    w = run.writer
+    if w is None:
+        return
+    w.add_scalar("train/loss", figures["loss"], state.step)
+    w.add_scalar("train/top1", figures["top1"], state.step)
+    w.add_scalar("train/lr", lr, state.step)
+    w.add_scalar("train/epoch", progress, state.step)  # where the last update's lr was taken
+    w.add_scalar("train/images_per_sec", speed, state.step)
+    w.add_scalar("train/data_wait_fraction", window.data_wait / max(figures["time"], 1e-9), state.step)
+    w.add_scalar("train/nonfinite_steps", state.nonfinite_steps, state.step)
+    if run.teacher is not None:
+        w.add_scalar("train/kd_loss", figures["kd_loss"], state.step)
+    if run.scaler is not None:
+        w.add_scalar("train/scaler_skips", state.scaler_skips, state.step)
+        w.add_scalar("train/loss_scale", run.scaler.get_scale(), state.step)
+    if run.device.type == "cuda":
+        w.add_scalar("train/gpu_memory_mb", utils.peak_memory_mb(run.device), state.step)
 
 
 def log_augmented_images(writer, images, mean, std):
@@ -856,79 +901,196 @@ def log_augmented_images(writer, images, mean, std):
     writer.add_image("train/augmented_batch", grid.cpu(), 0)
 
 
+def train_epochs(run, state):
+    """Epochs, each followed by its validation and checkpoints, until the last one or a stop. A stop after an
+    epoch's last step saves at once and leaves that epoch's validation to the resumed run (validation_pending),
+    so a preempted job is saved within one step, whatever the validation set's size.
+    Returns "done", "stopped", "not saved" (stopped, but the weights could not be saved) or "diverged"."""
+    cfg = run.config
+    time_first_update = cfg.compile
+    while state.epoch < cfg.epochs or state.validation_pending:
+        if cfg.max_steps and state.step >= cfg.max_steps and not state.validation_pending:
+            return "stopped"  # resumed with --max-steps already reached: last.pth is this state
+        if not state.validation_pending:
+            status, figures = train_one_epoch(run, state, time_first_update)
+            time_first_update = False
+            if status == "diverged":
+                return status
+            if status == "done":
+                report_epoch(run, state, figures)
+                state.validation_pending = state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs
+        signalled, saved = utils.any_rank(run.stop), None
+        if state.validation_pending and not signalled:
+            saved = validate_and_track_best(run, state)  # which saves; None when a signal cut it short
+            signalled = saved is None
+        if saved is None:  # mid-epoch, no validation due, or a signal (the validation waits for the resumed run)
+            saved = save(run, state)
+        if signalled or (cfg.max_steps and state.step >= cfg.max_steps):
+            return "stopped" if saved else "not saved"
+    return "done"
+
+
+def report_epoch(run, state, figures):
+    cfg, seconds = run.config, figures["time"]
+    announce(run, f"epoch {state.epoch}/{cfg.epochs}: train loss {figures['loss']:.4f} top-1 {figures['top1']:.2f}% "
+                  f"({seconds:.1f}s, {figures['images'] / max(seconds, 1e-9):.0f} img/s)")
+    if run.writer:
+        run.writer.add_scalar("epoch/train_loss", figures["loss"], state.step)
+        run.writer.add_scalar("epoch/train_top1", figures["top1"], state.step)
+        run.writer.add_scalar("epoch/time_sec", seconds, state.step)
+    skipped = run.data.train_set.skipped + run.data.val_set.skipped
+    if skipped:
+        announce(run, f"warning: {plural(skipped, 'unreadable image')} skipped so far (see the lines above)")
+
+
+def validate(run):
+    """{"raw": figures, "ema": figures} of the raw and the EMA weights on the validation split, or None when a stop
+    request cut the validation short (every rank agrees)."""
+    cfg, net = run.config, run.net
+    # DDP syncs BN statistics only at each forward: give every rank rank 0's (the ones saved) before scoring
+    utils.broadcast_tensors(list(net.buffers()) + (list(run.ema.shadow_params) if run.ema else []))
+    loader = UntilStopped(run.data.val_loader, run.stop)
+    results = {"raw": evaluate(net, loader, run.device, run.autocast, cfg.norm, cfg.channels_last,
+                               show_progress=run.show_progress)}
+    if run.ema is not None and not utils.any_rank(run.stop):
+        with run.ema.average_parameters():
+            results["ema"] = evaluate(net, loader, run.device, run.autocast, cfg.norm, cfg.channels_last,
+                                      desc="val (ema)", show_progress=run.show_progress)
+    net.train()
+    return None if utils.any_rank(run.stop) else results
+
+
+def validate_and_track_best(run, state):
+    """Validate the raw and the EMA weights after the epoch just finished, then save last.pth (and best.pth on a
+    new best). Returns whether the checkpoints were written, or None, having saved nothing, when a stop request
+    cut the validation short."""
+    results = validate(run)
+    if results is None:
+        return None
+    which = max(results, key=lambda k: (results[k]["top1"], k == "ema"))  # ties go to the EMA
+    top1 = results[which]["top1"]
+    is_best = top1 > state.best_top1 and can_save(run, state)  # best_top1 only ever describes a best.pth on disk
+    previous_best = (state.best_top1, state.best_weights, state.best_epoch)
+    if is_best:
+        state.best_top1, state.best_weights, state.best_epoch = top1, which, state.epoch
+    raw = results["raw"]
+    state.metrics = {"val_top1": raw["top1"], "val_top5": raw["top5"], "val_loss": raw["loss"],
+                     "val_images": raw["images"], "epoch": state.epoch, "best_top1": state.best_top1}
+    if "ema" in results:
+        ema = results["ema"]
+        state.metrics.update({"val_ema_top1": ema["top1"], "val_ema_top5": ema["top5"], "val_ema_loss": ema["loss"]})
+    state.validation_pending = False
+    log_validation(run, state, results, which if is_best else None)
+    saved = save(run, state, also_best=is_best)
+    if not saved and is_best:
+        state.best_top1, state.best_weights, state.best_epoch = previous_best
+    return saved
+
+
+def log_validation(run, state, results, new_best):
+    trivial_top5 = len(run.data.splits.classes) <= 5
+    line = []
+    for name, r in results.items():
+        prefix = "val" if name == "raw" else "val_ema"
+        line.append(f"{prefix} loss {r['loss']:.4f} top-1 {r['top1']:.2f}%"
+                    + ("" if trivial_top5 else f" top-5 {r['top5']:.2f}%"))
+        if run.writer:
+            for key in ("loss", "top1", "top5"):
+                run.writer.add_scalar(f"{prefix}/{key}", r[key], state.step)
+    announce(run, "  " + " | ".join(line) + (f"  * new best ({new_best})" if new_best else ""))
+
+
+class UntilStopped:
+    """A validation loader that ends early once a stop is requested (that pass is then discarded): a preempted
+    job saves within one batch of validation. Every rank agrees on the stop after the pass (any_rank)."""
+
+    def __init__(self, loader, stop):
+        self.loader, self.stop = loader, stop
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            if self.stop:
+                return
+
+
 # ---------------------------------------------------------------- checkpoints
 
-def checkpoint_state(ctx):
-    a = ctx.args
+def checkpoint_state(run, state, rng_states):
+    cfg, splits = run.config, run.data.splits
     return {
         "format": utils.CHECKPOINT_FORMAT,
-        **ctx.state.state_dict(),        # epoch, batch_in_epoch, step, best_top1, ... (TrainState)
-        "model": ctx.model_without_ddp.state_dict(),
-        "model_config": model_lib.model_config(ctx.model_without_ddp),
-        "ema": ema_checkpoint_state(ctx.ema) if ctx.ema else None,
-        "ema_model": ema_state_dict(ctx.model_without_ddp, ctx.ema) if ctx.ema else None,
-        "optimizer": ctx.optimizer.state_dict(),
-        "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
-        "rng": ctx.rng_states,           # one per rank: each rank's dropout/mixup stream resumes exactly
-        "world_size": ctx.world_size,
-        "steps_per_epoch": ctx.steps_per_epoch,
-        "data_path": ctx.data_path,
-        "args": dict(vars(a)),
-        "classes": list(ctx.classes),
-        "class_names": list(ctx.class_names),
-        "norm": a.norm,
-        "val_resize_size": a.val_resize_size,
-        "val_crop_size": a.val_crop_size,
+        **state.state_dict(),            # epoch, batch_in_epoch, step, best_top1, ... (TrainState)
+        "model": run.net.state_dict(),
+        "model_config": run.net.config.as_dict(),
+        "ema": ema_checkpoint_state(run.ema) if run.ema else None,
+        "ema_model": ema_state_dict(run.net, run.ema) if run.ema else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "rng": rng_states,               # one per rank: each rank's dropout/mixup stream resumes exactly
+        "world_size": run.world_size,
+        "steps_per_epoch": run.steps_per_epoch,
+        "data_path": run.data.path,
+        "args": dict(vars(cfg)),
+        "classes": list(splits.classes),
+        "class_names": list(splits.class_names),
+        "norm": cfg.norm,
+        "val_resize_size": cfg.val_resize_size,
+        "val_crop_size": cfg.val_crop_size,
     }
 
 
-def can_save(ctx):
+def can_save(run, state):
     """A checkpoint is never written in a non-finite streak or with non-finite weights (rank 0 decides)."""
-    ok = ctx.state.nonfinite_streak == 0 and utils.check_finite(ctx.model_without_ddp)
+    ok = state.nonfinite_streak == 0 and utils.check_finite(run.net)
     return utils.broadcast_object(ok)
 
 
-def save(ctx, also_best=False):
+def save(run, state, also_best=False):
     """Write last.pth, then best.pth with the same state when also_best. Every rank calls it (the RNG states
     are gathered; a failed write on rank 0 ends every rank). Returns whether the checkpoint was written.
 
     last.pth goes first: it records best_top1 and best_epoch, so a crash between the two writes leaves a
     last.pth from which resume() rewrites best.pth (repair_best); the other order would let a resumed run
     replace the new best.pth by a worse model."""
-    ctx.rng_states = utils.gather_objects(utils.get_rng_state())
-    if not can_save(ctx):
-        if ctx.rank == 0:
-            why = "the last steps had a non-finite loss" if ctx.state.nonfinite_streak else "weights are not finite"
-            print(f"warning: {why}; keeping the previous checkpoints", file=sys.stderr)
+    rng_states = utils.gather_objects(utils.get_rng_state())
+    if not can_save(run, state):
+        why = "the last steps had a non-finite loss" if state.nonfinite_streak else "weights are not finite"
+        announce(run, f"warning: {why}; keeping the previous checkpoints", file=sys.stderr)
         return False
+    folder = run.config.output_dir
 
     def write():
-        if ctx.rank == 0:
-            state = checkpoint_state(ctx)
-            utils.save_checkpoint(state, os.path.join(ctx.args.output_dir, "last.pth"))
-            if also_best:
-                utils.save_checkpoint(state, os.path.join(ctx.args.output_dir, "best.pth"))
-                utils.save_checkpoint(weights_file(state), os.path.join(ctx.args.output_dir, "best_weights.pth"))
-            if ctx.args.keep_checkpoints and not ctx.state.batch_in_epoch and not ctx.state.validation_pending:
-                keep_epoch_weights(state, ctx.args.output_dir, ctx.args.keep_checkpoints)
+        if run.rank != 0:
+            return
+        ckpt = checkpoint_state(run, state, rng_states)
+        utils.save_checkpoint(ckpt, os.path.join(folder, "last.pth"))
+        if also_best:
+            utils.save_checkpoint(ckpt, os.path.join(folder, "best.pth"))
+            utils.save_checkpoint(weights_file(ckpt), os.path.join(folder, "best_weights.pth"))
+        if run.config.keep_checkpoints and not state.batch_in_epoch and not state.validation_pending:
+            keep_epoch_weights(ckpt, folder, run.config.keep_checkpoints)
     utils.fail_together(write)
     return True
 
 
-def weights_file(state):
+def weights_file(ckpt):
     """best_weights.pth: only the best weights (EMA or raw) with what evaluate.py, export.py and --pretrained need
     to use them: a few MB, where best.pth also holds the other weights, the EMA's and the optimizer's state."""
     keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "best_top1",
             "epoch", "data_path")
-    weights = state["best_weights"]
-    return {"format": utils.WEIGHTS_FORMAT, "weights": weights, **{key: state.get(key) for key in keep},
-            "model": state["ema_model"] if weights == "ema" else state["model"], "args": state["args"]}
+    weights = ckpt["best_weights"]
+    return {"format": utils.WEIGHTS_FORMAT, "weights": weights, **{key: ckpt.get(key) for key in keep},
+            "model": ckpt["ema_model"] if weights == "ema" else ckpt["model"], "args": ckpt["args"]}
 
 
-def keep_epoch_weights(state, output_dir, keep):
+def keep_epoch_weights(ckpt, output_dir, keep):
     """epoch_NNNN.pth: the raw weights after each epoch, the last `keep` of them (for checkpoint averaging)."""
-    utils.save_checkpoint({**weights_file(state), "weights": "raw", "model": state["model"]},
-                          os.path.join(output_dir, f"epoch_{state['epoch']:04d}.pth"))
+    utils.save_checkpoint({**weights_file(ckpt), "weights": "raw", "model": ckpt["model"]},
+                          os.path.join(output_dir, f"epoch_{ckpt['epoch']:04d}.pth"))
     kept = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"epoch_\d{4}\.pth", name))
     for name in kept[:-keep]:
         os.remove(os.path.join(output_dir, name))
@@ -956,72 +1118,99 @@ RESUME_QUIET_FLAGS = {"resume", "output_dir", "log_dir", "run_name", "workers", 
                       "config"}
 
 
-def check_resume_flags(ctx, ckpt, path):
+def check_resume_flags(run, ckpt, path, followed_latest):
     """Refuse what cannot continue exactly; list every other flag that changed (they are applied)."""
-    a, saved = ctx.args, ckpt.get("args", {})
-    if saved.get("opt", a.opt) != a.opt:
+    cfg, saved = run.config, ckpt.get("args", {})
+    if saved.get("opt", cfg.opt) != cfg.opt:
         raise utils.CheckpointError(f"{path} was trained with --opt {saved['opt']}; resume with the same --opt "
                                     f"(to start a new run from its weights, use --pretrained with its weights)")
     if ckpt["batch_in_epoch"]:
-        now = (a.batch_size, a.accum_steps, ctx.world_size, a.seed, ctx.steps_per_epoch)
+        now = (cfg.batch_size, cfg.accum_steps, run.world_size, cfg.seed, run.steps_per_epoch)
         then = (saved.get("batch_size"), saved.get("accum_steps"), ckpt.get("world_size", 1), saved.get("seed", 0),
-                ckpt.get("steps_per_epoch", ctx.steps_per_epoch))
+                ckpt.get("steps_per_epoch", run.steps_per_epoch))
         if now != then:
             raise utils.CheckpointError(
                 f"{path} stopped inside an epoch with batch size, accum steps, processes, seed and steps an epoch "
                 f"{then}; resume it with the same (this run has {now}: did the training folder change?), or "
                 "resume from a checkpoint written at the end of an epoch")
-    changed = [f"--{key.replace('_', '-')} {saved[key]} -> {value}" for key, value in sorted(vars(a).items())
+    changed = [f"--{key.replace('_', '-')} {saved[key]} -> {value}" for key, value in sorted(vars(cfg).items())
                if key in saved and saved[key] != value and key not in RESUME_QUIET_FLAGS]
     other_run = [change for change in changed if not change.startswith("--epochs ")]  # more epochs: same run
-    if other_run and getattr(ctx, "followed_latest", False):  # --resume auto found the latest run by itself
+    if other_run and followed_latest:  # --resume auto found the latest run by itself
         raise utils.CheckpointError(
             f"--resume auto would continue the latest run, {os.path.dirname(path)}, which was started with other "
             f"flags ({', '.join(other_run[:3])}{', ...' if len(other_run) > 3 else ''}): give --run-name or "
             "--output-dir to continue a run, or leave out --resume to start a new one")
-    if changed and ctx.rank == 0:
-        print(f"resume: flags changed since the checkpoint, applied from now on: {', '.join(changed)}")
+    if changed:
+        announce(run, f"resume: flags changed since the checkpoint, applied from now on: {', '.join(changed)}")
 
 
-def resume(ctx, path):
+def resume(run, state, path, followed_latest=False):
+    """Load the checkpoint at path into the run's objects and into state, after checking it belongs to this run."""
     ckpt = utils.load_checkpoint(path)
     if ckpt.get("format") != utils.CHECKPOINT_FORMAT:
         raise utils.CheckpointError(f"{path} is not a checkpoint of this project")
-    want = model_lib.model_config(ctx.model_without_ddp)
-    have = ckpt["model_config"]
+    want, have = run.net.config.as_dict(), ckpt["model_config"]
     for key in ("arch", "width_mult", "num_classes"):
         if have.get(key) != want.get(key):
             raise utils.CheckpointError(f"cannot resume from {path}: it was trained with {key}={have.get(key)!r}, "
                                         f"this run has {key}={want.get(key)!r}")
-    if list(ckpt.get("classes", [])) != list(ctx.classes):
+    if list(ckpt.get("classes", [])) != list(run.data.splits.classes):
         raise utils.CheckpointError(f"cannot resume from {path}: its class list differs from this dataset's")
-    check_resume_flags(ctx, ckpt, path)
-    ctx.model_without_ddp.load_state_dict(ckpt["model"])
+    check_resume_flags(run, ckpt, path, followed_latest)
+    run.net.load_state_dict(ckpt["model"])
+    load_optimizer_state(run, ckpt, path)
+    if run.scaler and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None and ckpt.get("ema"):
+        run.ema.load_state_dict(ckpt["ema"])
+        run.ema.decay = run.ema_decay  # the decay given now wins over the saved one
+    state.load_state_dict(ckpt)
+    state.nonfinite_streak = 0
+    rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    if len(rng) == run.world_size:
+        utils.set_rng_state(rng[run.rank])  # each rank's dropout/mixup stream goes on exactly
+    else:  # another number of processes: a new stream per rank, never the same one on two ranks
+        utils.seed_everything(run.config.seed + run.rank + 1_000_003 * state.step)
+    if run.rank == 0:
+        repair_best(ckpt, run.config.output_dir)
+
+
+def load_optimizer_state(run, ckpt, path):
     try:
-        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
     except ValueError as e:
         raise utils.CheckpointError(f"cannot resume the optimizer from {path} ({e}); was --opt or --wd-norm-bias "
                                     "changed?") from None
-    if isinstance(ctx.optimizer, torch.optim.RMSprop) and ctx.args.momentum > 0:
-        for group in ctx.optimizer.param_groups:  # trained without momentum: RMSprop made no buffers then
+    if isinstance(run.optimizer, torch.optim.RMSprop) and run.config.momentum > 0:
+        for group in run.optimizer.param_groups:  # trained without momentum: RMSprop made no buffers then
             for param in group["params"]:
-                state = ctx.optimizer.state[param]
-                if state:
-                    state.setdefault("momentum_buffer", torch.zeros_like(param, memory_format=torch.preserve_format))
-    if ctx.scaler and ckpt.get("scaler"):
-        ctx.scaler.load_state_dict(ckpt["scaler"])
-    if ctx.ema is not None and ckpt.get("ema"):
-        ctx.ema.load_state_dict(ckpt["ema"])
-        ctx.ema.decay = ctx.ema_decay  # the decay given now wins over the saved one
-    ctx.state.load_state_dict(ckpt)
-    ctx.state.nonfinite_streak = 0
-    rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-    if len(rng) == ctx.world_size:
-        utils.set_rng_state(rng[ctx.rank])  # each rank's dropout/mixup stream goes on exactly
-    else:  # another number of processes: a new stream per rank, never the same one on two ranks
-        utils.seed_everything(ctx.args.seed + ctx.rank + 1_000_003 * ctx.state.step)
-    if ctx.rank == 0:
-        repair_best(ckpt, ctx.args.output_dir)
+                param_state = run.optimizer.state[param]
+                if param_state:
+                    param_state.setdefault("momentum_buffer",
+                                           torch.zeros_like(param, memory_format=torch.preserve_format))
+
+
+def resume_if_asked(run, state, followed_latest):
+    """--resume: continue from the checkpoint, if there is one. Returns "complete" when it has no epoch left to
+    train, else None."""
+    cfg = run.config
+    path = os.path.join(cfg.output_dir, "last.pth") if cfg.resume == "auto" else cfg.resume
+    # rank 0 decides, so that every rank resumes or none does (multi-node runs need a shared --output-dir)
+    if not utils.broadcast_object(bool(path) and os.path.isfile(path)):
+        if cfg.resume == "auto":
+            announce(run, f"--resume auto: no {path} yet, starting fresh")
+        return None
+    utils.fail_together(resume, run, state, path, followed_latest)
+    announce(run, f"resumed from {path}: epoch {min(state.epoch + 1, cfg.epochs)}, step {state.step}"
+                  + (f", batch {state.batch_in_epoch} of the epoch" if state.batch_in_epoch else "")
+                  + (", its validation first" if state.validation_pending else ""))
+    if state.epoch >= cfg.epochs and not state.validation_pending:
+        announce(run, f"this run is already complete ({state.epoch} of {cfg.epochs} epochs, best top-1 "
+                      f"{state.best_top1:.2f}%): nothing to do. Raise --epochs to train on, or choose a new "
+                      "--output-dir for a new run")
+        return "complete"
+    return None
 
 
 # ---------------------------------------------------------------- the recipe
@@ -1031,198 +1220,90 @@ def main(args):
     validate_args(args)
     rank, world_size, device = utils.setup_distributed(args.device)
     stop = utils.StopRequest()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    args.output_dir, args.run_name, followed_latest = utils.broadcast_object(choose_run_folder(args) if rank == 0
-                                                                             else None)
-    utils.fail_together(refuse_to_overwrite, args, rank)
-    ctx = build_context(args, rank, world_size, device)
-    ctx.followed_latest = followed_latest
+    output_dir, run_name, followed_latest = utils.broadcast_object(choose_run_folder(args) if rank == 0 else None)
+    config = resolve_config(args, device, output_dir, run_name)
+    utils.fail_together(refuse_to_overwrite, config, rank)
+    run = build_run(config, rank, world_size, device, stop)
     if rank == 0:
-        point_latest_at(args.output_dir)
-    ctx.stop = stop
-    s, splits, net = ctx.state, ctx.splits, ctx.model_without_ddp
-
-    resume_path = os.path.join(args.output_dir, "last.pth") if args.resume == "auto" else args.resume
-    # rank 0 decides, so that every rank resumes or none does (multi-node runs need a shared --output-dir)
-    if utils.broadcast_object(bool(resume_path) and os.path.isfile(resume_path)):
-        utils.fail_together(resume, ctx, resume_path)
-        say(f"resumed from {resume_path}: epoch {min(s.epoch + 1, args.epochs)}, step {s.step}"
-            + (f", batch {s.batch_in_epoch} of the epoch" if s.batch_in_epoch else "")
-            + (", its validation first" if s.validation_pending else ""))
-        if s.epoch >= args.epochs and not s.validation_pending:
-            say(f"this run is already complete ({s.epoch} of {args.epochs} epochs, best top-1 {s.best_top1:.2f}%): "
-                f"nothing to do. Raise --epochs to train on, or choose a new --output-dir for a new run")
-            return 0
-    elif args.resume == "auto":
-        say(f"--resume auto: no {resume_path} yet, starting fresh")
-
-    model = net
-    if utils.is_distributed():
-        # DDP first, then torch.compile: dynamo then splits the graph at DDP's bucket boundaries (DDPOptimizer),
-        # so gradient all-reduces overlap the backward pass (PyTorch's recommended order)
-        cuda = device.type == "cuda"
-        model = ctx.ddp = DistributedDataParallel(net, device_ids=[device.index] if cuda else None,
-                                                  output_device=device.index if cuda else None)
-    if args.compile:
-        model = torch.compile(model)
-    ctx.model = model
-
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps on resume
-        ctx.writer = SummaryWriter(os.path.join(args.log_dir, run_name(args)), purge_step=s.step + 1)
-
-    processes = (f"x{world_size} (torchrun, DDP, process group {utils.backend_name()})" if utils.is_distributed()
-                 else "x1")
-    say(f"device {device} {processes} | precision {ctx.precision} | channels_last {args.channels_last}"
-        f" | MobileNetV3-{args.arch.capitalize()} {args.width_mult:g}: {ctx.num_params / 1e6:.2f}M params, "
-        f"{ctx.madds / 1e6:.1f}M MAdds at {args.img_size}px")
-    say(f"data {ctx.data_path} ({splits.layout}{', demo' if ctx.demo else ''}): {len(splits.train)} train / "
-        f"{len(splits.val)} val images, {plural(len(splits.classes), 'class', 'classes')} | batch {args.batch_size} "
-        f"x {args.accum_steps} x {world_size} = {args.batch_size * args.accum_steps * world_size} | "
-        f"{ctx.steps_per_epoch} steps/epoch, {plural(args.epochs, 'epoch')}")
-    if args.config:
-        say(f"recipe {args.config}: " + " ".join(f"{key}={value}" for key, value in vars(args).items()
-                                                   if key not in RESUME_QUIET_FLAGS | {"config"}))
-    if args.lr_base_batch:
-        global_batch = args.batch_size * args.accum_steps * world_size
-        say(f"batch scaling: global batch {global_batch} for the {args.lr_base_batch} the recipe's lr belongs to: "
-            f"lr {args.lr:g} -> {ctx.lr:.6g} ({args.lr_scaling}), EMA decay {args.ema_decay:g} -> "
-            f"{ctx.ema_decay:.8g} per step")
-
-    outcome = train_epochs(ctx)
-    signals = [name for name in utils.gather_objects(stop.signal_name) if name]  # the signal may reach one rank
-    if ctx.writer:
-        if outcome == "done":  # one hparams entry per run, with its final figures
-            final = {f"hparam/{k}": v for k, v in s.metrics.items() if isinstance(v, (int, float))}
-            hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-            ctx.writer.add_hparams(hparams, final or {"hparam/best_top1": s.best_top1}, run_name=".")
-        ctx.writer.close()
-    if outcome == "diverged":
-        raise UserError(f"the loss was not finite for {MAX_NONFINITE_STREAK} steps in a row at step {s.step}: "
-                        f"training stopped, last good checkpoint kept in {args.output_dir}. "
-                        "Try a lower --lr or --clip-grad-norm")
-    if outcome in ("stopped", "not saved"):
-        why = f"{signals[0]} received" if signals else f"--max-steps {args.max_steps} reached"
-        if outcome == "stopped":
-            say(f"{why}: saved {os.path.join(args.output_dir, 'last.pth')} at step {s.step}. "
-                f"Resume with the same command plus --resume auto")
-        else:
-            say(f"{why}: the weights were not saved (see the warning); the previous checkpoint is kept")
-        return 0
-    best = os.path.join(args.output_dir, "best.pth")
-    data_flag = "" if ctx.demo else f" --data-path {args.data_path}"
-    overflow = f", {s.scaler_skips} fp16 overflow steps skipped by the GradScaler" if ctx.scaler else ""
-    say(f"done: best top-1 {s.best_top1:.2f}% ({s.best_weights} weights) after {plural(args.epochs, 'epoch')}, "
-        f"{s.nonfinite_steps} non-finite steps skipped{overflow}")
-    say(f"evaluate:    python evaluate.py {best}{data_flag}")
-    say(f"tensorboard: tensorboard --logdir {args.log_dir}")
+        point_latest_at(config.output_dir)
+    state = TrainState()
+    outcome = resume_if_asked(run, state, followed_latest)
+    if outcome != "complete":
+        run.writer = open_tensorboard(run, state)
+        announce_run(run)
+        outcome = train_epochs(run, state)
+        close_tensorboard(run, state, outcome)
+    report_outcome(run, state, outcome)
     return 0
 
 
-def train_epochs(ctx):
-    """Epochs, each followed by its validation and checkpoints, until the last one or a stop. A stop after an
-    epoch's last step saves at once and leaves that epoch's validation to the resumed run (validation_pending),
-    so a preempted job is saved within one step, whatever the validation set's size.
-    Returns "done", "stopped", "not saved" (stopped, but the weights could not be saved) or "diverged"."""
-    a, s = ctx.args, ctx.state
-    while s.epoch < a.epochs or s.validation_pending:
-        if a.max_steps and s.step >= a.max_steps and not s.validation_pending:
-            return "stopped"  # resumed with --max-steps already reached: last.pth is this state
-        if not s.validation_pending:
-            status = train_one_epoch(ctx)
-            if status == "diverged":
-                return status
-            if status == "done":
-                report_epoch(ctx)
-                s.validation_pending = s.epoch % a.eval_every == 0 or s.epoch == a.epochs
-        signalled, saved = utils.any_rank(ctx.stop), None
-        if s.validation_pending and not signalled:
-            saved = validate_and_track_best(ctx)  # which saves; None when a signal cut it short
-            signalled = saved is None
-        if saved is None:  # mid-epoch, no validation due, or a signal (the validation waits for the resumed run)
-            saved = save(ctx)
-        if signalled or (a.max_steps and s.step >= a.max_steps):
-            return "stopped" if saved else "not saved"
-    return "done"
-
-
-def report_epoch(ctx):
-    a, t, s = ctx.args, ctx.last_train, ctx.state
-    if ctx.rank == 0:
-        print(f"epoch {s.epoch}/{a.epochs}: train loss {t['loss']:.4f} top-1 {t['top1']:.2f}% "
-              f"({t['time']:.1f}s, {t['images'] / max(t['time'], 1e-9):.0f} img/s)")
-    if ctx.writer:
-        ctx.writer.add_scalar("epoch/train_loss", t["loss"], s.step)
-        ctx.writer.add_scalar("epoch/train_top1", t["top1"], s.step)
-        ctx.writer.add_scalar("epoch/time_sec", t["time"], s.step)
-    skipped = ctx.train_set.skipped + ctx.val_set.skipped
-    if skipped and ctx.rank == 0:
-        print(f"warning: {plural(skipped, 'unreadable image')} skipped so far (see the lines above)")
-
-
-def validate_and_track_best(ctx):
-    """Validate the raw and the EMA weights after the epoch just finished, then save last.pth (and best.pth on a
-    new best). Returns whether the checkpoints were written, or None, having saved nothing, when a stop request
-    cut the validation short."""
-    a, s, net = ctx.args, ctx.state, ctx.model_without_ddp
-    show = ctx.rank == 0
-    # DDP syncs BN statistics only at each forward: give every rank rank 0's (the ones saved) before scoring
-    utils.broadcast_tensors(list(net.buffers()) + (list(ctx.ema.shadow_params) if ctx.ema else []))
-    loader = UntilStopped(ctx.val_loader, ctx.stop)
-    results = {"raw": evaluate(net, loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last, show_progress=show)}
-    if ctx.ema is not None and not utils.any_rank(ctx.stop):
-        with ctx.ema.average_parameters():
-            results["ema"] = evaluate(net, loader, ctx.device, ctx.autocast, a.norm, ctx.channels_last,
-                                      desc="val (ema)", show_progress=show)
-    net.train()
-    if utils.any_rank(ctx.stop):
+def open_tensorboard(run, state):
+    if run.rank != 0:
         return None
-    trivial_top5 = len(ctx.classes) <= 5
-    line = []
-    for name, r in results.items():
-        prefix = "val" if name == "raw" else "val_ema"
-        line.append(f"{prefix} loss {r['loss']:.4f} top-1 {r['top1']:.2f}%"
-                    + ("" if trivial_top5 else f" top-5 {r['top5']:.2f}%"))
-        if ctx.writer:
-            for key in ("loss", "top1", "top5"):
-                ctx.writer.add_scalar(f"{prefix}/{key}", r[key], s.step)
-    which = max(results, key=lambda k: (results[k]["top1"], k == "ema"))  # ties go to the EMA
-    top1 = results[which]["top1"]
-    is_best = top1 > s.best_top1 and can_save(ctx)  # best_top1 only ever describes a best.pth on disk
-    previous_best = (s.best_top1, s.best_weights, s.best_epoch)
-    if is_best:
-        s.best_top1, s.best_weights, s.best_epoch = top1, which, s.epoch
-    s.metrics = {"val_top1": results["raw"]["top1"], "val_top5": results["raw"]["top5"],
-                 "val_loss": results["raw"]["loss"], "val_images": results["raw"]["images"], "epoch": s.epoch,
-                 "best_top1": s.best_top1}
-    if "ema" in results:
-        s.metrics.update({"val_ema_top1": results["ema"]["top1"], "val_ema_top5": results["ema"]["top5"],
-                          "val_ema_loss": results["ema"]["loss"]})
-    s.validation_pending = False
-    if ctx.rank == 0:
-        print("  " + " | ".join(line) + (f"  * new best ({which})" if is_best else ""))
-    saved = save(ctx, also_best=is_best)
-    if not saved and is_best:
-        s.best_top1, s.best_weights, s.best_epoch = previous_best
-    return saved
+    from torch.utils.tensorboard import SummaryWriter
+    # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps on resume
+    return SummaryWriter(os.path.join(run.config.log_dir, run.config.run_name), purge_step=state.step + 1)
 
 
-class UntilStopped:
-    """A validation loader that ends early once a stop is requested (that pass is then discarded): a preempted
-    job saves within one batch of validation. Every rank agrees on the stop after the pass (any_rank)."""
+def announce_run(run):
+    """The start-up lines: device, precision, model, data, batch, and the recipe and its batch scaling."""
+    cfg, splits, world_size = run.config, run.data.splits, run.world_size
+    processes = (f"x{world_size} (torchrun, DDP, process group {utils.backend_name()})" if utils.is_distributed()
+                 else "x1")
+    params, madds = model_lib.count_params(run.net), model_lib.count_madds(run.net, cfg.img_size)
+    global_batch = cfg.batch_size * cfg.accum_steps * world_size
+    announce(run, f"device {run.device} {processes} | precision {run.precision} | channels_last {cfg.channels_last}"
+                  f" | MobileNetV3-{cfg.arch.capitalize()} {cfg.width_mult:g}: {params / 1e6:.2f}M params, "
+                  f"{madds / 1e6:.1f}M MAdds at {cfg.img_size}px")
+    announce(run, f"data {run.data.path} ({splits.layout}{', demo' if cfg.data_path is None else ''}): "
+                  f"{len(splits.train)} train / {len(splits.val)} val images, "
+                  f"{plural(len(splits.classes), 'class', 'classes')} | batch {cfg.batch_size} x {cfg.accum_steps} "
+                  f"x {world_size} = {global_batch} | {run.steps_per_epoch} steps/epoch, {plural(cfg.epochs, 'epoch')}")
+    if cfg.config:
+        announce(run, f"recipe {cfg.config}: " + " ".join(f"{key}={value}" for key, value in vars(cfg).items()
+                                                         if key not in RESUME_QUIET_FLAGS | {"config"}))
+    if cfg.lr_base_batch:
+        announce(run, f"batch scaling: global batch {global_batch} for the {cfg.lr_base_batch} the recipe's lr "
+                      f"belongs to: lr {cfg.lr:g} -> {run.lr:.6g} ({cfg.lr_scaling}), EMA decay {cfg.ema_decay:g} "
+                      f"-> {run.ema_decay:.8g} per step")
 
-    def __init__(self, loader, stop):
-        self.loader, self.stop = loader, stop
 
-    def __len__(self):
-        return len(self.loader)
+def close_tensorboard(run, state, outcome):
+    if run.writer is None:
+        return
+    if outcome == "done":  # one hparams entry per run, with its final figures
+        final = {f"hparam/{k}": v for k, v in state.metrics.items() if isinstance(v, (int, float))}
+        hparams = {k: v for k, v in vars(run.config).items() if isinstance(v, (int, float, str, bool))}
+        run.writer.add_hparams(hparams, final or {"hparam/best_top1": state.best_top1}, run_name=".")
+    run.writer.close()
 
-    def __iter__(self):
-        for batch in self.loader:
-            yield batch
-            if self.stop:
-                return
+
+def report_outcome(run, state, outcome):
+    """The last lines of a run; a run that diverged ends with an error (exit 1)."""
+    cfg = run.config
+    if outcome == "diverged":
+        raise UserError(f"the loss was not finite for {MAX_NONFINITE_STREAK} steps in a row at step {state.step}: "
+                        f"training stopped, last good checkpoint kept in {cfg.output_dir}. "
+                        "Try a lower --lr or --clip-grad-norm")
+    if outcome in ("stopped", "not saved"):
+        signals = [name for name in utils.gather_objects(run.stop.signal_name) if name]  # it may reach one rank
+        why = f"{signals[0]} received" if signals else f"--max-steps {cfg.max_steps} reached"
+        announce(run, f"{why}: saved {os.path.join(cfg.output_dir, 'last.pth')} at step {state.step}. Resume with "
+                      "the same command plus --resume auto" if outcome == "stopped" else
+                      f"{why}: the weights were not saved (see the warning); the previous checkpoint is kept")
+    if outcome == "done":
+        data_flag = "" if cfg.data_path is None else f" --data-path {cfg.data_path}"
+        overflow = f", {state.scaler_skips} fp16 overflow steps skipped by the GradScaler" if run.scaler else ""
+        announce(run, f"done: best top-1 {state.best_top1:.2f}% ({state.best_weights} weights) after "
+                      f"{plural(cfg.epochs, 'epoch')}, {state.nonfinite_steps} non-finite steps skipped{overflow}")
+        announce(run, f"evaluate:    python evaluate.py {os.path.join(cfg.output_dir, 'best.pth')}{data_flag}")
+        announce(run, f"tensorboard: tensorboard --logdir {cfg.log_dir}")
+
+
+def announce(run, text, file=None):
+    """Print on rank 0 only."""
+    if run.rank == 0:
+        print(text, file=file)
 
 
 def plural(count, word, words=None):

@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 
@@ -254,6 +255,30 @@ def broadcast_object(obj, src=0):
 
 
 # ---------------------------------------------------------------- metrics
+
+class MetricMeter:
+    """Running sums of training figures, kept on the device (reading them is a host sync): loss x images, top-1
+    hits, images and distillation term x images, as train.train_update returns them; with the seconds since
+    the last reset and the time spent waiting for data in them."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(4, dtype=sum_dtype(device), device=device)
+        self.reset()
+
+    def reset(self):
+        self.sums.zero_()
+        self.start, self.data_wait = time.perf_counter(), 0.0
+
+    def add(self, sums):
+        self.sums += sums
+
+    def read(self):
+        """{loss, top1 (%), images, kd_loss, time (seconds)}: per-image means of the sums."""
+        loss, hits, images, kd = self.sums.tolist()
+        count = max(images, 1)
+        return {"loss": loss / count, "top1": 100 * hits / count, "images": int(images), "kd_loss": kd / count,
+                "time": time.perf_counter() - self.start}
+
 
 def correct_topk(logits, target, topk=(1, 5)):
     """Number of samples whose target is within the top-k predictions, for each k (as a float tensor).

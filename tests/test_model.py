@@ -3,6 +3,7 @@ torchvision interop, and the ways train.py / evaluate.py run the model.
 
     python -m pytest tests/test_model.py -q
 """
+import dataclasses
 import urllib.error
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from model import (ARCHS, ConvBNActivation, MobileNetV3, SqueezeExcite, build_model, count_madds, count_params,
-                   guess_torchvision_arch, is_torchvision_state_dict, load_pretrained, load_torchvision_state_dict,
-                   make_divisible, model_config)
+from model import (ARCHS, ConvBNActivation, MobileNetV3, ModelConfig, SqueezeExcite, build_model, count_madds,
+                   count_params, guess_torchvision_arch, is_torchvision_state_dict, load_pretrained,
+                   load_torchvision_state_dict, make_divisible)
 
 # Parameter counts at 1000 classes of the reference models (TF slim's released MobileNetV3 checkpoints;
 # torchvision's mobilenet_v3_large/small match at width 1.0).
@@ -327,7 +328,7 @@ def test_load_pretrained_torchvision_errors(monkeypatch):
 
 def test_classifier_out_features_alias():
     model = MobileNetV3("small", 0.5, classifier_out_features=10).eval()
-    assert model.num_classes == 10
+    assert model.config.num_classes == 10
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -352,15 +353,25 @@ def test_no_classifier_returns_pooled_features(arch, width_mult, features):
 ])
 def test_model_config_round_trip(kwargs):
     model = build_model(**kwargs)
-    config = model_config(model)
-    keys = {"arch", "width_mult", "num_classes", "dropout", "bn_eps", "bn_momentum"}
-    assert set(config) == (keys if kwargs.get("classifier", True) else keys | {"classifier"})
+    config = model.config.as_dict()
+    # exactly the dict of older checkpoints: every argument, and "classifier" only for a model without a head
+    assert config == {"dropout": 0.2, "bn_eps": 1e-3, "bn_momentum": 0.01, **kwargs}
+    assert list(config)[:6] == ["arch", "width_mult", "num_classes", "dropout", "bn_eps", "bn_momentum"]
     assert all(isinstance(value, (str, int, float, bool)) for value in config.values())
     rebuilt = build_model(**config)
-    assert model_config(rebuilt) == config
+    assert rebuilt.config == model.config and rebuilt.config.as_dict() == config
     shapes = {key: value.shape for key, value in model.state_dict().items()}
     assert {key: value.shape for key, value in rebuilt.state_dict().items()} == shapes
-    assert [m.eps for m in rebuilt.modules() if isinstance(m, nn.BatchNorm2d)][0] == model.bn_eps
+    assert [m.eps for m in rebuilt.modules() if isinstance(m, nn.BatchNorm2d)][0] == model.config.bn_eps
+
+
+def test_model_config_is_frozen_and_checked():
+    model = MobileNetV3("small", 0.5, num_classes=10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.config.num_classes = 20  # the head has 10 outputs: the config must keep saying so
+    assert model.config == ModelConfig("small", 0.5, 10, dropout=0.2, bn_eps=1e-3, bn_momentum=0.01)
+    with pytest.raises(ValueError, match="unknown MobileNetV3 arch 'huge'"):  # checked without building a model
+        ModelConfig("huge", 1.0, 1000, 0.2, 1e-3, 0.01)
 
 
 # --- ways of running it -------------------------------------------------------------------------------------

@@ -125,8 +125,8 @@ def test_bf16_autocast_ema_and_best_weights(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
     best_saved_at = []  # epochs after which best.pth was written
     real_save = train.save
-    monkeypatch.setattr(train, "save", lambda ctx, also_best=False: (
-        also_best and best_saved_at.append(ctx.state.epoch), real_save(ctx, also_best))[1])
+    monkeypatch.setattr(train, "save", lambda run, state, also_best=False: (
+        also_best and best_saved_at.append(state.epoch), real_save(run, state, also_best))[1])
     args = run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "3", "--amp", "--ema-decay", "0.9"))
     assert utils.precision_for(torch.device("cpu"), args.amp, args.amp_dtype)[0]().fast_dtype == torch.bfloat16
     assert best_saved_at == [1, 2]
