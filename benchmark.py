@@ -490,8 +490,8 @@ def bench_training(report, args, device, root, folder):
     for workers in [1] + ([2, 4] if device.type == "cuda" else []):
         if workers < args.workers:
             pipelines[workers] = Pipeline(args, device, root, folder, workers)
-    if device.type == "cpu":  # train.py lowers the workers' priority when they share the cores with the model
-        pipelines["same priority"] = Pipeline(args, device, root, folder, args.workers, worker_nice=0)
+    if device.type == "cpu":  # the workers share the cores with the model: would a lower priority help?
+        pipelines["nice 10"] = Pipeline(args, device, root, folder, args.workers, worker_nice=10)
     if args.gpu_decode:  # on a CPU (only when asked): decoded by the training process instead of the workers
         for workers in (1, 2):
             pipelines[f"device {workers}"] = Pipeline(args, device, root, folder, workers, decode_on="device")
@@ -499,7 +499,7 @@ def bench_training(report, args, device, root, folder):
     for key, pipe in pipelines.items():
         workers = pipe.config.workers
         where = f", JPEGs decoded on {device.type}" if pipe.config.decode_on == "device" else ""
-        where += ", workers at the same CPU priority" if key == "same priority" else ""
+        where += ", workers at nice 10" if key == "nice 10" else ""
         full[key] = Variant(f"full pipeline, {workers} worker{'s' * (workers > 1)}{where}", pipe.run,
                             args.batch_size, settle=wait_until_idle, whole_windows=True)
     # right after the default: the same pipeline with the accounting of the loaded comparison (refilled)
@@ -528,7 +528,7 @@ def bench_training(report, args, device, root, folder):
     for workers, v in full.items():
         default_workers = workers == args.workers
         key = {args.workers: "full_pipeline", "threads": "full_pipeline_other_threads",
-               "same priority": "full_pipeline_workers_same_priority", "refill timed": "full_pipeline_refill_timed",
+               "nice 10": "full_pipeline_workers_nice_10", "refill timed": "full_pipeline_refill_timed",
                "device 1": "full_pipeline_gpu_decode_1_worker",
                "device 2": "full_pipeline_gpu_decode_2_workers"}.get(workers)
         report.add("3", v.name + (" (train.py default)" if default_workers else ""), rates[v.name], "img/s",
@@ -567,9 +567,9 @@ def bench_under_load(report, args, device, trainer, pipelines, quiet_model_rates
             "full_pipeline_busy_refill_untimed": Variant("  the same, the queue refilled between windows (untimed)",
                                                          pipelines[args.workers].run, args.batch_size,
                                                          settle=wait_until_idle, whole_windows=True)}
-    if "same priority" in pipelines:  # the CPU: train.py lowers its workers' priority, is that right under load?
-        full["full_pipeline_busy_workers_same_priority"] = Variant(
-            "  the same, workers at the same CPU priority", refilled(pipelines["same priority"].run),
+    if "nice 10" in pipelines:  # the CPU: what a lower worker priority does under load (train.py's earlier default)
+        full["full_pipeline_busy_workers_nice_10"] = Variant(
+            "  the same, workers at nice 10", refilled(pipelines["nice 10"].run),
             args.batch_size, settle=wait_until_idle, whole_windows=True)
     with busy_processes(args.busy, args.busy_seconds) as processes:
         rates = compare([model, *full.values()], args, device)
@@ -725,8 +725,7 @@ def bench_eval(report, args, device, trainer, splits):
     val_size = round(args.img_size / 0.875)
     val_set = dataset.ImageFiles(repeat_index(val_index, images), dataset.val_transform(val_size, args.img_size))
     loader = dataset.build_loader(val_set, dataset.EpochSampler(len(val_set), shuffle=False), args.batch_size,
-                                  args.workers, train=False, pin_memory=device.type == "cuda",
-                                  worker_nice=utils.worker_nice(device))  # as evaluate.py and train.py
+                                  args.workers, train=False, pin_memory=device.type == "cuda")  # as evaluate.py
 
     def run(steps):
         for _ in range(steps):

@@ -1175,8 +1175,9 @@ def end_loader_workers():
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False, worker_nice=0):
     """The DataLoader for training (train=True: incomplete last batch dropped) or validation.
 
-    worker_nice > 0 lowers the workers' CPU priority: when the model trains on the same cores, the workers then
-    decode in the gaps the compute threads leave instead of stalling them (measured in README, Performance)."""
+    worker_nice > 0 lowers the workers' CPU priority. train.py and evaluate.py leave it at 0: with the model on
+    the same 2 cores, nice 10 was as fast as nice 0 on a quiet machine and fell behind next to two busy processes
+    (full pipeline / model-only 0.74-0.87 against 0.87-0.99; docs/performance.md); benchmark.py compares both."""
     global ending_loader_workers_at_exit
     worker_options = {}
     if workers > 0:

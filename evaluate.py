@@ -440,7 +440,7 @@ def main(args):
     val_set = dataset.ValidationImageFiles(index, dataset.val_transform(resize, crop))
     sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
     loader = dataset.build_loader(val_set, sampler, args.batch_size, args.workers, train=False,
-                                  pin_memory=device.type == "cuda", worker_nice=utils.worker_nice(device))
+                                  pin_memory=device.type == "cuda")
     say(f"data: {printable(data_path)} ({layout}), {dataset.plural(len(val_set), 'image')}")
     start = time.perf_counter()
     result = evaluate(net, loader, device, autocast, norm, num_classes=num_classes, show_progress=rank == 0)

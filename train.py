@@ -633,11 +633,12 @@ def build_data(config, rank, world_size, device):
     train_sampler = dataset.EpochSampler(len(train_set), shuffle=True, seed=config.seed, num_replicas=world_size,
                                          rank=rank, drop_last=True)
     val_sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
-    pin, nice = device.type == "cuda", utils.worker_nice(device)
+    # the workers keep this process's CPU priority: a lower one starved them on a busy machine (docs/performance.md)
+    pin = device.type == "cuda"
     train_loader = dataset.build_loader(train_set, train_sampler, config.batch_size, config.workers, train=True,
-                                        pin_memory=pin and config.decode_on == "workers", worker_nice=nice)
+                                        pin_memory=pin and config.decode_on == "workers")
     val_loader = dataset.build_loader(val_set, val_sampler, config.batch_size, config.workers, train=False,
-                                      pin_memory=pin, worker_nice=nice)
+                                      pin_memory=pin)
     train_sampler.set_epoch(0)
     if len(train_loader) < config.accum_steps:
         raise UserError(f"the training split has {len(train_set)} images: too few for one step of "

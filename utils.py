@@ -140,14 +140,6 @@ def default_workers(device=None):
     return max(1, min(8, cores // 2 if device is not None and device.type == "cpu" else cores))
 
 
-def worker_nice(device):
-    """Priority offset of the loader workers. On the CPU they share the cores with the model, so they yield to it
-    and decode mostly in the gaps the compute threads leave instead of stalling them (README, Performance). 10
-    and not 19: under load from other programs a nice-19 worker gets almost no CPU and would starve training.
-    A GPU's training process mostly waits: equal priority there."""
-    return 10 if device.type == "cpu" else 0
-
-
 def launched_by_torchrun():
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 

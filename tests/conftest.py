@@ -84,5 +84,6 @@ def trained(tiny_data, tmp_path_factory):
 
 
 def pytest_configure(config):
-    # dataset.py silences torchvision 0.29's deprecation notice for decode_jpeg; pytest resets filters per test
+    # tests and benchmark.py call torchvision's deprecated decoders directly, to compare with (dataset.py silences
+    # the notice around its own calls only)
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision")

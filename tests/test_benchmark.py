@@ -12,7 +12,7 @@ import dataset
 
 FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
            "full_pipeline", "full_pipeline_refill_timed", "model_only_busy", "full_pipeline_busy",
-           "full_pipeline_busy_refill_untimed", "full_pipeline_busy_workers_same_priority",
+           "full_pipeline_busy_refill_untimed", "full_pipeline_busy_workers_nice_10",
            "loader_ours", "loader_ours_normalized", "loader_torchvision_decoder", "loader_scaled_decoding_off",
            "loader_resized_copy", "loader_imagefolder", "loader_vs_imagefolder",
            "index_cold", "index_cached", "index_imagefolder", "workers_uss_FileIndex", "workers_uss_list",
