@@ -430,7 +430,8 @@ class Pipeline:
     def run(self, steps):
         if steps not in self.epochs:
             self.epochs[steps] = dataclasses.replace(self.run_of, steps_per_epoch=steps)
-        self.state.epoch = self.state.batch_in_epoch = 0  # the same endless epoch; it only sizes the LR schedule
+        # each window is a fresh epoch 0 of `steps` steps: its LR warms up within the window (speed is the same)
+        self.state.epoch = self.state.batch_in_epoch = 0
         if train.train_one_epoch(self.epochs[steps], self.state)[0] != "done":  # "diverged": fewer steps ran
             raise UserError(f"the loss was not finite for {train.MAX_NONFINITE_STREAK} steps in a row in the "
                             "full-pipeline benchmark")

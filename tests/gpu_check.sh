@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: everything in this repository that only a CUDA machine can show, in one run of about 9 minutes
-# on one GPU (each part has its own time limit). Run it from the repository root on the first GPU machine available:
-#     bash tests/gpu_check.sh                 # everything (about 9 minutes: split it if a call is limited)
+# The GPU check: everything in this repository that only a CUDA machine can show, in one run of about 13 minutes
+# on one GPU (each part has its own time limit; run the crossover part alone when a call is limited to 10 minutes). Run it from the repository root on the first GPU machine available:
+#     bash tests/gpu_check.sh                 # everything (about 13 minutes: split it if a call is limited)
 #     bash tests/gpu_check.sh unit train      # some parts: unit train resume compile crossover benchmark
 # Results under $OUT (default gpu_check_out/): the log, eval.json, crossover.txt, bench_cuda.json.
 # Each step prints PASS or FAIL and the run goes on, so one failure does not hide the others.
@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log it, prin
     local begin=$(date +%s)
     echo "=== $name" | tee -a "$LOG"
     # in a fresh bash that knows this script's functions and arrays, so that timeout can run those too
-    if timeout -k 10 "$limit" bash -c "$(declare -p COMMON TORCHRUN WORK OUT LOG); $(declare -f images_per_sec \
+    if timeout -k 10 "$limit" bash -c "$(declare -p COMMON TORCHRUN WORK OUT LOG CROSSOVER_BATCH); $(declare -f images_per_sec \
             sigterm_then_resume crossover); \"\$@\"" step "$@" >> "$LOG" 2>&1; then
         echo "PASS $name ($(( $(date +%s) - begin ))s)" | tee -a "$LOG"
     else
@@ -48,7 +48,8 @@ pip install -q -r requirements.txt >> "$LOG" 2>&1
 
 # GPU_CHECK_DRY_RUN=1 tries the script's own mechanics on a CPU with tiny settings (8 steps an epoch either way)
 if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then SIZE=(--arch small --img-size 32 -b 8 --device cpu --workers 1); COUNT=64
-else SIZE=(--arch large --img-size 224 -b 128); COUNT=1024; fi
+    CROSSOVER_BATCH=4
+else SIZE=(--arch large --img-size 224 -b 128); COUNT=1024; CROSSOVER_BATCH=256; fi
 COMMON=(--data-path "$WORK/data" "${SIZE[@]}" --width-mult 0.5 --amp --ema-decay 0.9999 --eval-every 100 --print-freq 4)
 TORCHRUN=(python -m torch.distributed.run --nproc_per_node=1 --master_port=29600)
 
@@ -98,24 +99,30 @@ part_compile() {
     echo "images/s, compiled: $(images_per_sec "$WORK/runs/compile")" | tee -a "$LOG"
 }
 
-crossover() {  # the data pipeline (issue 16): CPU-decode workers against nvjpeg, Large 0.5, batch 256, fp16
-    for run in workers:1 workers:4 workers:16 device:1 device:4; do
-        local decode=${run%%:*} workers=${run##*:}
-        "${TORCHRUN[@]}" train.py "${COMMON[@]}" -b 256 --epochs 5 --max-steps 20 --workers "$workers" \
-            --decode-on "$decode" --output-dir "$WORK/ckpt_x" --log-dir "$WORK/runs_x" --run-name "${decode}_$workers" \
-            > "$WORK/x.out" 2>&1 || { tail -5 "$WORK/x.out"; return 1; }
-        echo "crossover: decode on $decode, $workers workers: $(images_per_sec "$WORK/runs_x/${decode}_$workers") img/s"
+crossover() {  # the data pipeline (issue 16): CPU-decode workers against nvjpeg, original against pre-resized JPEGs
+    python dataset.py --resize-copy "$WORK/data" "$WORK/data320" --short-side 320 --workers 8 > "$WORK/resize.out" \
+        2>&1 || { tail -5 "$WORK/resize.out"; return 1; }
+    for run in data:workers:1 data:workers:2 data:workers:4 data:workers:8 data:workers:16 data:device:1 \
+               data:device:4 data320:workers:1 data320:workers:4 data320:workers:16 data320:device:4; do
+        local data=${run%%:*} rest=${run#*:}
+        local decode=${rest%%:*} workers=${rest##*:}
+        local name="${data}_${decode}_$workers"
+        "${TORCHRUN[@]}" train.py "${COMMON[@]}" --data-path "$WORK/$data" -b "$CROSSOVER_BATCH" --epochs 5 --max-steps 16 \
+            --workers "$workers" --decode-on "$decode" --output-dir "$WORK/ckpt_x" --log-dir "$WORK/runs_x" \
+            --run-name "$name" > "$WORK/x.out" 2>&1 || { tail -5 "$WORK/x.out"; return 1; }
+        echo "crossover: $data, decode on $decode, $workers workers: $(images_per_sec "$WORK/runs_x/$name") img/s"
         rm -rf "$WORK/ckpt_x"
     done | tee -a "$OUT/crossover.txt"
     return "${PIPESTATUS[0]}"
 }
 
 part_crossover() {
-    step "data pipeline crossover under torchrun x1 (CPU workers 1/4/16 vs --decode-on device 1/4)" 180 crossover
+    step "data pipeline crossover under torchrun x1 (Large 0.5, batch 256, fp16: CPU workers 1/2/4/8/16 vs \
+--decode-on device 1/4, original vs pre-resized 320 px)" 420 crossover
 }
 
 part_benchmark() {
-    step "benchmark.py --device cuda --quick" 180 python benchmark.py --device cuda --quick --index-files 0 \
+    step "benchmark.py --device cuda --quick" 180 python benchmark.py --device cuda --quick --busy 0 --index-files 0 \
         --index-entries 0 --json "$OUT/bench_cuda.json"
 }
 
