@@ -424,12 +424,12 @@ class Pipeline:
         if worker_nice is not None:  # instead of train.py's choice, to show what that choice is worth
             data.train_loader.worker_init_fn = functools.partial(dataset.start_worker, worker_nice)
         live = dataclasses.replace(data, train_loader=LiveLoader(data.train_loader))
-        self.run_of, self.state = dataclasses.replace(run, data=live, show_progress=False), train.TrainState()
+        self.base_run, self.state = dataclasses.replace(run, data=live, show_progress=False), train.TrainState()
         self.config, self.epochs = targs, {}  # epochs: the run with steps_per_epoch = steps, for each window size
 
     def run(self, steps):
         if steps not in self.epochs:
-            self.epochs[steps] = dataclasses.replace(self.run_of, steps_per_epoch=steps)
+            self.epochs[steps] = dataclasses.replace(self.base_run, steps_per_epoch=steps)
         # each window is a fresh epoch 0 of `steps` steps: its LR warms up within the window (speed is the same)
         self.state.epoch = self.state.batch_in_epoch = 0
         if train.train_one_epoch(self.epochs[steps], self.state)[0] != "done":  # "diverged": fewer steps ran
@@ -437,7 +437,7 @@ class Pipeline:
                             "full-pipeline benchmark")
 
     def close(self):
-        self.run_of = self.epochs = None  # persistent workers exit when their iterator is freed
+        self.base_run = self.epochs = None  # persistent workers exit when their iterator is freed
         gc.collect()
 
 
@@ -730,8 +730,8 @@ def bench_eval(report, args, device, trainer, splits):
 
     def run(steps):
         for _ in range(steps):
-            evaluate.evaluate(trainer.net, loader, device, trainer.autocast, trainer.config.norm, trainer.config.channels_last,
-                           show_progress=False)
+            evaluate.evaluate(trainer.net, loader, device, trainer.autocast, trainer.config.norm,
+                              trainer.config.channels_last, show_progress=False)
     variant = Variant("evaluation", run, images, settle=wait_until_idle)
     rates = compare([variant], args, device)
     trainer.net.train()

@@ -713,14 +713,14 @@ def build_trainer(config, net, device, steps_per_epoch, world_size=None, **parts
         world_size = torch.distributed.get_world_size() if utils.is_distributed() else 1
     lr, ema_decay = scaled_to_global_batch(config, world_size)
     autocast, scaler, precision = utils.precision_for(device, config.amp, config.amp_dtype)
-    model = ddp = None
+    ddp = None
     if utils.is_distributed():
         # DDP first, then torch.compile: dynamo then splits the graph at DDP's bucket boundaries (DDPOptimizer),
         # so gradient all-reduces overlap the backward pass (PyTorch's recommended order)
         cuda = device.type == "cuda"
-        model = ddp = DistributedDataParallel(net, device_ids=[device.index] if cuda else None,
-                                              output_device=device.index if cuda else None)
-    model = model or net
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if cuda else None,
+                                      output_device=device.index if cuda else None)
+    model = net if ddp is None else ddp
     if config.compile:
         model = torch.compile(model)
     return Run(config=config, device=device, net=net, model=model, ddp=ddp, world_size=world_size,
@@ -1289,9 +1289,11 @@ def report_outcome(run, state, outcome):
     if outcome in ("stopped", "not saved"):
         signals = [name for name in utils.gather_objects(run.stop.signal_name) if name]  # it may reach one rank
         why = f"{signals[0]} received" if signals else f"--max-steps {cfg.max_steps} reached"
-        announce(run, f"{why}: saved {os.path.join(cfg.output_dir, 'last.pth')} at step {state.step}. Resume with "
-                      "the same command plus --resume auto" if outcome == "stopped" else
-                      f"{why}: the weights were not saved (see the warning); the previous checkpoint is kept")
+        if outcome == "stopped":
+            announce(run, f"{why}: saved {os.path.join(cfg.output_dir, 'last.pth')} at step {state.step}. Resume "
+                          "with the same command plus --resume auto")
+        else:
+            announce(run, f"{why}: the weights were not saved (see the warning); the previous checkpoint is kept")
     if outcome == "done":
         data_flag = "" if cfg.data_path is None else f" --data-path {cfg.data_path}"
         overflow = f", {state.scaler_skips} fp16 overflow steps skipped by the GradScaler" if run.scaler else ""

@@ -391,3 +391,30 @@ def test_openmp_threads_sleep_instead_of_spinning_unless_told_otherwise():
             env["OMP_WAIT_POLICY"] = preset
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env)
         assert out.stdout.strip() == expected, out.stderr[-2000:]
+
+
+def test_resolve_config_leaves_the_parsed_flags_as_they_were():
+    args = train.get_args_parser().parse_args(["--epochs", "3"])
+    parsed = dict(vars(args))
+    config = train.resolve_config(args, torch.device("cpu"), "/tmp/run-folder", "run")
+    assert vars(args) == parsed  # args is never written
+    assert (config.img_size, config.epochs, config.val_crop_size, config.val_resize_size) == (64, 3, 64, 73)
+    assert (config.amp, config.channels_last, config.output_dir, config.run_name) == (False, True, "/tmp/run-folder",
+                                                                                    "run")
+
+
+def test_an_update_with_too_few_micro_batches_is_refused_before_the_step():
+    import model as model_lib
+    config = train.resolve_config(train.get_args_parser().parse_args(["--accum-steps", "2", "--img-size", "32"]),
+                                  torch.device("cpu"))
+    net = model_lib.build_model("small", 0.5, 3)
+    run = train.build_trainer(config, net, torch.device("cpu"), steps_per_epoch=4, show_progress=False)
+    state = train.TrainState()
+    before = [p.detach().clone() for p in net.parameters()]
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="1 micro-batches for --accum-steps 2"):
+        train.train_update(run, state, [batch])
+    assert state.step == 0 and run.ema.num_updates == 0  # no step, no EMA update
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    train.train_update(run, state, [batch, batch])  # the full update goes through
+    assert state.step == 1 and not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
