@@ -17,7 +17,7 @@ FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
            "loader_resized_copy", "loader_imagefolder", "loader_vs_imagefolder",
            "index_cold", "index_cached", "index_imagefolder", "workers_uss_FileIndex", "workers_uss_list",
            "evaluation", "peak_rss_main", "peak_rss_workers", "precision_fp32", "precision_bf16", "adam_foreach",
-           "adam_for-loop", "adam_fused", "ema_update_torch-ema", "ema_update_one_foreach_lerp",
+           "adam_for-loop", "adam_fused", "ema_update_torch-ema_loop", "ema_update_one_foreach_lerp",
            "inference_b1_pytorch_eager", "inference_b1_onnx_fp32", "inference_b1_onnx_int8",
            "inference_b32_pytorch_eager", "inference_b32_onnx_fp32", "inference_b32_onnx_int8",
            "file_mb_pytorch", "file_mb_fp32", "file_mb_int8")

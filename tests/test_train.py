@@ -418,3 +418,26 @@ def test_an_update_with_too_few_micro_batches_is_refused_before_the_step():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     train.train_update(run, state, [batch, batch])  # the full update goes through
     assert state.step == 1 and not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_the_foreach_ema_update_is_torch_ema_s_own_and_its_state_loads_into_torch_ema():
+    from torch_ema import ExponentialMovingAverage
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 3))
+    ours, reference = train.make_ema(net, 0.99), None
+    tensors = list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
+    reference = ExponentialMovingAverage(tensors, decay=0.99)
+    assert isinstance(ours, train.ForeachEMA) and len(ours.shadow_params) == len(tensors)
+    for _ in range(30):  # through the (1 + n) / (10 + n) warm-up and past it
+        with torch.no_grad():
+            for t in tensors:
+                t.add_(torch.randn_like(t))
+        ours.update()
+        reference.update()
+    assert ours.num_updates == reference.num_updates == 30
+    for mine, theirs in zip(ours.shadow_params, reference.shadow_params):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert max((m - t).abs().max().item() for m, t in zip(ours.shadow_params, tensors)) > 0.1  # an average, not a copy
+    plain = ExponentialMovingAverage(tensors, decay=0.99)
+    plain.load_state_dict(ours.state_dict())  # checkpoints stay torch-ema's
+    assert all(torch.equal(a, b) for a, b in zip(plain.shadow_params, ours.shadow_params))
