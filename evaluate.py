@@ -18,7 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: sleeping, no
 
 import argparse
 import csv
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -161,6 +163,8 @@ def _load_torchvision(path, state, arch, width_mult, num_classes):
 
 def classes_for_torchvision(data_path, num_outputs):
     """A torchvision state dict carries no class list: its outputs follow the sorted class folders of ImageNet."""
+    if data_path is None:
+        raise UserError("a torchvision state dict holds no class list: pass --data-path (the ImageNet root)")
     splits = dataset.find_dataset(data_path)
     if len(splits.classes) != num_outputs:
         raise UserError(f"a torchvision state dict needs the full {num_outputs}-class dataset to name its outputs "
@@ -230,43 +234,115 @@ def draw_confusion(confusion, class_names, path, max_size=1200, pairs=25):
     classes), otherwise every k-th class index; counts are written in the cells when there are few classes; the
     most confused (true, predicted) pairs are listed beside the matrix with their counts and row shares.
     """
+    from PIL import Image
+    present, counts, shares = classes_to_show(confusion)
+    names = [short_name(class_names[i]) for i in present]
+    pair_lines = most_confused_pairs(counts, shares, names, pairs)
+    layout = confusion_layout(present, names, pair_lines, max_size)
+    image = Image.new("RGB", (layout.width, layout.height), "white")
+    draw_cells(image, shares, layout)
+    draw_axis_labels(image, present, names, layout)
+    write_counts_in_cells(image, counts, shares, layout)
+    draw_colour_scale(image, layout)
+    draw_pair_list(image, pair_lines, layout)
+    image.save(path)
+    return image
+
+
+def classes_to_show(confusion):
+    """(classes, counts, shares) of the classes that appear as a label or as a prediction; shares are each row's
+    counts over its images."""
     import numpy as np
-    from PIL import Image, ImageDraw
     present = torch.nonzero(confusion.sum(dim=1) + confusion.sum(dim=0)).flatten().tolist()
     counts = confusion[present][:, present].numpy().astype(np.int64)
-    names = [short_name(class_names[i]) for i in present]
-    n = len(present)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return present, counts, shares
+
+
+PAIR_LIST_TITLE = "most confused (true -> predicted):"
+
+
+def most_confused_pairs(counts, shares, names, pairs):
+    """A line "true -> predicted: count (share)" for each of the most confused pairs: largest off-diagonal counts,
+    then largest shares."""
+    import numpy as np
+    off = [(int(counts[r, c]), float(shares[r, c]), r, c) for r, c in zip(*np.nonzero(counts)) if r != c]
+    off.sort(key=lambda pair: (-pair[0], -pair[1], pair[2], pair[3]))
+    lines = [f"{names[r]} -> {names[c]}: {count} ({100 * share:.0f}%)" for count, share, r, c in off[:pairs]]
+    return lines or ["none: every image got its own class"]
+
+
+def text_width(label, font):
+    return math.ceil(font.getlength(label))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfusionLayout:
+    """Where the parts of the confusion picture go, in pixels: the matrix of n x n cells has its top left corner
+    at (left, top); the colour scale and the list of pairs are to its right."""
+    n: int
+    cell: int
+    labelled: bool  # else the class index at each of the ticks
+    ticks: list
+    text: object  # fonts: the names, everything else, the title
+    small: object
+    title_font: object
+    title: str
+    left: int
+    top: int
+    width: int
+    height: int
+    pad: int
+    title_height: int
+    scale_width: int
+
+    @property
+    def side(self):
+        return self.cell * self.n
+
+    @property
+    def scale_left(self):
+        return self.left + self.side + self.pad
+
+    @property
+    def list_left(self):
+        return self.scale_left + self.scale_width + self.pad
+
+
+def confusion_layout(present, names, pair_lines, max_size):
+    """Cells as large as fit in max_size (48 px at most), with room around them for the labels, the colour scale
+    and the list of pairs."""
+    n = len(present)
     cell = max(1, min(48, max_size // max(n, 1)))
     side = cell * n
     text, small, title_font = font_of(min(13, max(cell - 2, 9))), font_of(11), font_of(15)
     labelled = cell >= 10  # a name per row and column
-    pad = 8
-
-    def width_of(label, font=text):
-        return int(np.ceil(font.getlength(label)))
-
+    pad, ticks = 8, []
     if labelled:
-        label_room = max(width_of(name) for name in names) + pad
+        label_room = max(text_width(name, text) for name in names) + pad
     else:  # every k-th class index, k a round number giving at most about 10 ticks
         step = next(k for k in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 10**9) if n / k <= 10)
         ticks = list(range(0, n, step))
-        label_room = max(width_of(str(present[i]), small) for i in ticks) + pad + 4
-    # the most confused pairs: largest off-diagonal counts, then largest shares
-    off = [(int(counts[r, c]), float(shares[r, c]), r, c) for r, c in zip(*np.nonzero(counts)) if r != c]
-    off.sort(key=lambda pair: (-pair[0], -pair[1], pair[2], pair[3]))
-    pair_lines = [f"{names[r]} -> {names[c]}: {count} ({100 * share:.0f}%)" for count, share, r, c in off[:pairs]]
-    pair_lines = pair_lines or ["none: every image got its own class"]
-    list_width = max(width_of(line, small) for line in pair_lines + ["most confused (true -> predicted):"]) + 2 * pad
+        label_room = max(text_width(str(present[i]), small) for i in ticks) + pad + 4
+    list_width = max(text_width(line, small) for line in pair_lines + [PAIR_LIST_TITLE]) + 2 * pad
 
     title_height, axis_title = 24, 18
     left = axis_title + label_room
     top = title_height + axis_title + label_room
     scale_width = 70
     title = f"confusion matrix: {dataset.plural(n, 'class')}, each row normalised to its true class's images"
-    width = max(left + side + pad + scale_width + pad + list_width, left + width_of(title, title_font) + pad)
+    width = max(left + side + pad + scale_width + pad + list_width, left + text_width(title, title_font) + pad)
     height = max(top + side + pad, top + 16 * (len(pair_lines) + 2)) + 20
-    image = Image.new("RGB", (width, height), "white")
+    return ConfusionLayout(n=n, cell=cell, labelled=labelled, ticks=ticks, text=text, small=small,
+                           title_font=title_font, title=title, left=left, top=top, width=width, height=height,
+                           pad=pad, title_height=title_height, scale_width=scale_width)
+
+
+def draw_cells(image, shares, layout):
+    """Each cell in the colour of its row share, a thin grid between them, a frame around."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    left, top, side, cell = layout.left, layout.top, layout.side, layout.cell
     draw = ImageDraw.Draw(image)
     grid = shares.repeat(cell, 0).repeat(cell, 1)
     if cell < 3:  # (hundreds of classes) a cell of 1-2 px is invisible alone: draw each as a 3 px dot
@@ -274,51 +350,75 @@ def draw_confusion(confusion, class_names, path, max_size=1200, pairs=25):
         grid = np.max([padded[dy:dy + side, dx:dx + side] for dy in range(3) for dx in range(3)], axis=0)
     image.paste(Image.fromarray(colour_of(grid)), (left, top))
     if cell >= 4:  # a thin grid, so neighbouring cells of one colour stay apart
-        for k in range(n + 1):
+        for k in range(layout.n + 1):
             draw.line([(left + k * cell, top), (left + k * cell, top + side)], fill=(225, 225, 225))
             draw.line([(left, top + k * cell), (left + side, top + k * cell)], fill=(225, 225, 225))
     draw.rectangle([left - 1, top - 1, left + side, top + side], outline=(120, 120, 120))
 
-    def vertical_text(label, x, y_bottom, font, fill=(0, 0, 0)):
-        """label written bottom to top, its bottom end at (x, y_bottom)."""
-        box = Image.new("L", (width_of(label, font) + 2, font.size + 4 if hasattr(font, "size") else 14), 0)
-        ImageDraw.Draw(box).text((1, 1), label, fill=255, font=font)
-        turned = box.rotate(90, expand=True)
-        image.paste(Image.new("RGB", turned.size, fill), (x, y_bottom - turned.size[1]), turned)
 
-    draw.text((left, 4), title, fill=(0, 0, 0), font=title_font)
-    draw.text((left + side // 2 - width_of("predicted class", small) // 2, title_height), "predicted class",
-              fill=(0, 0, 0), font=small)
-    vertical_text("true class", 2, top + side // 2 + width_of("true class", small) // 2, small)
+def vertical_text(image, label, x, y_bottom, font, fill=(0, 0, 0)):
+    """label written bottom to top, its bottom end at (x, y_bottom)."""
+    from PIL import Image, ImageDraw
+    box = Image.new("L", (text_width(label, font) + 2, font.size + 4 if hasattr(font, "size") else 14), 0)
+    ImageDraw.Draw(box).text((1, 1), label, fill=255, font=font)
+    turned = box.rotate(90, expand=True)
+    image.paste(Image.new("RGB", turned.size, fill), (x, y_bottom - turned.size[1]), turned)
+
+
+def draw_axis_labels(image, present, names, layout):
+    """The title, the axis titles, and a name per row and column (or the class index at every tick)."""
+    from PIL import ImageDraw
+    left, top, side, cell, pad = layout.left, layout.top, layout.side, layout.cell, layout.pad
+    text, small = layout.text, layout.small
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 4), layout.title, fill=(0, 0, 0), font=layout.title_font)
+    draw.text((left + side // 2 - text_width("predicted class", small) // 2, layout.title_height),
+              "predicted class", fill=(0, 0, 0), font=small)
+    vertical_text(image, "true class", 2, top + side // 2 + text_width("true class", small) // 2, small)
     line_height = text.getbbox("Ag")[3]
-    if labelled:
+    if layout.labelled:
         for k, name in enumerate(names):
             y = top + k * cell + (cell - line_height) // 2
-            draw.text((left - pad // 2 - width_of(name), y), name, fill=(0, 0, 0), font=text)
-            vertical_text(name, left + k * cell + (cell - line_height) // 2 - 1, top - pad // 2, text)
+            draw.text((left - pad // 2 - text_width(name, text), y), name, fill=(0, 0, 0), font=text)
+            vertical_text(image, name, left + k * cell + (cell - line_height) // 2 - 1, top - pad // 2, text)
     else:
-        for k in ticks:
+        for k in layout.ticks:
             label = str(present[k])
             centre = k * cell + cell // 2
             draw.line([(left - 4, top + centre), (left - 1, top + centre)], fill=(0, 0, 0))
-            draw.text((left - 6 - width_of(label, small), top + centre - 6), label, fill=(0, 0, 0), font=small)
+            draw.text((left - 6 - text_width(label, small), top + centre - 6), label, fill=(0, 0, 0), font=small)
             draw.line([(left + centre, top - 4), (left + centre, top - 1)], fill=(0, 0, 0))
-            vertical_text(label, left + centre - 6, top - 6, small)
+            vertical_text(image, label, left + centre - 6, top - 6, small)
         dots = "; each cell drawn as a 3 px dot" if cell < 3 else ""
         draw.text((left, top + side + 4), f"(class indices in sorted class order, as in the per-class CSV{dots})",
                   fill=(90, 90, 90), font=small)
-    if n <= 30 and cell >= 24:  # counts in the cells
-        number = font_of(min(12, cell // 2))
-        for r in range(n):
-            for c in range(n):
-                if counts[r, c]:
-                    label = str(counts[r, c])
-                    ink = (255, 255, 255) if shares[r, c] > 0.3 else (0, 0, 0)
-                    draw.text((left + c * cell + (cell - width_of(label, number)) // 2,
-                               top + r * cell + (cell - number.getbbox("0")[3]) // 2), label, fill=ink, font=number)
 
-    # the colour scale: share of the row, 0% at the bottom to 100% at the top
-    bar_left, bar_height = left + side + pad, max(min(side, 400), 120)
+
+def write_counts_in_cells(image, counts, shares, layout):
+    """The image count in each non-empty cell, when there are few classes (30 or fewer) and cells fit them."""
+    from PIL import ImageDraw
+    if layout.n > 30 or layout.cell < 24:
+        return
+    cell = layout.cell
+    draw = ImageDraw.Draw(image)
+    number = font_of(min(12, cell // 2))
+    for r in range(layout.n):
+        for c in range(layout.n):
+            if counts[r, c]:
+                label = str(counts[r, c])
+                ink = (255, 255, 255) if shares[r, c] > 0.3 else (0, 0, 0)
+                x = layout.left + c * cell + (cell - text_width(label, number)) // 2
+                y = layout.top + r * cell + (cell - number.getbbox("0")[3]) // 2
+                draw.text((x, y), label, fill=ink, font=number)
+
+
+def draw_colour_scale(image, layout):
+    """The colour scale: share of the row, 0% at the bottom to 100% at the top."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    bar_left, top, small = layout.scale_left, layout.top, layout.small
+    bar_height = max(min(layout.side, 400), 120)
+    draw = ImageDraw.Draw(image)
     ramp = colour_of(np.linspace(1, 0, bar_height))[:, None, :].repeat(16, axis=1)
     image.paste(Image.fromarray(ramp), (bar_left, top))
     draw.rectangle([bar_left - 1, top - 1, bar_left + 16, top + bar_height], outline=(120, 120, 120))
@@ -328,12 +428,13 @@ def draw_confusion(confusion, class_names, path, max_size=1200, pairs=25):
         draw.text((bar_left + 22, y - 6), f"{100 * share:g}%", fill=(0, 0, 0), font=small)
     draw.text((bar_left, top + bar_height + 4), "of the row", fill=(0, 0, 0), font=small)
 
-    list_left = bar_left + scale_width + pad
-    draw.text((list_left, top), "most confused (true -> predicted):", fill=(0, 0, 0), font=small)
+
+def draw_pair_list(image, pair_lines, layout):
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(image)
+    draw.text((layout.list_left, layout.top), PAIR_LIST_TITLE, fill=(0, 0, 0), font=layout.small)
     for k, line in enumerate(pair_lines):
-        draw.text((list_left, top + 16 * (k + 1)), line, fill=(0, 0, 0), font=small)
-    image.save(path)
-    return image
+        draw.text((layout.list_left, layout.top + 16 * (k + 1)), line, fill=(0, 0, 0), font=layout.small)
 
 
 @torch.no_grad()
@@ -394,32 +495,131 @@ def held_out_split(data_path, info):
     return index, f"the {fraction:g} of each training class held out by --val-split-fraction (seed {seed})"
 
 
-def main(args):
+def check_args(args):
+    """Flag problems before any work: an unwritable output fails now, not after a long evaluation."""
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch-size must be at least 1 and --workers 0 or more")
-    for path in (args.json, args.per_class, args.confusion):  # fail now, not after a long evaluation
+    for path in (args.json, args.per_class, args.confusion):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             raise UserError(f"cannot write {path}: its folder does not exist or is not writable")
+
+
+def resolve_settings(args, info, device):
+    """A new namespace: args with the defaults that come from the checkpoint and the device filled in, as --help
+    says. args itself stays as parsed."""
+    crop = args.val_crop_size or info["val_crop_size"] or 224
+    amp = info["amp"] if args.amp is None else args.amp
+    if args.amp is None and device.type == "cpu":
+        amp = False  # CPU bf16 autocast measured slower than fp32, as train.py decides too
+    return argparse.Namespace(**{
+        **vars(args),
+        "workers": utils.default_workers(device) if args.workers is None else args.workers,
+        "data_path": args.data_path or info["data_path"],
+        "norm": args.norm or info["norm"],
+        "val_crop_size": crop,
+        "val_resize_size": args.val_resize_size or info["val_resize_size"] or round(crop / 0.875),
+        "amp": amp,
+        "amp_dtype": args.amp_dtype or info["amp_dtype"],
+    })
+
+
+def build_val_loader(settings, info, device, world_size, rank):
+    """(images, loader, layout) of the validation images, this rank's share of them in the loader."""
+    data_path = settings.data_path
+    if data_path is None:
+        raise UserError("no --data-path given and the checkpoint does not say where its data was")
+    if not os.path.isdir(data_path):
+        raise UserError(f"--data-path {data_path} is not a folder")
+    index, layout = held_out_split(data_path, info) or dataset.find_val_split(data_path, info["classes"])
+    val_set = dataset.ValidationImageFiles(index, dataset.val_transform(settings.val_resize_size,
+                                                                        settings.val_crop_size))
+    sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
+    loader = dataset.build_loader(val_set, sampler, settings.batch_size, settings.workers, train=False,
+                                  pin_memory=device.type == "cuda")
+    return val_set, loader, layout
+
+
+def skipped_files_of_all_ranks(val_set, images_scored, data_path):
+    """The unreadable files of every rank (each read its own share); an error when not one image could be read."""
+    # through gather_objects: no device tensors
+    skipped_files = [printable(path) for files in utils.gather_objects(val_set.unreadable_files()) for path in files]
+    if images_scored == 0:  # the same on every rank (summed over them)
+        which = "the only validation image" if len(val_set) == 1 else f"none of the {len(val_set)} validation images"
+        raise UserError(f"{which} in {printable(data_path)} could {'not ' if len(val_set) == 1 else ''}be read "
+                        f"(the first: {skipped_files[0] if skipped_files else '?'})")
+    return skipped_files
+
+
+def metrics_of_run(result, rows, elapsed, num_images, skipped_files, settings, info, world_size):
+    """evaluate()'s metrics, then the speed, the settings and the files left out: all that --json writes."""
+    batches = -(-num_images // (settings.batch_size * world_size))
+    return {**result, "classes": len(rows), "images_per_sec": result["images"] / elapsed,
+            "batch_latency_ms": 1000 * elapsed / max(batches, 1), "weights": info["weights"],
+            "checkpoint": printable(settings.checkpoint), "data_path": printable(settings.data_path),
+            "resize": settings.val_resize_size, "crop": settings.val_crop_size, "norm": settings.norm,
+            "amp": bool(settings.amp), "processes": world_size,
+            "skipped_images": len(skipped_files), "skipped_files": skipped_files}
+
+
+def print_summary(metrics, rows, num_classes):
+    # with 5 outputs or fewer every label is in the top 5: 100% says nothing
+    top5 = f"top-5 {metrics['top5']:.2f}%" if num_classes > 5 else f"top-5 trivial ({dataset.plural(num_classes, 'output')})"
+    print(f"top-1 {metrics['top1']:.2f}%  {top5}  loss {metrics['loss']:.4f}  "
+          f"({dataset.plural(metrics['images'], 'image')}, {dataset.plural(metrics['classes'], 'class')}, "
+          f"{metrics['images_per_sec']:.0f} img/s, {metrics['batch_latency_ms']:.1f} ms/batch)")
+    skipped_files = metrics["skipped_files"]
+    if skipped_files:
+        shown = ", ".join(skipped_files[:5]) + (f" and {len(skipped_files) - 5} more" if len(skipped_files) > 5 else "")
+        print(f"left out {dataset.plural(len(skipped_files), 'unreadable image')} (not scored): {shown}")
+    worst = sorted(rows, key=lambda r: (r[4], r[0]))[:10]
+    print("worst classes: " + ", ".join(f"{name} {acc:.1f}%" for _, name, _, _, acc in worst))
+
+
+def write_per_class_csv(rows, path):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "name", "images", "correct", "top1"])
+        writer.writerows((c, n, t, k, f"{a:.4f}") for c, n, t, k, a in rows)
+
+
+def write_outputs(settings, metrics, rows, confusion, names):
+    """The files asked for: --json, --per-class, --confusion, and TensorBoard events in --log-dir."""
+    if settings.json:
+        with open(settings.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"wrote metrics to {printable(settings.json)}")
+    if settings.per_class:
+        write_per_class_csv(rows, settings.per_class)
+        print(f"wrote per-class accuracy to {printable(settings.per_class)}")
+    picture = None
+    if settings.confusion:
+        picture = draw_confusion(confusion, names, settings.confusion)
+        print(f"wrote the confusion matrix to {printable(settings.confusion)}")
+    if settings.log_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        import numpy as np
+        with SummaryWriter(settings.log_dir) as writer:
+            for key in ("top1", "top5", "loss", "images_per_sec"):
+                writer.add_scalar(f"eval/{key}", metrics[key], 0)
+            if picture is None:
+                picture = draw_confusion(confusion, names, os.path.join(settings.log_dir, "confusion.png"))
+                print(f"wrote the confusion matrix to {printable(os.path.join(settings.log_dir, 'confusion.png'))}")
+            writer.add_image("eval/confusion", np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
+        print(f"wrote TensorBoard events to {printable(settings.log_dir)}")
+
+
+def main(args):
+    check_args(args)
     rank, world_size, device = utils.setup_distributed(args.device)
-    if args.workers is None:
-        args.workers = utils.default_workers(device)
     say = print if rank == 0 else (lambda *a, **k: None)
     net, info = load_model_for_eval(args.checkpoint, args.weights, args.arch, args.width_mult, args.num_classes)
-    data_path = args.data_path or info["data_path"]
-    if info["classes"] is None:  # torchvision state dict
-        if data_path is None:
-            raise UserError("a torchvision state dict holds no class list: pass --data-path (the ImageNet root)")
-        info["classes"], info["class_names"] = classes_for_torchvision(data_path, info["config"]["num_classes"])
-    net.to(device).eval()
-    norm = args.norm or info["norm"]
-    crop = args.val_crop_size or info["val_crop_size"] or 224
-    resize = args.val_resize_size or info["val_resize_size"] or round(crop / 0.875)
-    use_amp = info["amp"] if args.amp is None else args.amp
-    if args.amp is None and device.type == "cpu":
-        use_amp = False  # CPU bf16 autocast measured slower than fp32, as train.py decides too
-    amp_dtype = args.amp_dtype or info["amp_dtype"]
-    autocast, _, precision = utils.precision_for(device, use_amp, amp_dtype)
+    settings = resolve_settings(args, info, device)
     config = info["config"]
+    if info["classes"] is None:  # torchvision state dict
+        info["classes"], info["class_names"] = classes_for_torchvision(settings.data_path, config["num_classes"])
+    net.to(device).eval()
+    crop, resize, norm = settings.val_crop_size, settings.val_resize_size, settings.norm
+    autocast, _, precision = utils.precision_for(device, settings.amp, settings.amp_dtype)
     say(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, "
         f"{dataset.plural(config['num_classes'], 'class')}, "
         f"{info['weights']} weights | device {device} x{world_size} | {precision} | "
@@ -432,71 +632,20 @@ def main(args):
             write_predictions(predict(net, args.predict, crop, resize, norm, device, names), args.json)
         return 0
 
-    if data_path is None:
-        raise UserError("no --data-path given and the checkpoint does not say where its data was")
-    if not os.path.isdir(data_path):
-        raise UserError(f"--data-path {data_path} is not a folder")
-    index, layout = held_out_split(data_path, info) or dataset.find_val_split(data_path, info["classes"])
-    val_set = dataset.ValidationImageFiles(index, dataset.val_transform(resize, crop))
-    sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
-    loader = dataset.build_loader(val_set, sampler, args.batch_size, args.workers, train=False,
-                                  pin_memory=device.type == "cuda")
-    say(f"data: {printable(data_path)} ({layout}), {dataset.plural(len(val_set), 'image')}")
+    val_set, loader, layout = build_val_loader(settings, info, device, world_size, rank)
+    say(f"data: {printable(settings.data_path)} ({layout}), {dataset.plural(len(val_set), 'image')}")
     start = time.perf_counter()
     result = evaluate(net, loader, device, autocast, norm, num_classes=num_classes, show_progress=rank == 0)
     elapsed = time.perf_counter() - start
-    # every rank's unreadable files (each rank read its own share), through gather_objects: no device tensors
-    skipped_files = [printable(path) for files in utils.gather_objects(val_set.unreadable_files()) for path in files]
-    if result["images"] == 0:  # the same on every rank (summed over them)
-        which = "the only validation image" if len(val_set) == 1 else f"none of the {len(val_set)} validation images"
-        raise UserError(f"{which} in {printable(data_path)} could {'not ' if len(val_set) == 1 else ''}be read "
-                        f"(the first: {skipped_files[0] if skipped_files else '?'})")
+    skipped_files = skipped_files_of_all_ranks(val_set, result["images"], settings.data_path)
     if rank != 0:
         return 0
 
     confusion = result.pop("confusion")
     rows = per_class_rows(confusion, classes, names)
-    batches = -(-len(val_set) // (args.batch_size * world_size))
-    result.update({"classes": len(rows), "images_per_sec": result["images"] / elapsed,
-                   "batch_latency_ms": 1000 * elapsed / max(batches, 1), "weights": info["weights"],
-                   "checkpoint": printable(args.checkpoint), "data_path": printable(data_path), "resize": resize,
-                   "crop": crop, "norm": norm, "amp": bool(use_amp), "processes": world_size,
-                   "skipped_images": len(skipped_files), "skipped_files": skipped_files})
-    # with 5 outputs or fewer every label is in the top 5: 100% says nothing
-    top5 = f"top-5 {result['top5']:.2f}%" if num_classes > 5 else f"top-5 trivial ({dataset.plural(num_classes, 'output')})"
-    print(f"top-1 {result['top1']:.2f}%  {top5}  loss {result['loss']:.4f}  "
-          f"({dataset.plural(result['images'], 'image')}, {dataset.plural(result['classes'], 'class')}, "
-          f"{result['images_per_sec']:.0f} img/s, {result['batch_latency_ms']:.1f} ms/batch)")
-    if skipped_files:
-        shown = ", ".join(skipped_files[:5]) + (f" and {len(skipped_files) - 5} more" if len(skipped_files) > 5 else "")
-        print(f"left out {dataset.plural(len(skipped_files), 'unreadable image')} (not scored): {shown}")
-    worst = sorted(rows, key=lambda r: (r[4], r[0]))[:10]
-    print("worst classes: " + ", ".join(f"{name} {acc:.1f}%" for _, name, _, _, acc in worst))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote metrics to {printable(args.json)}")
-    if args.per_class:
-        with open(args.per_class, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "name", "images", "correct", "top1"])
-            writer.writerows((c, n, t, k, f"{a:.4f}") for c, n, t, k, a in rows)
-        print(f"wrote per-class accuracy to {printable(args.per_class)}")
-    picture = None
-    if args.confusion:
-        picture = draw_confusion(confusion, names, args.confusion)
-        print(f"wrote the confusion matrix to {printable(args.confusion)}")
-    if args.log_dir:
-        from torch.utils.tensorboard import SummaryWriter
-        import numpy as np
-        with SummaryWriter(args.log_dir) as writer:
-            for key in ("top1", "top5", "loss", "images_per_sec"):
-                writer.add_scalar(f"eval/{key}", result[key], 0)
-            if picture is None:
-                picture = draw_confusion(confusion, names, os.path.join(args.log_dir, "confusion.png"))
-                print(f"wrote the confusion matrix to {printable(os.path.join(args.log_dir, 'confusion.png'))}")
-            writer.add_image("eval/confusion", np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
-        print(f"wrote TensorBoard events to {printable(args.log_dir)}")
+    metrics = metrics_of_run(result, rows, elapsed, len(val_set), skipped_files, settings, info, world_size)
+    print_summary(metrics, rows, num_classes)
+    write_outputs(settings, metrics, rows, confusion, names)
     return 0
 
 

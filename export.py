@@ -385,80 +385,118 @@ def average_checkpoints(paths, weights=None):
             **{key: files[-1].get(key) for key in keep}, "args": files[-1].get("args", {})}
 
 
-def main(args):
-    if args.format == "average":
-        output = args.output or os.path.join(os.path.dirname(args.checkpoint[-1]), "averaged_weights.pth")
-        if len(args.checkpoint) < 2:
-            raise UserError("--format average needs two checkpoints or more")
-        utils.save_checkpoint(average_checkpoints(args.checkpoint, args.weights), output)
-        print(f"wrote {output}: the mean of {len(args.checkpoint)} checkpoints' {args.weights or 'raw'} weights "
-              f"(BatchNorm statistics averaged too)\nscore it: python evaluate.py {output} --data-path DIR")
-        return 0
-    if len(args.checkpoint) > 1:
-        raise UserError(f"{len(args.checkpoint)} checkpoints given: one to export (several only with --format average)")
-    args.checkpoint = args.checkpoint[0]
-    args.output = args.output or default_output(args.checkpoint, args.format, args.int8)
-    check_args(args)
-    net, info = evaluate.load_model_for_eval(args.checkpoint, args.weights)
+def write_average(args):
+    """--format average: the mean of the checkpoints' weights, as one weights file."""
+    output = args.output or os.path.join(os.path.dirname(args.checkpoint[-1]), "averaged_weights.pth")
+    if len(args.checkpoint) < 2:
+        raise UserError("--format average needs two checkpoints or more")
+    utils.save_checkpoint(average_checkpoints(args.checkpoint, args.weights), output)
+    print(f"wrote {output}: the mean of {len(args.checkpoint)} checkpoints' {args.weights or 'raw'} weights "
+          f"(BatchNorm statistics averaged too)\nscore it: python evaluate.py {output} --data-path DIR")
+    return 0
+
+
+def resolve_settings(args):
+    """A new namespace: args with its one checkpoint and the output path filled in. args itself stays as parsed."""
+    checkpoint = args.checkpoint[0]
+    return argparse.Namespace(**{
+        **vars(args),
+        "checkpoint": checkpoint,
+        "output": args.output or default_output(checkpoint, args.format, args.int8),
+    })
+
+
+def load_checkpoint_to_export(path, weights):
+    """The fp32 model of a checkpoint of train.py and its info (see evaluate.load_model_for_eval)."""
+    net, info = evaluate.load_model_for_eval(path, weights)
     if info["classes"] is None:
-        raise CheckpointError(f"{args.checkpoint} is a torchvision state dict, which holds no class list; export "
+        raise CheckpointError(f"{path} is a torchvision state dict, which holds no class list; export "
                               "a checkpoint of train.py (e.g. after train.py --pretrained)")
-    net = net.float().eval()
+    return net.float().eval(), info
+
+
+def with_input_size(info, img_size=None):
+    """info with the file's input size as its crop: --img-size, else the checkpoint's validation crop."""
     crop = info["val_crop_size"] or 224
     resize = info["val_resize_size"] or round(crop / 0.875)
-    img_size = args.img_size or crop
+    img_size = img_size or crop
     if img_size != crop:  # another input size: the same resize/crop ratio at that size, so evaluate.py feeds it
         resize = round(resize * img_size / crop)
         print(f"note: the checkpoint was validated at crop {crop}; the file takes {img_size} px "
               f"(resize {resize}, crop {img_size})")
-    info["val_crop_size"], info["val_resize_size"] = img_size, resize
-    config = info["config"]
-    print(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, {config['num_classes']} "
-          f"classes, {info['weights']} weights, epoch {info['epoch']} | input {args.batch_size or 'N'}x3x{img_size}"
-          f"x{img_size}, resize {resize}, crop {img_size}, norm {info['norm']}")
+    return {**info, "val_crop_size": img_size, "val_resize_size": resize}
 
-    # real images: from --calib-data, else from the data the checkpoint was trained on
-    check_source = args.calib_data or info["data_path"]
-    if check_source and not os.path.isdir(check_source):
-        check_source = None
-    calibration, calibration_note = None, None
-    if args.int8:
-        index = image_index(args.calib_data, "train")
-        calibration = load_images(index, args.calib_images, resize, img_size, info["norm"])
-        calibration_note = (f"{len(calibration)} training images of {os.path.abspath(args.calib_data)}; QDQ, "
-                            "per-channel int8 weights, symmetric int8 activations")
-        print(f"calibrating on {len(calibration)} training images of {args.calib_data}")
-    check_images = None
-    if check_source:  # validation images when there are some: the calibration never saw them
-        check_images = load_images(image_index(check_source, "val"), args.check_images, resize, img_size,
-                                   info["norm"])
 
-    precision = "int8" if args.int8 else "fp32"
-    metadata = make_metadata(info, img_size, args.batch_size, precision, args.checkpoint, calibration_note)
+def calibration_images(settings, info):
+    """(images, how they were chosen for the metadata) to calibrate --int8 on; (None, None) without --int8."""
+    if not settings.int8:
+        return None, None
+    index = image_index(settings.calib_data, "train")
+    images = load_images(index, settings.calib_images, info["val_resize_size"], info["val_crop_size"], info["norm"])
+    note = (f"{len(images)} training images of {os.path.abspath(settings.calib_data)}; QDQ, "
+            "per-channel int8 weights, symmetric int8 activations")
+    print(f"calibrating on {len(images)} training images of {settings.calib_data}")
+    return images, note
+
+
+def real_images_to_check(settings, info):
+    """Real images for the check, or None: from --calib-data, else from the data the checkpoint was trained on."""
+    source = settings.calib_data or info["data_path"]
+    if not source or not os.path.isdir(source):
+        return None
+    # validation images when there are some: the calibration never saw them
+    return load_images(image_index(source, "val"), settings.check_images, info["val_resize_size"],
+                       info["val_crop_size"], info["norm"])
+
+
+def write_checked(net, settings, metadata, img_size, calibration, check_images, precision):
+    """Write the file beside --output, check it against PyTorch, then rename it to --output: a file that does not
+    match is never left there."""
     tmp_path = None
     try:
         try:
-            tmp_path = temp_file_beside(args.output)  # checked there, then renamed: never a half-written file
-            if args.format == "pt2":
-                write_pt2(net, tmp_path, metadata, img_size, args.batch_size)
+            tmp_path = temp_file_beside(settings.output)  # checked there, then renamed: never a half-written file
+            if settings.format == "pt2":
+                write_pt2(net, tmp_path, metadata, img_size, settings.batch_size)
             else:
-                write_onnx(net, tmp_path, metadata, args.opset, img_size, args.batch_size, calibration)
+                write_onnx(net, tmp_path, metadata, settings.opset, img_size, settings.batch_size, calibration)
         except OSError as e:
-            raise UserError(f"cannot write {args.output}: {e.strerror or e}") from None
+            raise UserError(f"cannot write {settings.output}: {e.strerror or e}") from None
         if check_images is None:
             print("check skipped: no real images (pass --calib-data DIR to check the file against PyTorch)")
         else:
-            check(net, tmp_path, args, check_images, precision)
-        os.replace(tmp_path, args.output)
+            check(net, tmp_path, settings, check_images, precision)
+        os.replace(tmp_path, settings.output)
         tmp_path = None
     finally:
         if tmp_path is not None and os.path.exists(tmp_path):
             os.remove(tmp_path)
-    size_mb = os.path.getsize(args.output) / 2**20
-    print(f"wrote {args.output} ({size_mb:.2f} MB, {precision}"
-          + (f", opset {args.opset}" if args.format == "onnx" else ", torch.export program") + ")")
-    if args.format == "onnx":
-        print(f"score it: python evaluate.py {args.output} --data-path DIR")
+
+
+def main(args):
+    if args.format == "average":
+        return write_average(args)
+    if len(args.checkpoint) > 1:
+        raise UserError(f"{len(args.checkpoint)} checkpoints given: one to export (several only with --format average)")
+    settings = resolve_settings(args)
+    check_args(settings)
+    net, info = load_checkpoint_to_export(settings.checkpoint, settings.weights)
+    info = with_input_size(info, settings.img_size)
+    img_size, resize, config = info["val_crop_size"], info["val_resize_size"], info["config"]
+    print(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, {config['num_classes']} "
+          f"classes, {info['weights']} weights, epoch {info['epoch']} | input {settings.batch_size or 'N'}x3x{img_size}"
+          f"x{img_size}, resize {resize}, crop {img_size}, norm {info['norm']}")
+
+    calibration, calibration_note = calibration_images(settings, info)
+    check_images = real_images_to_check(settings, info)
+    precision = "int8" if settings.int8 else "fp32"
+    metadata = make_metadata(info, img_size, settings.batch_size, precision, settings.checkpoint, calibration_note)
+    write_checked(net, settings, metadata, img_size, calibration, check_images, precision)
+    size_mb = os.path.getsize(settings.output) / 2**20
+    print(f"wrote {settings.output} ({size_mb:.2f} MB, {precision}"
+          + (f", opset {settings.opset}" if settings.format == "onnx" else ", torch.export program") + ")")
+    if settings.format == "onnx":
+        print(f"score it: python evaluate.py {settings.output} --data-path DIR")
     return 0
 
 
