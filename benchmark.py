@@ -364,6 +364,12 @@ def alternative_threads(args, device):
     return cores if cores > 1 else None
 
 
+def train_net(targs, width_mult=None):
+    """The network train.py trains for targs (1000 classes, as ImageNet): its dropout and BN momentum too."""
+    return model_lib.build_model(targs.arch, width_mult or targs.width_mult, 1000, dropout=targs.dropout,
+                                 bn_momentum=targs.bn_momentum)
+
+
 def make_trainer(net, targs, device):
     """A train.Run around net, built by train.build_trainer as train.py builds its own: optimizer, EMA,
     precision, loss, torch.compile with --compile (the training step, train.train_update, needs nothing else)."""
@@ -454,10 +460,16 @@ class LiveLoader:
 
     def __iter__(self):
         while True:
-            if self.batches is None:
+            fresh = self.batches is None
+            if fresh:
                 self.batches = iter(self.loader)
-            yield from self.batches
+            yielded = False
+            for batch in self.batches:
+                yielded = True
+                yield batch
             self.batches = None
+            if fresh and not yielded:  # an empty loader would otherwise be restarted forever
+                raise UserError("the full-pipeline benchmark's loader yields no batch: too few images for -b?")
 
 
 # ---------------------------------------------------------------- the measurements
@@ -467,8 +479,7 @@ def bench_training(report, args, device, root, folder):
     Returns the trainer with train.py's defaults and its model-only rates."""
     targs = train_args(args, device)
     size = (args.batch_size, args.img_size, device)
-    build = lambda width: model_lib.build_model(args.arch, width, 1000, dropout=targs.dropout,  # noqa: E731
-                                                bn_momentum=targs.bn_momentum)
+    build = functools.partial(train_net, targs)
     default = make_trainer(build(args.width_mult), targs, device)
     base = model_only(f"model-only step ({describe(default, targs, device)})", default, *size)
     flipped = train_args(args, device, channels_last=not targs.channels_last)
@@ -642,7 +653,7 @@ def bench_precision(report, args, device):
     variants, is_default = [], {}
     for name, overrides in choices.items():
         targs = train_args(args, device, **overrides)
-        trainer = make_trainer(model_lib.build_model(args.arch, args.width_mult, 1000), targs, device)
+        trainer = make_trainer(train_net(targs), targs, device)
         variants.append(model_only(f"  {name}", trainer, batch, img_size, device))
         is_default[variants[-1].name] = precision_name(targs, device) == precision_name(default_targs, device)
     rates = compare(variants, args, device)
@@ -656,11 +667,11 @@ def bench_precision(report, args, device):
 
 
 def bench_optimizers(report, args, device, step_rate):
-    """What runs after backward, alone: Adam as foreach, as a for-loop and fused (train.py's choice on the CPU
-    and CUDA), and train.py's EMA update (one foreach lerp over ~300 tensors) against torch-ema's
+    """What runs after backward, alone: Adam as foreach (train.py's CPU choice), as a for-loop and fused
+    (train.py's CUDA choice), and train.py's EMA update (one foreach lerp over ~300 tensors) against torch-ema's
     own Python loop over them."""
     targs = train_args(args, device)
-    net = model_lib.build_model(args.arch, args.width_mult, 1000).to(device)
+    net = train_net(targs).to(device)
     chosen = train.make_optimizer(net, targs, device)
     for param in net.parameters():
         param.grad = torch.randn_like(param) * 1e-3
@@ -702,9 +713,9 @@ def bench_optimizers(report, args, device, step_rate):
 def bench_compile(report, args, device):
     """torch.compile of the model: compile time (the first step) and the steady-state speed against eager."""
     targs = train_args(args, device)
-    eager = make_trainer(model_lib.build_model(args.arch, args.width_mult, 1000), targs, device)
-    compiled = make_trainer(model_lib.build_model(args.arch, args.width_mult, 1000),
-                            train_args(args, device, compile=True), device)  # train.build_trainer compiles it
+    eager = make_trainer(train_net(targs), targs, device)
+    # train.build_trainer compiles it
+    compiled = make_trainer(train_net(targs), train_args(args, device, compile=True), device)
     variants = [model_only("  eager", eager, args.batch_size, args.img_size, device),
                 model_only("  torch.compile", compiled, args.batch_size, args.img_size, device)]
     start = time.perf_counter()

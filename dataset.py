@@ -1266,16 +1266,32 @@ def make_resized_copy(source, destination, short_side=320, workers=None, quality
     counts = {"resized": 0, "unchanged": 0, "done before": 0, "unreadable": 0}
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with multiprocessing.Pool(workers) as pool:
+    pool = multiprocessing.Pool(workers, initializer=start_copy_worker)
+    try:
         results = pool.imap_unordered(resize_image_file, tasks, chunksize=8)
         for outcome, message in tqdm(results, total=len(tasks), desc="resized copy", unit="img",
                                      disable=not sys.stderr.isatty()):
             counts[outcome] += 1
             if message:
                 warn(message)
+        pool.close()  # the workers end on their own: no signal needed
+    except BaseException:
+        pool.terminate()  # an error or Ctrl-C: SIGTERM, at its default action in the workers (start_copy_worker)
+        raise
+    finally:
+        pool.join()
     with open(marker, "w") as f:
         f.write(f"{settings}\n" + "".join(f"{name}: {count}\n" for name, count in counts.items()))
     return counts
+
+
+def start_copy_worker():
+    """Pool initializer of make_resized_copy: Ctrl-C is the parent's to handle (it ends the pool), and SIGTERM
+    ends a worker even when it was forked from a process with a Python handler for it (a test suite that ran
+    train.main, before StopRequest put its handlers back, hung so): with such a handler inherited,
+    Pool.terminate's SIGTERM would leave the worker alive and the pool's join waiting forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def copy_layout_files(source, destination, splits):

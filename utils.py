@@ -428,15 +428,24 @@ def _to_tuple(x):
 # ---------------------------------------------------------------- signals
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the training loop finishes its step, saves and exits.
-
-    A second Ctrl-C falls back to the default behaviour (stop at once).
+    """While in its `with` block, SIGTERM/SIGINT set a flag; the training loop finishes its step, saves and exits.
+    A second Ctrl-C falls back to the default behaviour (stop at once). Leaving the block puts the previous
+    handlers back: a process that goes on (a test, a notebook) must not keep a handler that ignores SIGTERM,
+    nor pass it to processes it forks.
     """
 
     def __init__(self):
-        self.signal_name = None
+        self.signal_name, self.previous = None, {}
+
+    def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        return False
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name

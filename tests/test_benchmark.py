@@ -94,3 +94,18 @@ def test_wait_until_idle_does_not_wait_for_the_busy_processes():
         start = time.perf_counter()
         benchmark.wait_until_idle(timeout=10)
         assert time.perf_counter() - start < 2  # no loader workers: idle at once, busy processes or not
+
+
+def test_the_live_loader_goes_on_across_epochs_and_refuses_an_empty_loader():
+    class Batches:
+        sampler = None
+
+        def __init__(self, items):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+    live = iter(benchmark.LiveLoader(Batches([1, 2, 3])))
+    assert [next(live) for _ in range(7)] == [1, 2, 3, 1, 2, 3, 1]
+    with pytest.raises(benchmark.UserError, match="yields no batch"):
+        next(iter(benchmark.LiveLoader(Batches([]))))

@@ -685,6 +685,32 @@ def image_sizes(root):
     return sizes
 
 
+def resize_checking_the_sigterm_handler(task):
+    """In place of dataset.resize_image_file, in a forked copy worker (the patch is inherited by the fork)."""
+    import signal
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        raise AssertionError("the copy worker would survive SIGTERM")
+    return "resized", None
+
+
+def test_resized_copy_workers_end_at_sigterm_even_under_a_parent_s_handler(tmp_path, monkeypatch):
+    """Pool.terminate ends its workers with SIGTERM; workers forked from a process with a SIGTERM handler of its
+    own (train.py's StopRequest, left installed by a run before this change) inherited it and could leave the
+    copy waiting forever for a worker that would not end."""
+    import signal
+    source = tmp_path / "source"
+    for name in ("a", "b"):
+        save_image(source / "train" / name / "x.jpg", size=(60, 40))
+
+    monkeypatch.setattr(dataset, "resize_image_file", resize_checking_the_sigterm_handler)
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)  # a parent that handles SIGTERM itself
+    try:
+        counts = dataset.make_resized_copy(source, tmp_path / "copy", short_side=32, workers=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert counts["resized"] == 2
+
+
 def test_resized_copy_has_the_shorter_side_the_aspect_ratio_and_the_labels(tmp_path, cache_dir):
     source = tmp_path / "source"
     save_image(source / "train" / "a" / "wide.jpg", size=(100, 60))

@@ -424,7 +424,7 @@ def test_the_foreach_ema_update_is_torch_ema_s_own_and_its_state_loads_into_torc
     from torch_ema import ExponentialMovingAverage
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 3))
-    ours, reference = train.make_ema(net, 0.99), None
+    ours = train.make_ema(net, 0.99)
     tensors = list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
     reference = ExponentialMovingAverage(tensors, decay=0.99)
     assert isinstance(ours, train.ForeachEMA) and len(ours.shadow_params) == len(tensors)
@@ -441,3 +441,52 @@ def test_the_foreach_ema_update_is_torch_ema_s_own_and_its_state_loads_into_torc
     plain = ExponentialMovingAverage(tensors, decay=0.99)
     plain.load_state_dict(ours.state_dict())  # checkpoints stay torch-ema's
     assert all(torch.equal(a, b) for a, b in zip(plain.shadow_params, ours.shadow_params))
+
+
+def test_training_puts_the_signal_handlers_back(tiny_data, tmp_path):
+    """While train.main runs, SIGTERM/SIGINT finish the step and save; afterwards the process has its own
+    handlers again (a leftover handler that only sets a flag is passed to every process the caller forks)."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1"))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_resumed_optimizer_keeps_its_implementation_and_its_parameters_memory_layout():
+    """A checkpoint of a foreach optimizer over contiguous weights (a CPU run), resumed by a fused one over
+    channels_last weights (a CUDA run; fused Adam runs on the CPU too): load_state_dict alone would make the
+    optimizer foreach again, which fp16's GradScaler refuses at the first step, and keep the moments contiguous,
+    which the fused CPU kernel silently misreads."""
+    import copy
+    import types
+    import model as model_lib
+    config = train.resolve_config(train.get_args_parser().parse_args([]), torch.device("cpu"))
+    torch.manual_seed(0)
+    saved_net = model_lib.build_model("small", 0.5, 3)
+    saved = train.make_optimizer(saved_net, config, torch.device("cpu"))
+    assert saved.defaults["foreach"] and not saved.defaults.get("fused")
+    saved_net(torch.randn(2, 3, 32, 32)).sum().backward()
+    saved.step()
+    ckpt = {"optimizer": saved.state_dict()}
+    resumed = {}
+    for name, option in (("fused", {"fused": True}), ("for-loop", {"foreach": False})):
+        net = copy.deepcopy(saved_net).to(memory_format=torch.channels_last)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                  for g in train.make_optimizer(net, config, torch.device("cpu")).param_groups]
+        run = types.SimpleNamespace(optimizer=torch.optim.Adam(groups, lr=1e-2, **option), config=config)
+        train.load_optimizer_state(run, copy.deepcopy(ckpt), "last.pth")  # else both would share its tensors
+        resumed[name] = net, run.optimizer
+    net, fused = resumed["fused"]
+    assert fused.param_groups[0]["fused"] and not fused.param_groups[0]["foreach"]
+    four_d = [p for p in net.parameters() if p.ndim == 4 and p.shape[1] > 1]
+    assert four_d and all(fused.state[p]["exp_avg"].stride() == p.stride() for p in four_d)
+    grads = [torch.randn_like(p) for p in net.parameters()]
+    for net, optimizer in resumed.values():
+        for param, grad in zip(net.parameters(), grads):
+            param.grad = grad.clone()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # fp16's scaler hands its scale to a fused step,
+    scaler.scale(torch.ones(()))                             # which a foreach one refuses
+    scaler.step(fused)
+    resumed["for-loop"][1].step()
+    for a, b in zip(resumed["fused"][0].parameters(), resumed["for-loop"][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
