@@ -490,3 +490,19 @@ def test_a_resumed_optimizer_keeps_its_implementation_and_its_parameters_memory_
     resumed["for-loop"][1].step()
     for a, b in zip(resumed["fused"][0].parameters(), resumed["for-loop"][0].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_that_switches_channels_last_lays_the_ema_out_like_the_weights(tiny_data, tmp_path, monkeypatch):
+    common = tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--ema-decay", "0.9")
+    run_train(*common, "--no-channels-last", "--max-steps", "1")
+    seen = {}
+    original = train.train_epochs
+
+    def look_at_the_resumed_run(run, state):
+        tensors = run.ema._get_parameters(None)
+        seen["matching"] = [s.stride() == t.stride() for s, t in zip(run.ema.shadow_params, tensors) if t.ndim == 4]
+        seen["channels_last"] = run.config.channels_last
+        return original(run, state)
+    monkeypatch.setattr(train, "train_epochs", look_at_the_resumed_run)
+    run_train(*common, "--channels-last", "--max-steps", "2", "--resume", "auto")
+    assert seen["channels_last"] and seen["matching"] and all(seen["matching"])
