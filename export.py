@@ -53,7 +53,8 @@ def get_args_parser():
                              "or average: the mean of several checkpoints' weights as one best_weights-style file")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="default: beside the checkpoint, as NAME.onnx, NAME.int8.onnx or NAME.pt2")
-    parser.add_argument("--weights", default=None, choices=["ema", "raw"], help="default: the ones marked best")
+    parser.add_argument("--weights", default=None, choices=["ema", "raw"],
+                        help="default: the ones marked best (with --format average: raw)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}")
     parser.add_argument("--img-size", type=int, default=None, help="input height and width (default: the "
                                                                    "checkpoint's validation crop)")
