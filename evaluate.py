@@ -627,9 +627,9 @@ def main(args):
 
     num_classes = config["num_classes"]  # the model's outputs: may be more than the named classes
     classes, names = output_names(info, num_classes)
-    if args.predict:
+    if settings.predict:
         if rank == 0:
-            write_predictions(predict(net, args.predict, crop, resize, norm, device, names), args.json)
+            write_predictions(predict(net, settings.predict, crop, resize, norm, device, names), settings.json)
         return 0
 
     val_set, loader, layout = build_val_loader(settings, info, device, world_size, rank)
