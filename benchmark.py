@@ -990,28 +990,30 @@ def bench_index_memory(report, args):
 
 
 def bench_gpu_decode(report, args, device, splits):
-    """JPEG decoding: libjpeg-turbo on one CPU core against nvjpeg on batches of file bytes (where it pays)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    data = [torchvision.io.read_file(splits.train.path(i)) for i in range(min(256, len(splits.train)))]
+    """JPEG decoding: libjpeg-turbo on one CPU core against nvjpeg on batches of file bytes (where it pays),
+    both through dataset.py's own calls (decode_jpeg_cpu, and decode_jpegs_on as --decode-on device uses it)."""
+    read = (dataset.read_image_file(splits.train.path(i)) for i in range(min(256, len(splits.train))))
+    data = [item for item, size in read if size is not None]  # JPEGs (other files come back decoded)
     usable = []
     for item in data:  # nvjpeg refuses some JPEGs (CMYK, progressive on older versions): leave them out
         with contextlib.suppress(RuntimeError):
-            decode_jpeg(item, mode=ImageReadMode.RGB, device=device)
+            dataset.decode_jpegs_on(device, [item])
             usable.append(item)
     if not usable:
         report.add("G", "GPU decoding", None, "", note="no JPEG nvjpeg can decode")
         return
     cpu_batch = usable[:32]
-    on_cpu = lambda: [decode_jpeg(item, mode=ImageReadMode.RGB) for item in cpu_batch]  # noqa: E731
+    on_cpu = lambda: [dataset.decode_jpeg_cpu(item) for item in cpu_batch]  # noqa: E731
     variants = [Variant("  CPU, 1 core", repeated(on_cpu), len(cpu_batch), threads=1)]
     for size in (1, 8, 32, 128):
         batch = [usable[i % len(usable)] for i in range(size)]
         # one nvjpeg call for the whole list
-        on_gpu = lambda batch=batch: decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)  # noqa: E731
+        on_gpu = lambda batch=batch: dataset.decode_jpegs_on(device, batch)  # noqa: E731
         variants.append(Variant(f"  GPU, batches of {size}", repeated(on_gpu), size))
     rates = compare(variants, args, device)
     cpu_rate = rates[variants[0].name]
-    report.add("G", f"JPEG decoding ({len(usable)} files); ratio = CPU cores one GPU replaces", None, "")
+    report.add("G", f"JPEG decoding ({len(usable)} files, {dataset.device_jpeg_decoder(device)}); ratio = CPU cores "
+               "one GPU replaces", None, "")
     report.add("G", variants[0].name, cpu_rate, "img/s", variant=variants[0], key="decode_cpu")
     for v in variants[1:]:
         report.add("G", v.name, rates[v.name], "img/s", variant=v, base=(cpu_rate, "cores"),

@@ -593,50 +593,112 @@ def decode_jpeg_cpu(data, exif_orientation=False):
     if torchcodec_decode_jpeg is None:
         with torchvision_decoding():
             image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
-    else:
-        image = torchcodec_decode_jpeg(data, mode="RGB")  # torchcodec 0.17 always applies the orientation tag
-        undo = None if exif_orientation else UNDO_EXIF_ORIENTATION.get(jpeg_exif_orientation(data))
-        image = image if undo is None else undo(image)
+    else:  # torchcodec 0.17 always turns a JPEG by its orientation tag
+        image = torchcodec_decode_jpeg(data if exif_orientation else with_stored_orientation(data), mode="RGB")
     if not image.permute(1, 2, 0).is_contiguous():  # turned: height-width-channel in memory again
         image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     return image
 
 
-def jpeg_exif_orientation(data):
-    """The EXIF orientation tag of JPEG bytes as torchcodec 0.17 reads it (the first APP1 segment, as EXIF, its
-    first directory), None when there is none: a few reads of the segments before the image data, no decoding."""
+def with_stored_orientation(data):
+    """JPEG bytes that TorchCodec decodes to the pixels as stored: data itself, or a copy of it whose EXIF
+    orientation tags all say 1 (TorchCodec always turns a JPEG by its tag, and its CPU and CUDA decoders read
+    the tag from different segments when an XMP segment comes first: with every tag at 1 neither turns)."""
+    places = [place for place in exif_orientation_places(data) if place[2] != 1]
+    if not places:
+        return data
+    data = data.clone()
+    for offset, order, _ in places:
+        data[offset:offset + 2] = torch.tensor(list((1).to_bytes(2, order)), dtype=torch.uint8)
+    return data
+
+
+def exif_orientation_places(data):
+    """[(offset, byte order, value)] of every EXIF orientation tag's value in JPEG bytes (the first directory of
+    each APP1 segment before the image data): a few reads of the segments' headers, no decoding."""
     header = memoryview(data.numpy())  # indexing gives plain ints: fast
-    position = 2  # after the start-of-image marker
+    places, position = [], 2  # after the start-of-image marker
     while position + 4 <= len(header) and header[position] == 0xFF:
         marker = header[position + 1]
         if marker == 0xFF:  # fill byte
             position += 1
             continue
-        if marker in (0xDA, 0xD9):  # start of scan (the image data), end of image: no APP1 segment before it
-            return None
+        if marker in (0xDA, 0xD9):  # start of scan (the image data), end of image
+            break
         length = header[position + 2] << 8 | header[position + 3]
         if marker == 0xE1:
-            tiff = header[position + 10:position + 2 + length].tobytes()  # after "Exif\0\0"
+            start = position + 10  # the TIFF header, after "Exif\0\0"
+            tiff = header[start:position + 2 + length].tobytes()
             order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-            if order is None or len(tiff) < 8 or int.from_bytes(tiff[2:4], order) != 0x2A:
-                return None  # not EXIF (an XMP block first, say): torchcodec leaves the image as stored
-            directory = int.from_bytes(tiff[4:8], order)
-            count = int.from_bytes(tiff[directory:directory + 2], order)
-            for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 11), 12):
-                if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:  # orientation, a 2-byte value
-                    return int.from_bytes(tiff[entry + 8:entry + 10], order)
-            return None
+            if order is not None and len(tiff) >= 8 and int.from_bytes(tiff[2:4], order) == 0x2A:  # else XMP, say
+                directory = int.from_bytes(tiff[4:8], order)
+                count = int.from_bytes(tiff[directory:directory + 2], order)
+                for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 11), 12):
+                    if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:  # orientation, a 2-byte value
+                        places.append((start + entry + 8, order, int.from_bytes(tiff[entry + 8:entry + 10], order)))
         position += 2 + length
-    return None
+    return places
 
 
-# EXIF orientation tag -> the turn that undoes it on a (C, H, W) image (those of ImageOps.exif_transpose, inverted:
-# 6 and 8 are a quarter turn each way, the others their own inverse)
-UNDO_EXIF_ORIENTATION = {
-    2: lambda x: x.flip(-1), 3: lambda x: x.flip(-1, -2), 4: lambda x: x.flip(-2),
-    5: lambda x: x.transpose(-1, -2), 6: lambda x: x.transpose(-1, -2).flip(-2),
-    7: lambda x: x.transpose(-1, -2).flip(-1, -2), 8: lambda x: x.transpose(-1, -2).flip(-1),
-}
+# --decode-on device: a batch of JPEGs (1-D uint8 CPU tensors) decoded in one call on the device (nvjpeg on
+# CUDA) to their stored pixels, uint8 RGB (3, H, W) each; RuntimeError when one of them can't be.
+
+def decode_with_torchcodec(device, jpegs):
+    """TorchCodec decodes on the current CUDA stream and returns when it is done."""
+    return torchcodec_decode_jpeg([with_stored_orientation(data) for data in jpegs], mode="RGB", device=device)
+
+
+def decode_with_torchvision(device, jpegs):
+    """torchvision's nvjpeg decoder writes from its own stream without waiting for ours (pytorch/vision#9606):
+    the current stream is synchronized first, or it could overwrite memory that queued kernels are about to read."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    with torchvision_decoding():
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_jpegs_on(device, jpegs):
+    """The batch decoded by the decoder that works on device (device_jpeg_decoder)."""
+    return DEVICE_DECODERS[device_jpeg_decoder(device)](device, jpegs)
+
+
+DEVICE_DECODERS = {"TorchCodec": decode_with_torchcodec, "torchvision": decode_with_torchvision}
+
+
+def device_jpeg_decoder(device):
+    """'TorchCodec' or 'torchvision': TorchCodec where it imports and decodes on device, else torchvision."""
+    if device.type == "cpu":
+        return "TorchCodec" if torchcodec_decode_jpeg is not None else "torchvision"
+    return first_decoder_that_works_on(device)
+
+
+@functools.lru_cache(maxsize=None)
+def first_decoder_that_works_on(device):
+    """Tried once per device on a small JPEG: a CPU-only torchcodec wheel (Windows, macOS, the /whl/cpu index)
+    imports but has no nvjpeg, and torchvision quietly decodes on the CPU for a device it has no decoder for.
+    DataError, with each decoder's reason, when neither works."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    probe = [torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)]
+    reasons = []
+    for name, available in (("TorchCodec", torchcodec_decode_jpeg), ("torchvision", decode_jpeg)):
+        if available is None:
+            reasons.append(f"{name}: not installed")
+            continue
+        try:
+            if DEVICE_DECODERS[name](device, probe)[0].device.type == device.type:
+                return name
+            reasons.append(f"{name}: decodes on the CPU instead")
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            reasons.append(f"{name}: {bad_file_reason(error).split('. ')[0]}")
+    raise DataError(f"--decode-on device: no JPEG decoder here works on {device} ({'; '.join(reasons)}); "
+                    "use --decode-on workers")
+
+
+def is_device_failure(error):
+    """Not the file's fault: out of GPU memory, a broken CUDA context. Decoders raise these as plain RuntimeError
+    too (TorchCodec passes every C++ error through torch's stable ABI as one; torchvision wraps them)."""
+    return isinstance(error, DEVICE_FAILURES) or any(text in str(error) for text in ("out of memory", "CUDA error"))
 
 
 def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=False):
@@ -900,19 +962,19 @@ class EncodedImageFiles(ImageFiles):
 
     The loader workers only read each file and draw its RandomResizedCrop box and flip, with the same random
     calls as train_transform, so a sample seed gives the same crop either way; batch_to then decodes the
-    batch's JPEGs in one call on the device (nvjpeg on CUDA) and crops, resizes and flips them there. This
-    frees the CPU cores for machines with many GPUs and few cores each. The device decodes every JPEG at full
+    batch's JPEGs in one call on the device (decode_jpegs_on: nvjpeg on CUDA) and crops, resizes and flips
+    them there. This frees the CPU cores for machines with many GPUs and few cores each. The device decodes every JPEG at full
     size (nvjpeg has no DCT scaling here), so on the CPU the images are identical to ImageFiles' with
     train_transform and scaled_decoding=False; on CUDA nvjpeg and the float resize differ from them by about 1
     level. Files nvjpeg can't take (PNGs, CMYK JPEGs) are decoded and cropped in the worker as usual.
     """
 
-    DEVICE_JPEG_MODES = ("RGB", "L")  # torchvision's nvjpeg decoder does not take CMYK
+    DEVICE_JPEG_MODES = ("RGB", "L")  # nvjpeg, through torchvision at least, does not take CMYK
 
     def __init__(self, index, img_size, min_scale=0.08, strict=False):
         super().__init__(index, transform=None, strict=strict)
-        if decode_jpeg is None:
-            raise DataError("decoding on the device needs torchvision.io.decode_jpeg, which this torchvision lacks")
+        if torchcodec_decode_jpeg is None and decode_jpeg is None:
+            raise DataError("decoding on the device needs torchcodec or torchvision.io.decode_jpeg; neither imports")
         self.img_size = img_size
         # train_transform's own steps, so that the crop and flip are drawn exactly as there
         self.crop, self.flip = train_transform(img_size, min_scale=min_scale).transforms
@@ -956,10 +1018,6 @@ class EncodedImageFiles(ImageFiles):
         previous good image (and label), so the batch keeps its size."""
         rows = batch.lengths.nonzero().flatten().tolist()
         jpegs = torch.split(batch.jpeg_bytes, batch.lengths[rows].tolist())
-        if device.type == "cuda":
-            # torchvision's nvjpeg decoder writes from its own stream without waiting for ours
-            # (pytorch/vision#9606): it could overwrite memory that kernels still queued here are about to read
-            torch.cuda.current_stream(device).synchronize()
         decoded = dict(zip(rows, self.decode_jpegs(list(jpegs), batch.plans[rows, 0].tolist(), device)))
         images = torch.empty(len(labels), 3, self.img_size, self.img_size, dtype=torch.uint8, device=device)
         finished = iter(batch.finished.to(device, non_blocking=True))
@@ -982,29 +1040,27 @@ class EncodedImageFiles(ImageFiles):
             images[i], labels[i] = images[source], labels[source]
         return images, labels.to(device, non_blocking=True)
 
-    @torchvision_decoding()
     def decode_jpegs(self, jpegs, positions, device):
         """Decoded images on device (None for a file that can't be decoded): the whole list in one call, and
         one by one only when that call fails (a batched decode stops at its first broken file)."""
         if not jpegs:
             return []
         try:
-            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-        except DEVICE_FAILURES:
-            raise
-        except RuntimeError:
-            pass
+            return decode_jpegs_on(device, jpegs)
+        except RuntimeError as error:
+            if is_device_failure(error):
+                raise
         images = []
         for data, position in zip(jpegs, positions):
             try:
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                images.append(decode_jpegs_on(device, [data])[0])
                 continue
-            except DEVICE_FAILURES:
-                raise
             except RuntimeError as error:
+                if is_device_failure(error):
+                    raise
                 reason = error
             try:  # libjpeg-turbo reads some files nvjpeg refuses
-                image = decode_jpeg(data, mode=ImageReadMode.RGB)
+                image = decode_jpeg_cpu(data)
             except RuntimeError:
                 images.append(None)
                 self.report_bad_file(self.index.path(position), reason)
@@ -1013,16 +1069,9 @@ class EncodedImageFiles(ImageFiles):
         return images
 
     @staticmethod
-    @torchvision_decoding()
     def check_device(device):
-        """Raise DataError unless this torchvision can decode JPEGs on device (nvjpeg on CUDA)."""
-        from torchvision.io import encode_jpeg
-        try:
-            decode_jpeg([encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))], mode=ImageReadMode.RGB, device=device)
-        except (RuntimeError, NotImplementedError, ValueError) as error:
-            reason = " ".join(str(error).split()).split(". ")[0]
-            raise DataError(f"--decode-on device: this torchvision cannot decode JPEGs on {device} ({reason}); "
-                            "use --decode-on workers") from None
+        """Raise DataError unless JPEGs can be decoded on device here (nvjpeg on CUDA)."""
+        device_jpeg_decoder(device)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -104,7 +104,10 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
     """Rebuild the model from a checkpoint alone. Returns (model, info) with classes, names and settings."""
     if str(path).lower().endswith(".onnx"):  # an exported model, run by onnxruntime (export.py)
         import export
-        return export.load_onnx_for_eval(path)
+        net, info = export.load_onnx_for_eval(path)
+        check_model_flags(info["config"], arch, width_mult, num_classes)
+        check_weights_held(path, info["weights"], weights)
+        return net, info
     ckpt = utils.load_checkpoint(path)
     if utils.is_original_checkpoint(ckpt):
         raise CheckpointError(f"{path} was saved by ipcvl2021-mobilenetv3-torch-v2, whose network is not the paper's "
@@ -114,13 +117,9 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
     if ckpt.get("format") not in (utils.CHECKPOINT_FORMAT, utils.WEIGHTS_FORMAT):
         raise CheckpointError(f"{path} is neither a checkpoint of this project nor a torchvision mobilenet_v3 state dict")
     config = ckpt["model_config"]
-    for flag, key, value in (("--arch", "arch", arch), ("--width-mult", "width_mult", width_mult),
-                             ("--num-classes", "num_classes", num_classes)):
-        if value is not None and value != config[key]:
-            raise CheckpointError(f"{flag} {value} conflicts with the checkpoint, which holds {key}={config[key]!r}")
+    check_model_flags(config, arch, width_mult, num_classes)
     if ckpt["format"] == utils.WEIGHTS_FORMAT:  # best_weights.pth holds one set of weights, the best
-        if weights not in (None, ckpt["weights"]):
-            raise CheckpointError(f"{path} holds only the {ckpt['weights']} weights; drop --weights {weights}")
+        check_weights_held(path, ckpt["weights"], weights)
         weights, state = ckpt["weights"], ckpt["model"]
     else:
         weights = weights or ckpt.get("best_weights") or ("ema" if ckpt.get("ema_model") else "raw")
@@ -137,6 +136,20 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
             "data_path": ckpt.get("data_path") or args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config,
             "val_split": (args.get("val_split_fraction") or 0, args.get("seed", 0))}
     return net, info
+
+
+def check_model_flags(config, arch, width_mult, num_classes):
+    """--arch, --width-mult and --num-classes, where given, must be what the file holds."""
+    for flag, key, value in (("--arch", "arch", arch), ("--width-mult", "width_mult", width_mult),
+                             ("--num-classes", "num_classes", num_classes)):
+        if value is not None and value != config[key]:
+            raise CheckpointError(f"{flag} {value} conflicts with the checkpoint, which holds {key}={config[key]!r}")
+
+
+def check_weights_held(path, held, weights):
+    """A file with one set of weights (best_weights.pth, an .onnx) can't give the other: --weights must match."""
+    if weights not in (None, held):
+        raise CheckpointError(f"{path} holds only the {held} weights; drop --weights {weights}")
 
 
 def _load_torchvision(path, state, arch, width_mult, num_classes):
@@ -499,9 +512,17 @@ def check_args(args):
     """Flag problems before any work: an unwritable output fails now, not after a long evaluation."""
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch-size must be at least 1 and --workers 0 or more")
+    if args.predict:
+        unused = [flag for flag, value in (("--per-class", args.per_class), ("--confusion", args.confusion),
+                                           ("--log-dir", args.log_dir)) if value]
+        if unused:
+            raise UserError(f"{', '.join(unused)} write a validation run's results; --predict only scores the images given "
+                            "(--json takes its results)")
     for path in (args.json, args.per_class, args.confusion):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             raise UserError(f"cannot write {path}: its folder does not exist or is not writable")
+    if args.log_dir:
+        utils.prepare_log_dir(args.log_dir)  # made now: an impossible --log-dir fails before the evaluation
 
 
 def resolve_settings(args, info, device):

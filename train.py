@@ -343,8 +343,12 @@ def make_ema(model, decay):
     statistics. torch-ema's num_updates warm-up uses decay min(d, (1+n)/(10+n)): usable from the first epoch."""
     if decay <= 0:
         return None
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-    return ForeachEMA(tensors, decay=decay)
+    return ForeachEMA(list(model.parameters()) + float_buffers(model), decay=decay)
+
+
+def float_buffers(model):
+    """BatchNorm's running means and variances (its int step counters left out)."""
+    return [b for b in model.buffers() if b.is_floating_point()]
 
 
 class ForeachEMA(ExponentialMovingAverage):
@@ -511,7 +515,7 @@ class Run:
 
     def __post_init__(self):
         self.params = list(self.net.parameters())
-        self.bn_buffers = [b for b in self.net.buffers() if b.is_floating_point()]
+        self.bn_buffers = float_buffers(self.net)
         self.bn_backup = [b.detach().clone() for b in self.bn_buffers]
 
 

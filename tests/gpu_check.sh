@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check: everything in this repository that only a CUDA machine can show, in one run of about 13 minutes
+# The GPU check: everything in this repository that only a CUDA machine can show, in one run of about 14 minutes
 # on one GPU (each part has its own time limit; run the crossover part alone when a call is limited to 10 minutes). Run it from the repository root on the first GPU machine available:
-#     bash tests/gpu_check.sh                 # everything (about 13 minutes: split it if a call is limited)
-#     bash tests/gpu_check.sh unit train      # some parts: unit train resume compile crossover benchmark
-# Results under $OUT (default gpu_check_out/): the log, eval.json, crossover.txt, bench_cuda.json.
+#     bash tests/gpu_check.sh                 # everything (about 14 minutes: split it if a call is limited)
+#     bash tests/gpu_check.sh unit train      # some parts: unit train resume compile decoders crossover benchmark
+# Results under $OUT (default gpu_check_out/): the log (with the decoders' line), eval.json, crossover.txt,
+# bench_cuda.json.
 # Each step prints PASS or FAIL and the run goes on, so one failure does not hide the others.
 set -u
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log it, prin
     echo "=== $name" | tee -a "$LOG"
     # in a fresh bash that knows this script's functions and arrays, so that timeout can run those too
     if timeout -k 10 "$limit" bash -c "$(declare -p COMMON TORCHRUN WORK OUT LOG CROSSOVER_BATCH); $(declare -f images_per_sec \
-            sigterm_then_resume crossover); \"\$@\"" step "$@" >> "$LOG" 2>&1; then
+            sigterm_then_resume crossover decoders); \"\$@\"" step "$@" >> "$LOG" 2>&1; then
         echo "PASS $name ($(( $(date +%s) - begin ))s)" | tee -a "$LOG"
     else
         echo "FAIL $name (exit $?, $(( $(date +%s) - begin ))s; see $LOG)" | tee -a "$LOG"
@@ -121,6 +122,35 @@ part_crossover() {
 --decode-on device 1/4, original vs pre-resized 320 px)" 420 crossover
 }
 
+decoders() {  # --decode-on device: TorchCodec's batched nvjpeg against torchvision's, 256 JPEGs a call
+    python - "$WORK/data" <<'EOF'
+import sys, time, torch
+import dataset
+index = dataset.find_dataset(sys.argv[1]).train
+jpegs = [dataset.read_image_file(index.path(i))[0] for i in range(min(256, len(index)))]
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU in a dry run
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+decoders = {"torchcodec": dataset.decode_with_torchcodec, "torchvision": dataset.decode_with_torchvision}
+rates = {name: [] for name in decoders}
+for round in range(6):
+    for name, decode in decoders.items():
+        sync()
+        start = time.perf_counter()
+        decode(device, jpegs)
+        sync()
+        if round:  # the first round warms both decoders up
+            rates[name].append(len(jpegs) / (time.perf_counter() - start))
+ratios = sorted(a / b for a, b in zip(rates["torchcodec"], rates["torchvision"]))
+print(f"decoders: torchcodec {sorted(rates['torchcodec'])[2]:.0f} img/s, torchvision "
+      f"{sorted(rates['torchvision'])[2]:.0f} img/s, torchcodec/torchvision {ratios[2]:.2f} "
+      f"({ratios[0]:.2f}-{ratios[-1]:.2f})")
+EOF
+}
+
+part_decoders() {
+    step "nvjpeg through TorchCodec against torchvision (batched, 256 JPEGs a call)" 60 decoders
+}
+
 part_benchmark() {
     step "benchmark.py --device cuda --quick" 180 python benchmark.py --device cuda --quick --busy 0 --index-files 0 \
         --index-entries 0 --json "$OUT/bench_cuda.json"
@@ -132,7 +162,7 @@ import benchmark
 images = benchmark.generate_images('$WORK/src', count=$COUNT, classes=10)
 benchmark.lay_out(images, '$WORK/data')" >> "$LOG" 2>&1
 
-PARTS=${*:-unit train resume compile crossover benchmark}
+PARTS=${*:-unit train resume compile decoders crossover benchmark}
 for part in $PARTS; do "part_$part"; done
 
 echo "gpu_check: $FAILED failed, $(( $(date +%s) - START ))s; log in $LOG" | tee -a "$LOG"

@@ -336,6 +336,33 @@ def test_torchvision_decoders_run_without_their_deprecation_warning(tmp_path, mo
             torchvision.io.decode_jpeg(dataset.read_image_file(path)[0])
 
 
+def test_a_device_no_decoder_works_on_is_one_line_naming_each_reason():
+    # torchvision's decode_jpeg would decode on the CPU for "meta": not counted as working
+    with pytest.raises(DataError, match=r"no JPEG decoder here works on meta \(TorchCodec: [^/\n]+; torchvision: "
+                                        r"decodes on the CPU instead\); use --decode-on workers$") as error:
+        dataset.EncodedImageFiles.check_device(torch.device("meta"))
+    assert str(error.value).count("\n") == 0
+
+
+def test_a_torchcodec_without_nvjpeg_hands_the_device_to_torchvision(monkeypatch):
+    # a CPU-only torchcodec wheel imports, then refuses CUDA: torchvision decodes instead
+    calls = []
+    def torchcodec_without_nvjpeg(jpegs, mode, device):
+        raise RuntimeError("decode_jpegs_cuda, x.cpp:1, torchcodec was not compiled with nvJPEG support")
+    def torchvision_decoder(jpegs, mode, device):
+        calls.append(device.type)
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8, device="meta") for _ in jpegs]
+    monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", torchcodec_without_nvjpeg)
+    monkeypatch.setattr(dataset, "decode_jpeg", torchvision_decoder)
+    dataset.first_decoder_that_works_on.cache_clear()
+    try:
+        assert dataset.device_jpeg_decoder(torch.device("meta")) == "torchvision"
+        assert dataset.decode_jpegs_on(torch.device("meta"), [torch.zeros(4, dtype=torch.uint8)])[0].is_meta
+        assert calls == ["meta", "meta"]  # the probe, then the batch
+    finally:
+        dataset.first_decoder_that_works_on.cache_clear()
+
+
 def test_palette_with_transparency_decodes(tmp_path):
     path = tmp_path / "transparent.png"
     Image.fromarray(image_pixels()).convert("P").save(path, transparency=0)
@@ -516,9 +543,19 @@ def test_exit_ends_the_loader_workers_and_only_them():
     assert "loader worker alive: False other child alive: True" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path):
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path, monkeypatch, decoder):
+    if decoder == "torchvision":  # what decodes on the device where torchcodec does not import
+        monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)
+    elif dataset.torchcodec_decode_jpeg is None:
+        pytest.skip("torchcodec is not installed")
     make_class_folders(tmp_path / "train", ["a", "b"], per_class=4)
     save_image(tmp_path / "train" / "a" / "gray.jpg", mode="L", size=(50, 30))
+    for orientation in (3, 5, 6, 8):  # phone photos: torchcodec turns them by the tag; the crop box is the stored image's
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(photo_like_pixels((60, 36), seed=orientation)).save(
+            tmp_path / "train" / "a" / f"turned{orientation}.jpg", exif=exif)
     save_image(tmp_path / "train" / "b" / "cmyk.jpg", mode="CMYK", size=(30, 50))
     save_image(tmp_path / "train" / "b" / "png_named.jpg", format="PNG")  # decoded and cropped in the worker
     splits = dataset.find_dataset(tmp_path, str(tmp_path / "cache"))
@@ -532,7 +569,7 @@ def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path):
         return list(dataset.build_loader(images, sampler, batch_size=5, workers=workers, train=True))
 
     expected, encoded = batches(on_workers, 0), batches(on_device, 2)
-    assert len(expected) == 2
+    assert len(expected) == 3  # all 15 images
     assert sum(len(batch.finished) for batch, _ in encoded) == 2  # the PNG and the CMYK JPEG, in the worker
     for (images, labels), (batch, batch_labels) in zip(expected, encoded, strict=True):
         decoded, decoded_labels = on_device.batch_to(torch.device("cpu"), batch, batch_labels)
@@ -559,11 +596,17 @@ def test_device_decoding_replaces_a_broken_jpeg_with_the_batch_neighbour(tmp_pat
     alone, label = images.batch_to(torch.device("cpu"), *images.collate([images[2]]))
     assert alone.shape == (1, 3, 16, 16) and label.tolist() == [int(index.labels[3])]
     assert images.skipped == 2
-    # a failing device is not a bad file
-    monkeypatch.setattr(dataset, "decode_jpeg", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
-    with pytest.raises(torch.OutOfMemoryError):
-        images.batch_to(torch.device("cpu"), *images.collate([images[1]]))
-    assert images.skipped == 2
+    # a failing device is not a bad file: as torch raises it, and as the decoders pass it on (a plain RuntimeError)
+    for failure in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+                    RuntimeError("decode_jpegs_cuda, DecodeJpegCuda.cpp:170, CUDA out of memory. Tried to allocate 2 MiB"),
+                    RuntimeError("Error while decoding JPEG images: CUDA error: an illegal memory access was encountered")):
+        def failing_decoder(*args, **kwargs):
+            raise failure
+        monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", failing_decoder)
+        monkeypatch.setattr(dataset, "decode_jpeg", failing_decoder)
+        with pytest.raises(RuntimeError, match="out of memory|CUDA error"):
+            images.batch_to(torch.device("cpu"), *images.collate([images[1], images[3]]))
+        assert images.skipped == 2
 
 
 def test_device_decoding_draws_a_new_crop_for_each_unseeded_sample(tmp_path):

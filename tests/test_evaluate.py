@@ -138,7 +138,11 @@ def test_refuses_the_2021_checkpoint_and_conflicting_flags(trained, tmp_path, ca
     for argv, message in (([tmp_path / "original.pth"], "not the paper's MobileNetV3"),
                           ([trained / "ckpt/best.pth", "--arch", "large"], "--arch large conflicts"),
                           ([trained / "ckpt/best.pth", "--width-mult", "1.0"], "--width-mult 1.0 conflicts"),
-                          ([trained / "ckpt/best.pth", "--json", tmp_path / "no" / "m.json"], "cannot write")):
+                          ([trained / "ckpt/best.pth", "--json", tmp_path / "no" / "m.json"], "cannot write"),
+                          ([trained / "ckpt/best.pth", "--log-dir", tmp_path / "original.pth" / "runs"],
+                           "cannot write TensorBoard logs"),
+                          ([trained / "ckpt/best.pth", "--predict", tmp_path / "a.jpg", "--confusion", tmp_path / "c.png",
+                            "--log-dir", tmp_path / "runs"], "--confusion, --log-dir write a validation run's results")):
         code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args([str(a) for a in argv]))
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err

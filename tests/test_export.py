@@ -156,16 +156,28 @@ def test_bad_inputs_are_one_line_and_leave_nothing(exported, trained, tiny_data,
              ([checkpoint, "--int8", "--output", tmp_path / "q.onnx"], "--int8 needs --calib-data"),
              ([checkpoint, "--opset", "13", "--output", tmp_path / "o.onnx"], "HardSwish"),
              ([checkpoint, "--opset", "25", "--output", tmp_path / "o.onnx"], "opsets 14-20"),
-             ([exported["fp32"]], "already an ONNX file")]
+             ([exported["fp32"]], "already an ONNX file"),
+             # the output folder is checked before any checkpoint is read (which can take a while)
+             ([checkpoint, checkpoint, "--format", "average", "--output", tmp_path / "missing" / "m.pth"],
+              "cannot write"),
+             ([tmp_path / "typo" / "a.pth", checkpoint, "--format", "average"], "checkpoint not found")]
     for argv, message in cases:
         code = utils.run_cli(export.main, export.get_args_parser().parse_args([str(a) for a in argv]))
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
-    for path, message in ((tmp_path / "noise.onnx", "not a readable ONNX model"),
-                          (tmp_path / "foreign.onnx", "not one written by export.py")):
-        code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args([str(path), "--data-path", tiny_data]))
+    held = export.load_onnx_for_eval(str(exported["fp32"]))[1]
+    other = "raw" if held["weights"] == "ema" else "ema"
+    for argv, message in (([tmp_path / "noise.onnx"], "not a readable ONNX model"),
+                          ([tmp_path / "foreign.onnx"], "not one written by export.py"),
+                          ([exported["fp32"], "--arch", "small" if held["config"]["arch"] == "large" else "large"],
+                           "--arch"),
+                          ([exported["fp32"], "--num-classes", held["config"]["num_classes"] + 1], "--num-classes"),
+                          ([exported["fp32"], "--width-mult", held["config"]["width_mult"] * 2], "--width-mult"),
+                          ([exported["fp32"], "--weights", other], f"holds only the {held['weights']} weights")):
+        code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args(
+            [str(a) for a in argv] + ["--data-path", str(tiny_data)]))
         err = capsys.readouterr().err
-        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (path, err)
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
 
     # from the real command line too: one line, no traceback
     proc = run_script("export.py", tmp_path / "noise.pth", "--output", tmp_path / "n.onnx")

@@ -5,6 +5,7 @@ machine by tests/gpu_check.sh, or alone with `python -m pytest tests/test_gpu.py
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,42 @@ def test_nvjpeg_batch_decoding_matches_the_cpu_within_a_grey_level(tiny_data):
     on_gpu, gpu_labels = samples.batch_to(torch.device("cuda"), batch, labels)
     assert torch.equal(gpu_labels.cpu(), labels)
     assert (on_gpu.cpu().int() - on_cpu.int()).abs().float().mean() < 2
+
+
+def odd_jpegs(folder):
+    """Baseline, progressive, grayscale, and phone photos turned by EXIF (one with an XMP segment before its
+    EXIF one, which TorchCodec's CUDA and CPU decoders read differently), as read_image_file gives them."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((120, 160, 3)) * 255).astype(np.uint8)
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    files = {"baseline.jpg": {}, "progressive.jpg": {"progressive": True}, "gray.jpg": {"mode": "L"}}
+    for orientation in range(2, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        files[f"turned{orientation}.jpg"] = {"exif": exif.tobytes()}
+    for name, options in files.items():
+        image = Image.fromarray(pixels).convert(options.pop("mode", "RGB"))
+        image.save(folder / name, quality=90, **options)
+    data = (folder / "turned6.jpg").read_bytes()  # an XMP APP1 segment inserted just after the start of image
+    (folder / "xmp_first.jpg").write_bytes(data[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + data[2:])
+    return {path.name: dataset.read_image_file(path) for path in sorted(folder.glob("*.jpg"))}
+
+
+@pytest.mark.skipif(dataset.torchcodec_decode_jpeg is None, reason="torchcodec is not installed")
+def test_torchcodec_and_torchvision_nvjpeg_decode_the_stored_pixels(tmp_path):
+    files = odd_jpegs(tmp_path)
+    jpegs = [data for data, _ in files.values()]
+    device = torch.device("cuda")
+    # one batched call each: a decoder that refused one of these files would raise here, not fall back quietly
+    torchcodec_images = dataset.decode_with_torchcodec(device, jpegs)
+    torchvision_images = dataset.decode_with_torchvision(device, jpegs)
+    for (name, (data, size)), ours, theirs in zip(files.items(), torchcodec_images, torchvision_images, strict=True):
+        on_cpu = dataset.decode_jpeg_cpu(data)
+        assert ours.device.type == "cuda" and tuple(ours.shape[1:]) == size == tuple(theirs.shape[1:]), name
+        assert (ours.cpu().int() - on_cpu.int()).abs().float().mean() < 2, name
+        assert (theirs.cpu().int() - on_cpu.int()).abs().float().mean() < 2, name
+    assert dataset.device_jpeg_decoder(device) == "TorchCodec"
 
 
 def test_evaluation_on_cuda_equals_the_cpu(trained, tiny_data, tmp_path):
