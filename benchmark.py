@@ -994,6 +994,11 @@ def bench_gpu_decode(report, args, device, splits):
     both through dataset.py's own calls (decode_jpeg_cpu, and decode_jpegs_on as --decode-on device uses it)."""
     read = (dataset.read_image_file(splits.train.path(i)) for i in range(min(256, len(splits.train))))
     data = [item for item, size in read if size is not None]  # JPEGs (other files come back decoded)
+    try:
+        dataset.device_jpeg_decoder(device)
+    except dataset.DataError as error:
+        report.add("G", "GPU decoding", None, "", note=str(error))
+        return
     usable = []
     for item in data:  # nvjpeg refuses some JPEGs (CMYK, progressive on older versions): leave them out
         with contextlib.suppress(RuntimeError):

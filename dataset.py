@@ -615,28 +615,33 @@ def with_stored_orientation(data):
 
 def exif_orientation_places(data):
     """[(offset, byte order, value)] of every EXIF orientation tag's value in JPEG bytes (the first directory of
-    each APP1 segment before the image data): a few reads of the segments' headers, no decoding."""
+    each APP1 segment before the image data): a few reads of the segments' headers, no decoding. Walks the
+    markers as libjpeg does (stray bytes between segments skipped, markers without a length), and reads the
+    directory as TorchCodec does (big-endian unless "II"), so that no tag TorchCodec would obey is missed."""
     header = memoryview(data.numpy())  # indexing gives plain ints: fast
     places, position = [], 2  # after the start-of-image marker
-    while position + 4 <= len(header) and header[position] == 0xFF:
-        marker = header[position + 1]
-        if marker == 0xFF:  # fill byte
+    while position + 4 <= len(header):
+        if header[position] != 0xFF or header[position + 1] == 0xFF:  # stray byte, or fill byte before a marker
             position += 1
             continue
+        marker = header[position + 1]
         if marker in (0xDA, 0xD9):  # start of scan (the image data), end of image
             break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length field
+            position += 2
+            continue
         length = header[position + 2] << 8 | header[position + 3]
         if marker == 0xE1:
             start = position + 10  # the TIFF header, after "Exif\0\0"
             tiff = header[start:position + 2 + length].tobytes()
-            order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-            if order is not None and len(tiff) >= 8 and int.from_bytes(tiff[2:4], order) == 0x2A:  # else XMP, say
+            order = "little" if tiff[:2] == b"II" else "big"
+            if len(tiff) >= 8 and int.from_bytes(tiff[2:4], order) == 0x2A:  # else XMP, say
                 directory = int.from_bytes(tiff[4:8], order)
                 count = int.from_bytes(tiff[directory:directory + 2], order)
-                for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 11), 12):
+                for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 9), 12):
                     if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:  # orientation, a 2-byte value
                         places.append((start + entry + 8, order, int.from_bytes(tiff[entry + 8:entry + 10], order)))
-        position += 2 + length
+        position += 2 + max(length, 2)
     return places
 
 
@@ -690,6 +695,8 @@ def first_decoder_that_works_on(device):
                 return name
             reasons.append(f"{name}: decodes on the CPU instead")
         except (RuntimeError, NotImplementedError, ValueError) as error:
+            if is_device_failure(error):  # the device's fault, not the decoder's: never cached as a choice
+                raise
             reasons.append(f"{name}: {bad_file_reason(error).split('. ')[0]}")
     raise DataError(f"--decode-on device: no JPEG decoder here works on {device} ({'; '.join(reasons)}); "
                     "use --decode-on workers")
@@ -698,7 +705,8 @@ def first_decoder_that_works_on(device):
 def is_device_failure(error):
     """Not the file's fault: out of GPU memory, a broken CUDA context. Decoders raise these as plain RuntimeError
     too (TorchCodec passes every C++ error through torch's stable ABI as one; torchvision wraps them)."""
-    return isinstance(error, DEVICE_FAILURES) or any(text in str(error) for text in ("out of memory", "CUDA error"))
+    return isinstance(error, DEVICE_FAILURES) or any(text in str(error) for text in (
+        "out of memory", "CUDA error", "Failed to synchronize CUDA stream"))
 
 
 def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=False):

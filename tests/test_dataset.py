@@ -1091,7 +1091,7 @@ def test_every_exif_orientation_turns_as_pillow_does(tmp_path, monkeypatch, form
     assert upright.permute(1, 2, 0).shape == expected.shape
     assert np.abs(upright.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 2
     assert upright.permute(1, 2, 0).is_contiguous()
-    # training and validation: the stored pixels, whatever the tag says (torchcodec turns JPEGs by it: undone)
+    # training and validation: the stored pixels, whatever the tag says (torchcodec would turn JPEGs by it: the tags are set to 1 first)
     stored = dataset.decode_image_file(path)
     with Image.open(path) as image:
         assert np.abs(stored.permute(1, 2, 0).numpy().astype(int) - np.array(image.convert("RGB"))).max() <= 2
@@ -1102,6 +1102,20 @@ def test_every_exif_orientation_turns_as_pillow_does(tmp_path, monkeypatch, form
         train = dataset.ImageFiles(dataset.FileIndex(tmp_path, [path.name.encode()], [0]),
                                    dataset.train_transform(64, min_scale=1.0), scaled_decoding=False)
         assert torch.equal(train[(0, 3)][0], torchvision.transforms.v2.functional.resize(stored, [64, 64]))
+
+
+@pytest.mark.parametrize("extra", [b"\x00\x00", b"\xff\xd0"])  # stray bytes, a marker without a length
+def test_a_tag_behind_odd_bytes_still_gives_the_stored_pixels(tmp_path, extra):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo_like_pixels((64, 48), seed=3)).save(tmp_path / "plain.jpg", exif=exif)
+    data = (tmp_path / "plain.jpg").read_bytes()
+    app1 = data.index(b"\xff\xe1")  # the EXIF segment: the odd bytes just before it; libjpeg reads past them
+    (tmp_path / "odd.jpg").write_bytes(data[:app1] + extra + data[app1:])
+    stored = dataset.decode_image_file(tmp_path / "odd.jpg")
+    with Image.open(tmp_path / "plain.jpg") as image:
+        assert stored.shape == (3, image.height, image.width)
+        assert np.abs(stored.permute(1, 2, 0).numpy().astype(int) - np.array(image.convert("RGB"))).max() <= 2
 
 
 @pytest.mark.parametrize("format", ["JPEG", "PNG"])
