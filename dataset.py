@@ -970,9 +970,9 @@ class EncodedImageFiles(ImageFiles):
 
     The loader workers only read each file and draw its RandomResizedCrop box and flip, with the same random
     calls as train_transform, so a sample seed gives the same crop either way; batch_to then decodes the
-    batch's JPEGs in one call on the device (decode_jpegs_on: nvjpeg on CUDA) and crops, resizes and flips
-    them there. This frees the CPU cores for machines with many GPUs and few cores each. The device decodes every JPEG at full
-    size (nvjpeg has no DCT scaling here), so on the CPU the images are identical to ImageFiles' with
+    batch's JPEGs in one call on the device (decode_jpegs_on: nvjpeg on CUDA) and crops, resizes and flips them
+    there. This frees the CPU cores for machines with many GPUs and few cores each. The device decodes every JPEG at
+    full size (nvjpeg has no DCT scaling here), so on the CPU the images are identical to ImageFiles' with
     train_transform and scaled_decoding=False; on CUDA nvjpeg and the float resize differ from them by about 1
     level. Files nvjpeg can't take (PNGs, CMYK JPEGs) are decoded and cropped in the worker as usual.
     """

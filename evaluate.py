@@ -516,11 +516,11 @@ def check_args(args):
         unused = [flag for flag, value in (("--per-class", args.per_class), ("--confusion", args.confusion),
                                            ("--log-dir", args.log_dir)) if value]
         if unused:
-            raise UserError(f"{', '.join(unused)} write a validation run's results; --predict only scores the images given "
-                            "(--json takes its results)")
+            raise UserError(f"{', '.join(unused)} write a validation run's results; --predict only scores the "
+                            "images given (--json takes its results)")
     for path in (args.json, args.per_class, args.confusion):
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            raise UserError(f"cannot write {path}: its folder does not exist or is not writable")
+        if path:
+            utils.check_writable(path)
     if args.log_dir:
         utils.prepare_log_dir(args.log_dir)  # made now: an impossible --log-dir fails before the evaluation
 

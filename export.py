@@ -355,13 +355,7 @@ def check_args(args):
         raise UserError(f"--calib-data {args.calib_data} is not a folder")
     if str(args.checkpoint).lower().endswith(".onnx"):
         raise UserError(f"{args.checkpoint} is already an ONNX file; export.py takes a checkpoint of train.py")
-    check_writable(args.output)
-
-
-def check_writable(output):
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {output}: its folder does not exist or is not writable")
+    utils.check_writable(args.output)
 
 
 def average_checkpoints(paths, weights=None):
@@ -406,7 +400,7 @@ def write_average(args):
     for path in args.checkpoint:  # named before the output folder: a mistyped path is the likelier mistake
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint not found: {path}")
-    check_writable(output)  # before reading the checkpoints, which can take a while
+    utils.check_writable(output)  # before reading the checkpoints, which can take a while
     utils.save_checkpoint(average_checkpoints(args.checkpoint, args.weights), output)
     print(f"wrote {output}: the mean of {len(args.checkpoint)} checkpoints' {args.weights or 'raw'} weights "
           f"(BatchNorm statistics averaged too)\nscore it: python evaluate.py {output} --data-path DIR")

@@ -346,6 +346,13 @@ def prepare_output_dir(folder):
                 pass
 
 
+def check_writable(path):
+    """UserError now, not after the work, when path's folder is missing or not writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: its folder does not exist or is not writable")
+
+
 def prepare_log_dir(folder):
     """Create the TensorBoard run folder now, so that an unwritable or impossible --log-dir is one line at start."""
     try:
