@@ -66,6 +66,7 @@ from torchvision import transforms as pil_transforms
 import dataset
 import evaluate
 import model as model_lib
+import flags
 import train
 import utils
 from utils import UserError
@@ -344,13 +345,13 @@ def total(values):
 
 # ---------------------------------------------------------------- train.py's step, with train.py's defaults
 
-def train_args(args, device, *flags, **overrides):
-    """train.py's configuration at its defaults, resolved for the device by train.resolve_config: `flags` as on
-    its command line, `overrides` for the values a comparison changes."""
-    parsed = train.get_args_parser().parse_args(["--arch", args.arch, "--width-mult", str(args.width_mult),
-                                                 "-b", str(args.batch_size), "--img-size", str(args.img_size), *flags])
-    train.validate_args(parsed)
-    return train.resolve_config(argparse.Namespace(**{**vars(parsed), **overrides}), device)
+def train_args(args, device, *argv, **overrides):
+    """train.py's configuration at its defaults, resolved for the device by flags.resolve_config: `flags` as on
+    its command line (argv), `overrides` for the values a comparison changes."""
+    parsed = flags.get_args_parser().parse_args(["--arch", args.arch, "--width-mult", str(args.width_mult),
+                                                 "-b", str(args.batch_size), "--img-size", str(args.img_size), *argv])
+    flags.validate_args(parsed)
+    return flags.resolve_config(argparse.Namespace(**{**vars(parsed), **overrides}), device)
 
 
 def alternative_threads(args, device):
@@ -372,7 +373,7 @@ def train_net(targs, width_mult=None):
 
 def make_trainer(net, targs, device):
     """A train.Run around net, built by train.build_trainer as train.py builds its own: optimizer, EMA,
-    precision, loss, torch.compile with --compile (the training step, train.train_update, needs nothing else)."""
+    precision, loss, torch.compile with --compile (the training step, train.train_step, needs nothing else)."""
     net = train.place_model(net, targs, device).train()
     return train.build_trainer(targs, net, device, steps_per_epoch=MODEL_ONLY_EPOCH, show_progress=False)
 
@@ -391,18 +392,19 @@ def describe(trainer, targs, device):
 
 
 def model_only(name, trainer, batch_size, img_size, device, threads=None):
-    """train.py's update step, train.train_update, on one synthetic batch, already normalized and on the device
+    """train.py's update step, train.train_step, on one synthetic batch, already normalized and on the device
     (learning rate, BN-momentum warm-up, forward, backward, the finite-gradient check, a host sync, the optimizer
     step and the EMA update)."""
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
     if trainer.config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 1000, (batch_size,), device=device)
-    state = train.TrainState()
+    skips = train.SkippedSteps(trainer.net, train.TrainState(), trainer.scaler)
 
     def run(steps):
         for _ in range(steps):
-            train.train_update(trainer, state, [(images, targets)])
+            train.train_step(trainer.model, [(images, targets)], trainer.lr, trainer.optimizer, trainer.scaler,
+                             trainer.autocast, trainer.criterion, skips, ema=trainer.ema)
     return Variant(name, run, batch_size, threads)
 
 
@@ -439,7 +441,7 @@ class Pipeline:
             self.epochs[steps] = dataclasses.replace(self.base_run, steps_per_epoch=steps)
         # each window is a fresh epoch 0 of `steps` steps: its LR warms up within the window (speed is the same)
         self.state.epoch = self.state.batch_in_epoch = 0
-        if train.train_one_epoch(self.epochs[steps], self.state)[0] != "done":  # "diverged": fewer steps ran
+        if train.train_one_epoch(self.epochs[steps], self.state)[0] != train.Outcome.DONE:  # "diverged": fewer steps ran
             raise UserError(f"the loss was not finite for {train.MAX_NONFINITE_STREAK} steps in a row in the "
                             "full-pipeline benchmark")
 

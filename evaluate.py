@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import dataset
 import model as model_lib
+import checkpoint
 import utils
 from utils import CheckpointError, UserError
 
@@ -108,17 +109,17 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
         check_model_flags(info["config"], arch, width_mult, num_classes)
         check_weights_held(path, info["weights"], weights)
         return net, info
-    ckpt = utils.load_checkpoint(path)
-    if utils.is_original_checkpoint(ckpt):
+    ckpt = checkpoint.load_checkpoint(path)
+    if checkpoint.is_original_checkpoint(ckpt):
         raise CheckpointError(f"{path} was saved by ipcvl2021-mobilenetv3-torch-v2, whose network is not the paper's "
                               "MobileNetV3 (different blocks and layer names); it cannot be loaded into this model")
     if model_lib.is_torchvision_state_dict(ckpt):
         return _load_torchvision(path, ckpt, arch, width_mult, num_classes)
-    if ckpt.get("format") not in (utils.CHECKPOINT_FORMAT, utils.WEIGHTS_FORMAT):
+    if ckpt.get("format") not in (checkpoint.CHECKPOINT_FORMAT, checkpoint.WEIGHTS_FORMAT):
         raise CheckpointError(f"{path} is neither a checkpoint of this project nor a torchvision mobilenet_v3 state dict")
     config = ckpt["model_config"]
     check_model_flags(config, arch, width_mult, num_classes)
-    if ckpt["format"] == utils.WEIGHTS_FORMAT:  # best_weights.pth holds one set of weights, the best
+    if ckpt["format"] == checkpoint.WEIGHTS_FORMAT:  # best_weights.pth holds one set of weights, the best
         check_weights_held(path, ckpt["weights"], weights)
         weights, state = ckpt["weights"], ckpt["model"]
     else:

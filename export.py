@@ -34,6 +34,7 @@ import torch.nn as nn
 
 import dataset
 import evaluate
+import checkpoint
 import utils
 from utils import CheckpointError, UserError
 
@@ -326,7 +327,7 @@ def temp_file_beside(path):
     fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                     suffix="-" + os.path.basename(path))
     os.close(fd)
-    os.chmod(tmp_path, 0o666 & ~utils.current_umask())  # mkstemp's 0600 suits a checkpoint, not a file to deploy
+    os.chmod(tmp_path, 0o666 & ~checkpoint.current_umask())  # mkstemp's 0600 suits a checkpoint, not a file to deploy
     return tmp_path
 
 
@@ -363,15 +364,15 @@ def average_checkpoints(paths, weights=None):
     as a weights file that evaluate.py, export.py and train.py --pretrained read. The BatchNorm running statistics
     are averaged like the weights, not recomputed on data (torchvision's averaging of its MobileNetV3 V1 weights
     did the same); integer buffers (BN's batch counters) come from the last file."""
-    files = [utils.load_checkpoint(path) for path in paths]
+    files = [checkpoint.load_checkpoint(path) for path in paths]
     for path, ckpt in zip(paths, files):
-        if ckpt.get("format") not in (utils.CHECKPOINT_FORMAT, utils.WEIGHTS_FORMAT):
+        if ckpt.get("format") not in (checkpoint.CHECKPOINT_FORMAT, checkpoint.WEIGHTS_FORMAT):
             raise CheckpointError(f"{path} is not a checkpoint or weights file of this project")
         if ckpt["model_config"] != files[0]["model_config"]:
             raise CheckpointError(f"{path} holds another model ({ckpt['model_config']}) than {paths[0]}")
     states = []
     for path, ckpt in zip(paths, files):
-        if ckpt["format"] == utils.WEIGHTS_FORMAT:  # one set of weights: the kind asked for, never a mix
+        if ckpt["format"] == checkpoint.WEIGHTS_FORMAT:  # one set of weights: the kind asked for, never a mix
             if ckpt["weights"] != (weights or "raw"):
                 raise CheckpointError(f"{path} holds {ckpt['weights']} weights, not {weights or 'raw'} ones: "
                                       f"average files of one kind (--weights {ckpt['weights']})")
@@ -387,7 +388,7 @@ def average_checkpoints(paths, weights=None):
         else:
             average[key] = last.clone()
     keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "data_path")
-    return {"format": utils.WEIGHTS_FORMAT, "weights": f"average of {len(paths)}", "model": average,
+    return {"format": checkpoint.WEIGHTS_FORMAT, "weights": f"average of {len(paths)}", "model": average,
             "best_top1": -1.0, "epoch": files[-1].get("epoch"), "averaged": [os.path.abspath(p) for p in paths],
             **{key: files[-1].get(key) for key in keep}, "args": files[-1].get("args", {})}
 
@@ -401,7 +402,7 @@ def write_average(args):
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint not found: {path}")
     utils.check_writable(output)  # before reading the checkpoints, which can take a while
-    utils.save_checkpoint(average_checkpoints(args.checkpoint, args.weights), output)
+    checkpoint.save_checkpoint(average_checkpoints(args.checkpoint, args.weights), output)
     print(f"wrote {output}: the mean of {len(args.checkpoint)} checkpoints' {args.weights or 'raw'} weights "
           f"(BatchNorm statistics averaged too)\nscore it: python evaluate.py {output} --data-path DIR")
     return 0

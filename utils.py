@@ -1,26 +1,18 @@
-"""Helpers that are not the training recipe: errors, distributed setup, checkpoints, metrics, RNG, signals.
-
-train.py and evaluate.py import from here; this file imports neither of them.
+"""Helpers that are not the training recipe: one-line errors, devices and torch.distributed, metrics, random
+states and stop signals. Every other module imports from here; this file imports none of them.
 """
 import contextlib
 import os
-import pickle
 import random
 import re
 import signal
 import sys
 import tempfile
 import time
-import warnings
-import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-CHECKPOINT_FORMAT = "mobilenetv3-torch/1"
-WEIGHTS_FORMAT = "mobilenetv3-torch/weights/1"  # best_weights.pth: the model alone, for sharing and fine-tuning
-
 
 class UserError(Exception):
     """A problem with what the user gave us (flags, files). Shown as one line, no traceback."""
@@ -77,7 +69,7 @@ def check_versions():
 # ---------------------------------------------------------------- devices and distributed
 
 def cpu_has_native_bf16():
-    """bf16 autocast on a CPU without AVX512-BF16 or AMX is emulated and about 10x slower than fp32 (measured)."""
+    """Whether the CPU computes bf16 natively (elsewhere bf16 autocast is emulated: docs/performance.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -135,7 +127,7 @@ def cpu_cores():
 
 def default_workers(device=None):
     """Data loader processes: this process's share of the CPU cores, at most 8. When the model also trains on the
-    CPU, half of them (measured on 2 cores: 1 worker + 2 compute threads 21.3 img/s, 2 workers 19.6)."""
+    CPU, half of them: the rest compute the model (docs/performance.md)."""
     cores = cpu_cores()
     return max(1, min(8, cores // 2 if device is not None and device.type == "cpu" else cores))
 
@@ -171,6 +163,12 @@ def cleanup_distributed():
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if not is_distributed() or dist.get_rank() == 0:
+        print(*args, **kwargs)
 
 
 def backend_name():
@@ -286,65 +284,7 @@ def correct_topk(logits, target, topk=(1, 5)):
     return torch.stack([hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]).float()
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(state, path):
-    """Write a checkpoint atomically: temp file in the same folder, flush + fsync, then rename over the old one.
-
-    A crash at any instant leaves either the old file or the new one, both whole. A failed write
-    (disk full, no permission) raises CheckpointError and leaves the old checkpoint untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp_path = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
-        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; a checkpoint is as readable as any file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        tmp_path = None
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
-                              "the previous checkpoint (if any) is unchanged") from None
-    finally:
-        if tmp_path is not None and os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
-def current_umask():
-    """The process's umask: read from /proc where it can be (setting it to read it races with other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def prepare_output_dir(folder):
-    """Create the checkpoint folder (failing now, not after an epoch) and remove temp files of killed writes."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-")
-        probe.close()
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoints to --output-dir {folder}: {e.strerror or e}") from None
-    for name in os.listdir(folder):
-        if name.startswith(".tmp-"):
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
-
+# ---------------------------------------------------------------- output folders
 
 def check_writable(path):
     """UserError now, not after the work, when path's folder is missing or not writable."""
@@ -360,42 +300,6 @@ def prepare_log_dir(folder):
         tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-").close()
     except OSError as e:
         raise UserError(f"cannot write TensorBoard logs to {folder}: {e.strerror or e}") from None
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True (never runs code from the file), with one-line errors."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file (e.g. {os.path.join(path, 'best.pth')})")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():  # random bytes can make torch warn about the pickle protocol first
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe:  # the file asks to call code on load: refuse it, and never retry without weights_only
-            raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): it references "
-                                  f"{unsafe.group(1)}, which a checkpoint has no reason to contain") from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or not a checkpoint)") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError, IndexError,
-            KeyError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
-    return obj
-
-
-def is_original_checkpoint(obj):
-    """The 2021 predecessor (ipcvl2021-mobilenetv3-torch-v2) saved model_state_dict/optimizer_state_dict/epoch/loss."""
-    if not isinstance(obj, dict) or "model_state_dict" not in obj:
-        return False
-    keys = obj["model_state_dict"].keys() if isinstance(obj["model_state_dict"], dict) else []
-    return "optimizer_state_dict" in obj or any("bottleneck" in k for k in keys)
-
-
-def check_finite(module):
-    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
 
 
 # ---------------------------------------------------------------- reproducibility
@@ -474,17 +378,3 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
-
-
-def flags_markdown(parser):
-    """The README's flag table for an argparse parser (tests/test_docs.py keeps the README in sync with it)."""
-    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        flags = ", ".join(f"`{flag}`" for flag in action.option_strings)
-        if action.choices:
-            flags += " {" + ",".join(str(c) for c in action.choices) + "}"
-        default = "" if action.default is None or action.default is False else f"`{action.default}`"
-        rows.append(f"| {flags} | {default} | {(action.help or '').replace('|', '/')} |")
-    return "\n".join(rows)

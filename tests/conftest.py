@@ -76,9 +76,10 @@ def assert_clean_error(proc, *fragments):
 @pytest.fixture(scope="session")
 def trained(tiny_data, tmp_path_factory):
     """A short real training run on tiny_data; returns the output folder (ckpt/best.pth, ckpt/last.pth, runs/)."""
+    import flags
     import train
     out = tmp_path_factory.mktemp("trained")
-    args = train.get_args_parser().parse_args(tiny_train_args(tiny_data, out, "--epochs", "3", "--ema-decay", "0.9"))
+    args = flags.get_args_parser().parse_args(tiny_train_args(tiny_data, out, "--epochs", "3", "--ema-decay", "0.9"))
     assert train.main(args) == 0
     return out
 

@@ -2,8 +2,7 @@
 import os
 
 import evaluate
-import train
-import utils
+import flags
 from conftest import REPO
 
 README = open(os.path.join(REPO, "README.md")).read()
@@ -16,8 +15,23 @@ def test_the_two_commands_are_in_the_readme():
 
 
 def test_flag_tables_match_argparse():
-    for script in (train, evaluate):
-        table = utils.flags_markdown(script.get_args_parser())
-        assert table in README, (f"README's {script.__name__}.py flag table is out of date; regenerate it with: "
-                                 f"python -c 'import utils, {script.__name__}; "
-                                 f"print(utils.flags_markdown({script.__name__}.get_args_parser()))'")
+    for script, module in (("train", flags), ("evaluate", evaluate)):
+        table = flags_markdown(module.get_args_parser())
+        assert table in README, (f"README's {script}.py flag table is out of date; regenerate it with: "
+                                 f"python -c 'import {module.__name__}, tests.test_docs as t; "
+                                 f"print(t.flags_markdown({module.__name__}.get_args_parser()))'")
+
+
+def flags_markdown(parser):
+    """The README's flag table for an argparse parser (tests/test_docs.py keeps the README in sync with it)."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flags = ", ".join(f"`{flag}`" for flag in action.option_strings)
+        if action.choices:
+            flags += " {" + ",".join(str(c) for c in action.choices) + "}"
+        default = "" if action.default is None or action.default is False else f"`{action.default}`"
+        rows.append(f"| {flags} | {default} | {(action.help or '').replace('|', '/')} |")
+    return "\n".join(rows)
+

@@ -199,9 +199,10 @@ def test_bad_inputs_are_one_line_and_leave_nothing(exported, trained, tiny_data,
 
 
 def test_keep_checkpoints_then_average_them(tiny_data, tmp_path):
+    import flags
     import train
     from conftest import tiny_train_args
-    args = train.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--epochs", "3",
+    args = flags.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--epochs", "3",
                                                               "--keep-checkpoints", "2"))
     assert train.main(args) == 0
     kept = sorted(p.name for p in (tmp_path / "ckpt").glob("epoch_*.pth"))

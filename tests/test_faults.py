@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
+import flags
 import train
+import checkpoint
 import utils
 from conftest import REPO, assert_clean_error, make_class_folders, run_script, tiny_train_args
 
@@ -26,8 +28,8 @@ def slow_save(obj, f, *a, **k):
     f.flush()
     time.sleep(0.4)
 torch.save = slow_save
-import train, utils
-sys.exit(utils.run_cli(train.main, train.get_args_parser().parse_args(sys.argv[1:])))
+import flags, train, utils
+sys.exit(utils.run_cli(train.main, flags.get_args_parser().parse_args(sys.argv[1:])))
 """
 
 
@@ -50,7 +52,7 @@ def all_checkpoints_load(folder):
     paths = glob.glob(os.path.join(folder, "*.pth"))
     for path in paths:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["format"] in (utils.CHECKPOINT_FORMAT, utils.WEIGHTS_FORMAT) and "model" in ckpt, path
+        assert ckpt["format"] in (checkpoint.CHECKPOINT_FORMAT, checkpoint.WEIGHTS_FORMAT) and "model" in ckpt, path
     return len(paths)
 
 
@@ -88,7 +90,7 @@ def test_kill_9_at_random_moments_then_resume_auto_finishes_the_run(tiny_data, t
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     data = make_class_folders(tmp_path / "data", train_per_class=24, val_per_class=2)  # 72 images: 18 steps of 4
     common = ["--epochs", "2", "-b", "4", "--deterministic", "--ema-decay", "0.99"]
-    assert train.main(train.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "a", *common))) == 0
+    assert train.main(flags.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "a", *common))) == 0
 
     proc = start_training(tiny_train_args(data, tmp_path / "b", *common))
     assert wait_for(lambda: os.path.exists(tmp_path / "b/runs/t") and glob.glob(str(tmp_path / "b/runs/t/events*")))
@@ -98,7 +100,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert "SIGTERM received" in out and "--resume auto" in out
     stopped = torch.load(tmp_path / "b/ckpt/last.pth", weights_only=True)
     assert stopped["epoch"] == 0 and 0 < stopped["batch_in_epoch"] < 18, "the signal should land inside epoch 1"
-    resumed = train.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "b", *common, "--resume", "auto"))
+    resumed = flags.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "b", *common, "--resume", "auto"))
     assert train.main(resumed) == 0
 
     a = torch.load(tmp_path / "a/ckpt/last.pth", weights_only=True)
@@ -113,16 +115,16 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tin
     real_step = train.train_step
     calls = {"n": 0}
 
-    def poisoned_step(model, images, targets, criterion, *args):
+    def poisoned_step(model, micro_batches, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] in poisoned:  # NaN inputs: NaN activations (and BN statistics), loss and gradients
-            return real_step(model, images * float("nan"), targets, criterion, *args)
-        return real_step(model, images, targets, criterion, *args)
+            micro_batches = [(images * float("nan"), targets) for images, targets in micro_batches]
+        return real_step(model, micro_batches, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", poisoned_step)
     poisoned = {3, 4, 5}  # a few bad steps: skipped and counted, training goes on
     run_args = tiny_train_args(tiny_data, tmp_path, "--epochs", "2")
-    assert train.main(train.get_args_parser().parse_args(run_args)) == 0
+    assert train.main(flags.get_args_parser().parse_args(run_args)) == 0
     last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
     assert last["nonfinite_steps"] == 3 and last["step"] == 12
     assert all(torch.isfinite(v).all() for v in last["model"].values())  # BN statistics were taken back
@@ -130,14 +132,14 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tin
 
     calls["n"], poisoned = 0, set(range(2, 1000))  # then a loss that stays non-finite
     with pytest.raises(utils.UserError, match="not finite for 20 steps"):
-        train.main(train.get_args_parser().parse_args(run_args + ["--epochs", "6", "--resume", "auto",
+        train.main(flags.get_args_parser().parse_args(run_args + ["--epochs", "6", "--resume", "auto",
                                                                   "--eval-every", "10"]))
     assert hashlib.sha256(open(tmp_path / "ckpt/last.pth", "rb").read()).hexdigest() == before
 
 
 def test_failed_checkpoint_write_is_one_error_and_the_old_file_survives(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": {"w": torch.ones(3)}}, path)
+    checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.ones(3)}}, path)
     real_save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):
@@ -146,14 +148,14 @@ def test_failed_checkpoint_write_is_one_error_and_the_old_file_survives(tmp_path
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(utils.CheckpointError, match="No space left on device"):
-        utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}}, path)
+        checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}}, path)
     assert torch.load(path, weights_only=True)["model"]["w"].tolist() == [1, 1, 1]
     assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
 
 
 def cli(capsys, *argv):
     """Run train.py's main the way the command line does; returns (exit code, stderr)."""
-    code = utils.run_cli(train.main, train.get_args_parser().parse_args([str(a) for a in argv]))
+    code = utils.run_cli(train.main, flags.get_args_parser().parse_args([str(a) for a in argv]))
     return code, capsys.readouterr().err
 
 
@@ -233,7 +235,7 @@ def test_bad_inputs_from_the_real_command_line_have_no_traceback(tmp_path, capsy
     proc = run_script("evaluate.py", tmp_path / "nope.pth")
     assert_clean_error(proc, "checkpoint not found")
     with pytest.raises(SystemExit) as exit_info:  # argparse's own one-line error for an unknown choice
-        train.get_args_parser().parse_args(["--arch", "huge"])
+        flags.get_args_parser().parse_args(["--arch", "huge"])
     assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
 
 
@@ -278,22 +280,22 @@ class Crash(BaseException):
 def test_a_crash_between_last_and_best_never_leaves_a_worse_best(tiny_data, tmp_path, monkeypatch):
     """last.pth is written first and records best_top1; a crash before best.pth is written leaves a best.pth that
     the next start rewrites from last.pth, which holds that very state."""
-    real_save = utils.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def crash_before_best(state, path):
         if str(path).endswith("best.pth"):
             raise Crash()
         real_save(state, path)
 
-    monkeypatch.setattr(utils, "save_checkpoint", crash_before_best)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_before_best)
     argv = tiny_train_args(tiny_data, tmp_path, "--epochs", "1", "--resume", "auto")
     with pytest.raises(Crash):
-        train.main(train.get_args_parser().parse_args(argv))
+        train.main(flags.get_args_parser().parse_args(argv))
     assert not os.path.exists(tmp_path / "ckpt/best.pth")
     last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
     assert last["best_top1"] >= 0 and last["best_epoch"] == last["epoch"] == 1
-    monkeypatch.setattr(utils, "save_checkpoint", real_save)
-    assert train.main(train.get_args_parser().parse_args(argv)) == 0  # the run is complete: it only repairs
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert train.main(flags.get_args_parser().parse_args(argv)) == 0  # the run is complete: it only repairs
     best = torch.load(tmp_path / "ckpt/best.pth", weights_only=True)
     assert best["best_top1"] == last["best_top1"] and best["best_weights"] == last["best_weights"]
     small = torch.load(tmp_path / "ckpt/best_weights.pth", weights_only=True)
@@ -305,7 +307,7 @@ def test_a_stop_during_validation_saves_at_once_and_validates_after_the_resume(t
     """SIGTERM while the validation runs: last.pth is written within a batch (the validation is not finished
     first) and marked validation_pending; the resumed run validates that epoch, then goes on exactly."""
     common = ["--epochs", "2", "--deterministic", "--ema-decay", "0.9", "-b", "2"]  # 9 validation batches
-    assert train.main(train.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path / "a", *common))) == 0
+    assert train.main(flags.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path / "a", *common))) == 0
     real_evaluate, calls = train.evaluate, {"n": 0}
 
     def signal_during_the_first_validation(*args, **kwargs):
@@ -316,12 +318,12 @@ def test_a_stop_during_validation_saves_at_once_and_validates_after_the_resume(t
 
     monkeypatch.setattr(train, "evaluate", signal_during_the_first_validation)
     argv = tiny_train_args(tiny_data, tmp_path / "b", *common, "--resume", "auto")
-    assert train.main(train.get_args_parser().parse_args(argv)) == 0
+    assert train.main(flags.get_args_parser().parse_args(argv)) == 0
     stopped = torch.load(tmp_path / "b/ckpt/last.pth", weights_only=True)
     assert stopped["epoch"] == 1 and stopped["validation_pending"] and stopped["metrics"] == {}
     assert calls["n"] == 1  # the EMA's pass never started
     monkeypatch.setattr(train, "evaluate", real_evaluate)
-    assert train.main(train.get_args_parser().parse_args(argv)) == 0
+    assert train.main(flags.get_args_parser().parse_args(argv)) == 0
     a, b = (torch.load(tmp_path / run / "ckpt/last.pth", weights_only=True) for run in ("a", "b"))
     assert not b["validation_pending"] and a["step"] == b["step"] == 2 * 24
     assert a["metrics"] == b["metrics"] and a["best_top1"] == b["best_top1"]
@@ -331,9 +333,9 @@ def test_a_stop_during_validation_saves_at_once_and_validates_after_the_resume(t
 
 
 def test_an_impossible_log_dir_or_device_is_one_line(tiny_data, tmp_path, capsys):
-    for flags, message in ((["--log-dir", "/proc/runs"], "cannot write TensorBoard logs to /proc/runs/t"),
+    for extra, message in ((["--log-dir", "/proc/runs"], "cannot write TensorBoard logs to /proc/runs/t"),
                            (["--device", "mps"], "--device mps was asked for, but this machine has no usable MPS"),
                            (["--resume", tmp_path], "is a folder: give the checkpoint file in it")):
-        argv = [a for a in tiny_train_args(tiny_data, tmp_path / "o") if a not in ("--device", "cpu")] + flags
+        argv = [a for a in tiny_train_args(tiny_data, tmp_path / "o") if a not in ("--device", "cpu")] + extra
         code, err = cli(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -11,6 +11,7 @@ import torch
 
 import dataset
 import evaluate
+import flags
 import train
 import utils
 from conftest import tiny_train_args
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_fp16_grad_scaler_fused_adam_channels_last_on_cuda(tiny_data, tmp_path, capsys):
-    args = train.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--device", "cuda",
+    args = flags.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--device", "cuda",
                                                               "--max-steps", "6", "--ema-decay", "0.9"))
     assert utils.run_cli(train.main, args) == 0
     out = capsys.readouterr().out

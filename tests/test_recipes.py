@@ -7,6 +7,7 @@ import tomllib
 import pytest
 import torch
 
+import flags
 import train
 from conftest import REPO
 
@@ -28,8 +29,8 @@ def load(path):
         return tomllib.load(f)
 
 
-def flags():
-    return {action.dest: action for action in train.get_args_parser()._actions if action.dest != "help"}
+def train_flags():
+    return {action.dest: action for action in flags.get_args_parser()._actions if action.dest != "help"}
 
 
 def flag_type(action):
@@ -44,7 +45,7 @@ def test_every_published_recipe_has_a_file():
 
 @pytest.mark.parametrize("path", RECIPES, ids=IDS)
 def test_recipe_keys_are_train_flags_with_their_types(path):
-    recipe, known = load(path), flags()
+    recipe, known = load(path), train_flags()
     settings = {key: value for key, value in recipe.items() if key != "recipe"}
     assert settings, "a recipe sets at least one flag"
     for key, value in settings.items():
@@ -57,9 +58,9 @@ def test_recipe_keys_are_train_flags_with_their_types(path):
         if action.choices is not None:
             assert value in action.choices, f"{key} = {value!r}: not one of {sorted(action.choices)}"
     # the values pass train.py's own checks, as if given on the command line
-    parser = train.get_args_parser()
+    parser = flags.get_args_parser()
     parser.set_defaults(**settings)
-    train.validate_args(parser.parse_args([]))
+    flags.validate_args(parser.parse_args([]))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=IDS)
@@ -102,7 +103,7 @@ OVERRIDDEN = {"max_steps", "epochs", "batch_size", "img_size", "arch", "width_mu
 def test_recipe_runs_3_steps(path, tiny_data, tmp_path):
     argv = ["--config", path, *RUN_FLAGS, "--data-path", tiny_data,
             "--output-dir", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "runs")]
-    assert train.main(train.parse_args(argv)) == 0
+    assert train.main(flags.parse_args(argv)) == 0
     last = torch.load(tmp_path / "ckpt" / "last.pth", map_location="cpu", weights_only=True)
     assert last["step"] == 3
     stored, recipe = last["args"], load(path)
@@ -130,7 +131,7 @@ def test_a_bad_recipe_is_one_line(tmp_path, capsys, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text + "\n")
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(["--config", str(path)])
+        flags.parse_args(["--config", str(path)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: --config ") and message in err, err
     assert err.count("\n") == 1
@@ -141,14 +142,14 @@ def test_batch_scaling_keeps_the_lr_rule_and_the_ema_horizon(capsys):
     EMA decay per step d ** (G / B), so that decay ** (steps per epoch) is the same at every batch."""
     tv = os.path.join(REPO, "recipes", "torchvision_large.toml")  # lr 0.064 at 1024, linear
     for processes, lr in ((8, 0.064), (1, 0.008)):
-        args = train.parse_args(["--config", tv, "--ema-decay", "0.9999"])
+        args = flags.parse_args(["--config", tv, "--ema-decay", "0.9999"])
         assert (args.lr_base_batch, args.lr_scaling) == (1024, "linear")
-        scaled_lr, decay = train.scaled_to_global_batch(args, processes)
+        scaled_lr, decay = flags.scaled_to_global_batch(args, processes)
         assert scaled_lr == pytest.approx(lr)
         images = 1_281_167
         assert decay ** (images / (128 * processes)) == pytest.approx(0.9999 ** (images / 1024), rel=1e-9)
     original = os.path.join(REPO, "recipes", "original_2021.toml")  # Adam lr 5e-3 at 128, square root
-    args = train.parse_args(["--config", original])
-    assert train.scaled_to_global_batch(args, 8)[0] == pytest.approx(5e-3 * 8 ** 0.5)
-    assert train.scaled_to_global_batch(args, 1) == (5e-3, 0.9999)
-    assert train.parse_args(["--config", original, "--lr", "1e-3"]).lr == 1e-3  # the command line wins
+    args = flags.parse_args(["--config", original])
+    assert flags.scaled_to_global_batch(args, 8)[0] == pytest.approx(5e-3 * 8 ** 0.5)
+    assert flags.scaled_to_global_batch(args, 1) == (5e-3, 0.9999)
+    assert flags.parse_args(["--config", original, "--lr", "1e-3"]).lr == 1e-3  # the command line wins

@@ -9,13 +9,15 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoint
+import flags
 import train
 import utils
 from conftest import REPO, make_class_folders, tiny_train_args
 
 
 def run_train(*argv):
-    args = train.get_args_parser().parse_args(list(argv))
+    args = flags.get_args_parser().parse_args(list(argv))
     assert train.main(args) == 0
     return args
 
@@ -124,8 +126,8 @@ def test_bf16_autocast_ema_and_best_weights(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
     best_saved_at = []  # epochs after which best.pth was written
-    real_save = train.save
-    monkeypatch.setattr(train, "save", lambda run, state, also_best=False: (
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda run, state, also_best=False: (
         also_best and best_saved_at.append(state.epoch), real_save(run, state, also_best))[1])
     args = run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "3", "--amp", "--ema-decay", "0.9"))
     assert utils.precision_for(torch.device("cpu"), args.amp, args.amp_dtype)[0]().fast_dtype == torch.bfloat16
@@ -167,7 +169,7 @@ def test_bn_momentum_warm_up_covers_recent_steps_then_the_paper_value():
 def test_weight_decay_skips_norm_and_bias():
     import model as model_lib
     net = model_lib.build_model("small", 0.5, 10)
-    args = train.get_args_parser().parse_args(["--wd", "1e-4"])
+    args = flags.get_args_parser().parse_args(["--wd", "1e-4"])
     groups = train.make_optimizer(net, args, torch.device("cpu")).param_groups
     assert groups[0]["weight_decay"] == 1e-4 and all(p.ndim > 1 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in groups[1]["params"])
@@ -191,9 +193,11 @@ def test_grad_scaler_overflow_skips_are_not_divergence(tiny_data, tmp_path, monk
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real_scaler(device, init_scale=2.0 ** 100))
     real_step, calls = train.train_step, {"n": 0}
 
-    def one_nan_loss(model, images, targets, criterion, *args):
+    def one_nan_loss(model, micro_batches, *args, **kwargs):
         calls["n"] += 1
-        return real_step(model, images * float("nan") if calls["n"] == 2 else images, targets, criterion, *args)
+        if calls["n"] == 2:
+            micro_batches = [(images * float("nan"), targets) for images, targets in micro_batches]
+        return real_step(model, micro_batches, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", one_nan_loss)
     run_train(*tiny_train_args(tiny_data, tmp_path, "--amp", "--amp-dtype", "float16", "--epochs", "1"))
@@ -230,11 +234,11 @@ def test_resume_with_half_the_batch_continues_the_lr_schedule_at_the_same_epoch(
 
 def test_resume_applies_changed_flags_or_refuses_them(tiny_data, tmp_path, capsys):
     run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--max-steps", "3"))
-    code = utils.run_cli(train.main, train.get_args_parser().parse_args(
+    code = utils.run_cli(train.main, flags.get_args_parser().parse_args(
         tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--seed", "1")))
     err = capsys.readouterr().err
     assert code == 2 and "stopped inside an epoch" in err and err.count("\n") == 1, err
-    code = utils.run_cli(train.main, train.get_args_parser().parse_args(
+    code = utils.run_cli(train.main, flags.get_args_parser().parse_args(
         tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--resume", "auto", "--opt", "sgd")))
     err = capsys.readouterr().err
     assert code == 2 and "was trained with --opt adam" in err and err.count("\n") == 1, err
@@ -254,7 +258,7 @@ def test_torchrun_with_one_process_runs_the_distributed_code(tiny_data, tmp_path
     """As `torchrun --nproc_per_node=1 train.py` sets the environment: process group, DDP wrapper, collectives."""
     from test_utils import torchrun_environment
     torchrun_environment(monkeypatch)
-    args = train.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--max-steps", "3"))
+    args = flags.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, "--max-steps", "3"))
     assert utils.run_cli(train.main, args) == 0
     assert "device cpu x1 (torchrun, DDP, process group cpu:gloo)" in capsys.readouterr().out
     last = load(tmp_path / "ckpt/last.pth")
@@ -277,7 +281,7 @@ def test_a_second_run_never_destroys_the_first(tiny_data, tmp_path, monkeypatch,
         assert load(f"checkpoints/{name}/last.pth")["step"] == 6
         assert [s for s, _ in scalars(f"runs/{name}")["train/loss"]] == list(range(1, 7))  # nothing purged
     assert load(f"checkpoints/{first}/last.pth")["args"]["lr"] == 5e-3
-    code = utils.run_cli(train.main, train.get_args_parser().parse_args([*argv, "--resume", "auto"]))
+    code = utils.run_cli(train.main, flags.get_args_parser().parse_args([*argv, "--resume", "auto"]))
     err = capsys.readouterr().err  # the first run's command: the latest run is the second, with another --lr
     assert code == 2 and "would continue the latest run" in err and "--lr 0.001 -> 0.005" in err, err
     run_train(*argv, "--lr", "1e-3", "--epochs", "2", "--resume", "auto")
@@ -290,7 +294,7 @@ def test_a_second_run_never_destroys_the_first(tiny_data, tmp_path, monkeypatch,
     explicit = argv + ["--output-dir", "mine", "--run-name", "mine"]
     run_train(*explicit)
     before = open("mine/last.pth", "rb").read()
-    code = utils.run_cli(train.main, train.get_args_parser().parse_args(explicit))
+    code = utils.run_cli(train.main, flags.get_args_parser().parse_args(explicit))
     err = capsys.readouterr().err
     assert code == 2 and "belongs to an earlier run: add --resume auto" in err and err.count("\n") == 1, err
     assert open("mine/last.pth", "rb").read() == before  # untouched
@@ -334,9 +338,9 @@ def test_distillation_loss_is_the_weighted_sum_of_cross_entropy_and_kl():
     torch.manual_seed(0)
     logits, teacher, targets = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     ce = torch.nn.CrossEntropyLoss()
-    loss, kd = train.distillation_loss(logits, targets, ce, logits.clone(), 0.5, 4.0)
+    loss, kd = train.distillation_loss(ce(logits, targets), logits, logits.clone(), 0.5, 4.0)
     assert kd.item() == pytest.approx(0, abs=1e-6) and loss.item() == pytest.approx(0.5 * ce(logits, targets).item())
-    loss, kd = train.distillation_loss(logits, targets, ce, teacher, 0.3, 2.0)
+    loss, kd = train.distillation_loss(ce(logits, targets), logits, teacher, 0.3, 2.0)
     p, q = torch.softmax(teacher / 2, 1), torch.log_softmax(logits / 2, 1)
     expected_kd = 4 * (p * (p.log() - q)).sum(1).mean()
     assert kd.item() == pytest.approx(expected_kd.item(), rel=1e-5)
@@ -366,7 +370,7 @@ def test_a_dataset_without_validation_holds_out_part_of_training(tmp_path, capsy
     import evaluate
     data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=1)
     shutil.rmtree(os.path.join(data, "val"))
-    code = utils.run_cli(train.main, train.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "no")))
+    code = utils.run_cli(train.main, flags.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "no")))
     assert code == 2 and "--val-split-fraction" in capsys.readouterr().err
     run_train(*tiny_train_args(data, tmp_path, "--epochs", "1", "--val-split-fraction", "0.25"))
     best = load(tmp_path / "ckpt/best.pth")
@@ -394,9 +398,9 @@ def test_openmp_threads_sleep_instead_of_spinning_unless_told_otherwise():
 
 
 def test_resolve_config_leaves_the_parsed_flags_as_they_were():
-    args = train.get_args_parser().parse_args(["--epochs", "3"])
+    args = flags.get_args_parser().parse_args(["--epochs", "3"])
     parsed = dict(vars(args))
-    config = train.resolve_config(args, torch.device("cpu"), "/tmp/run-folder", "run")
+    config = flags.resolve_config(args, torch.device("cpu"), "/tmp/run-folder", "run")
     assert vars(args) == parsed  # args is never written
     assert (config.img_size, config.epochs, config.val_crop_size, config.val_resize_size) == (64, 3, 64, 73)
     assert (config.amp, config.channels_last, config.output_dir, config.run_name) == (False, True, "/tmp/run-folder",
@@ -405,19 +409,23 @@ def test_resolve_config_leaves_the_parsed_flags_as_they_were():
 
 def test_an_update_with_too_few_micro_batches_is_refused_before_the_step():
     import model as model_lib
-    config = train.resolve_config(train.get_args_parser().parse_args(["--accum-steps", "2", "--img-size", "32"]),
+    config = flags.resolve_config(flags.get_args_parser().parse_args(["--accum-steps", "2", "--img-size", "32"]),
                                   torch.device("cpu"))
     net = model_lib.build_model("small", 0.5, 3)
     run = train.build_trainer(config, net, torch.device("cpu"), steps_per_epoch=4, show_progress=False)
-    state = train.TrainState()
+    skips = train.SkippedSteps(net, train.TrainState(), run.scaler)
     before = [p.detach().clone() for p in net.parameters()]
     batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+    def step(micro_batches):
+        return train.train_step(run.model, micro_batches, 1e-3, run.optimizer, run.scaler, run.autocast,
+                                run.criterion, skips, config.accum_steps, run.ema)
     with pytest.raises(ValueError, match="1 micro-batches for --accum-steps 2"):
-        train.train_update(run, state, [batch])
-    assert state.step == 0 and run.ema.num_updates == 0  # no step, no EMA update
+        step([batch])
+    assert run.ema.num_updates == 0  # no step, no EMA update
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    train.train_update(run, state, [batch, batch])  # the full update goes through
-    assert state.step == 1 and not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    step([batch, batch])  # the full step goes through
+    assert run.ema.num_updates == 1 and not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
 def test_the_foreach_ema_update_is_torch_ema_s_own_and_its_state_loads_into_torch_ema():
@@ -460,7 +468,7 @@ def test_a_resumed_optimizer_keeps_its_implementation_and_its_parameters_memory_
     import copy
     import types
     import model as model_lib
-    config = train.resolve_config(train.get_args_parser().parse_args([]), torch.device("cpu"))
+    config = flags.resolve_config(flags.get_args_parser().parse_args([]), torch.device("cpu"))
     torch.manual_seed(0)
     saved_net = model_lib.build_model("small", 0.5, 3)
     saved = train.make_optimizer(saved_net, config, torch.device("cpu"))
@@ -474,7 +482,7 @@ def test_a_resumed_optimizer_keeps_its_implementation_and_its_parameters_memory_
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
                   for g in train.make_optimizer(net, config, torch.device("cpu")).param_groups]
         run = types.SimpleNamespace(optimizer=torch.optim.Adam(groups, lr=1e-2, **option), config=config)
-        train.load_optimizer_state(run, copy.deepcopy(ckpt), "last.pth")  # else both would share its tensors
+        checkpoint.load_optimizer_state(run, copy.deepcopy(ckpt), "last.pth")  # else both would share its tensors
         resumed[name] = net, run.optimizer
     net, fused = resumed["fused"]
     assert fused.param_groups[0]["fused"] and not fused.param_groups[0]["foreach"]

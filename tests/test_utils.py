@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import utils
 
 
@@ -85,7 +86,7 @@ def test_precision_is_named_from_the_dtype_and_fp16_always_gets_a_scaler(dtype, 
 def test_checkpoints_honour_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT}, tmp_path / "last.pth")
+        checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT}, tmp_path / "last.pth")
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "last.pth").st_mode) == 0o644  # mkstemp alone gives 0600
@@ -100,6 +101,6 @@ def test_old_versions_are_one_line(monkeypatch):
 
 def test_a_folder_given_as_checkpoint_says_so(tmp_path):
     with pytest.raises(utils.CheckpointError, match="is a folder, not a checkpoint file"):
-        utils.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
     with pytest.raises(utils.CheckpointError, match="checkpoint not found"):
-        utils.load_checkpoint(str(tmp_path / "missing.pth"))
+        checkpoint.load_checkpoint(str(tmp_path / "missing.pth"))
