@@ -1,4 +1,4 @@
-"""benchmark.py runs end to end on tiny settings and writes every figure (speed is not checked here), and its busy
+"""tools/benchmark.py runs end to end on tiny settings and writes every figure (speed is not checked here), and its busy
 processes never outlive the comparison they load."""
 import contextlib
 import json
@@ -7,8 +7,8 @@ from unittest import mock
 
 import pytest
 
-import benchmark
 import dataset
+from tools import benchmark
 
 FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
            "full_pipeline", "full_pipeline_refill_timed", "model_only_busy", "full_pipeline_busy",

@@ -1,12 +1,12 @@
 """Speed and memory of this project's training, measured against the obvious alternatives in the same run.
 
-    python benchmark.py                                  # everything: about 3-5 minutes on a 2-core CPU
-    python benchmark.py --json bench.json                # also write every window of every figure
-    python benchmark.py --device cuda --quick            # a GPU session: everything in under 3 minutes
-    python benchmark.py --data-path /data/imagenet -b 64 --windows 5
-    python benchmark.py --compile                        # add torch.compile (minutes of compiling on a CPU)
-    python benchmark.py --busy 0                         # without the comparison under load (section 3)
-    python benchmark.py --inference-only --arch small    # only the deployment figures: PyTorch, ONNX fp32, int8
+    python -m tools.benchmark                                  # everything: about 3-5 minutes on a 2-core CPU
+    python -m tools.benchmark --json bench.json                # also write every window of every figure
+    python -m tools.benchmark --device cuda --quick            # a GPU session: everything in under 3 minutes
+    python -m tools.benchmark --data-path /data/imagenet -b 64 --windows 5
+    python -m tools.benchmark --compile                        # add torch.compile (minutes of compiling on a CPU)
+    python -m tools.benchmark --busy 0                         # without the comparison under load (section 3)
+    python -m tools.benchmark --inference-only --arch small    # only the deployment figures: PyTorch, ONNX fp32, int8
 
 MobileNetV3 is so cheap that the training speed is decided around the model: JPEG decoding, copies, syncs,
 memory format, precision. So this measures, with train.py's and dataset.py's own functions (not copies):
@@ -35,7 +35,9 @@ ratio is the median of the per-round ratios (their range is in the note). Images
 photo-like JPEGs; they are linked into train/<class>/ and val/<class>/ folders in a temporary directory.
 """
 import os
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for python tools/benchmark.py
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: sleeping, not spinning, OpenMP threads
 
 import argparse
@@ -49,7 +51,6 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -71,7 +72,8 @@ import train
 import utils
 from utils import UserError
 
-SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "imagenet-sample")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DATA = os.path.join(REPO, "..", "shared", "data", "imagenet-sample")
 TARGETS = {"ours_vs_torchvision": 1.0, "full_vs_model": 0.9, "full_vs_model_busy": 0.8, "loader_vs_imagefolder": 1.4,
            "int8_vs_fp32": 1.5}
 QUICK = {"windows": 3, "window_seconds": 0.5, "index_files": 20_000, "index_entries": 320_000}
