@@ -2,6 +2,8 @@
 processes never outlive the comparison they load."""
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from unittest import mock
 
@@ -87,6 +89,20 @@ def test_busy_processes_end_themselves_at_their_deadline():
     # the bound that holds even if the benchmark dies without ending them (kill -9)
     with benchmark.busy_processes(1, seconds=0.5) as processes:
         assert processes[0].wait(timeout=30) == 0
+
+
+def test_wait_until_idle_waits_for_a_working_child_and_no_longer():
+    # a child that is not a busy process (as a loader worker): spins for 1 s, then sleeps
+    work = "import time\nend = time.monotonic() + 1\nwhile time.monotonic() < end:\n    pass\ntime.sleep(60)"
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", work])
+    try:
+        benchmark.wait_until_idle(timeout=20)
+        waited = time.perf_counter() - start
+    finally:
+        child.kill()
+        child.wait()
+    assert 1 <= waited < 20  # not at once, and not until the timeout: it saw the child go idle
 
 
 def test_wait_until_idle_does_not_wait_for_the_busy_processes():

@@ -57,6 +57,7 @@ import warnings
 from unittest import mock
 
 import numpy as np
+import psutil
 import torch
 import torch.nn as nn
 import torch_ema
@@ -229,59 +230,39 @@ def paired_ratios(rates, base):
     return [a / b for a, b in zip(rates, base)]
 
 
-# ---------------------------------------------------------------- processes and memory (Linux /proc; n/a elsewhere)
+# ---------------------------------------------------------------- processes and memory (psutil)
 
 def child_pids():
-    """This process's children (the DataLoader workers alive now)."""
-    pids, me = [], os.getpid()
-    if not os.path.isdir("/proc"):
-        return pids
-    for name in os.listdir("/proc"):
-        if name.isdigit() and proc_stat(int(name))[0] == me:
-            pids.append(int(name))
-    return pids
+    """This process's children and theirs alive now (loader workers, busy processes)."""
+    return [child.pid for child in psutil.Process().children(recursive=True)]
 
 
-def proc_stat(pid):
-    """(parent pid, CPU ticks used) of a process, or (None, 0) when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-    except (OSError, IndexError):
-        return None, 0
-    return int(fields[1]), int(fields[11]) + int(fields[12])  # ppid; utime + stime
-
-
-def runnable_threads(pid):
-    """How many threads of a process are running or waiting for a core (state R), 0 when it is gone."""
-    count = 0
-    with contextlib.suppress(OSError):
-        for thread in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, IndexError):
-                with open(f"/proc/{pid}/task/{thread}/stat") as f:
-                    count += f.read().rsplit(")", 1)[1].split()[0] == "R"
-    return count
+def cpu_use(processes):
+    """(CPU seconds used, how many are running or waiting for a core) of processes, leaving out those gone. The
+    state is a process's main thread's, the one a loader worker decodes in."""
+    seconds, running = 0.0, 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error), process.oneshot():
+            times = process.cpu_times()
+            seconds += times.user + times.system
+            running += process.status() == psutil.STATUS_RUNNING
+    return seconds, running
 
 
 def wait_until_idle(timeout=10.0):
-    """Wait until the loader workers stop using CPU: they refill their queues after a window of the pipeline,
-    and that work must not be billed to the next window, which may belong to another variant.
-
-    Idle means: at two polls in a row no thread of a worker is runnable and their CPU time has not grown. CPU time
-    alone is not enough on a loaded machine, where a worker waiting for a core uses none. The busy processes of
-    the loaded comparison are children too, but never idle: they are not watched."""
-    if not os.path.isdir("/proc"):
-        time.sleep(0.2)  # no way to watch them here: give them a moment
-        return
-    pids = [pid for pid in child_pids() if pid not in busy_pids]
-    last = sum(proc_stat(pid)[1] for pid in pids)
+    """Wait until the loader workers stop using CPU: they refill their queues after a window of the pipeline, and that
+    work must not be billed to the next window, which may be another variant's. Idle: from one poll to the next their
+    CPU time did not grow and none is running or waiting for a core (one waiting uses no CPU time on a loaded
+    machine). The busy processes of the loaded comparison are never idle: they are not watched."""
+    workers = [child for child in psutil.Process().children(recursive=True) if child.pid not in busy_pids]
+    last = cpu_use(workers)[0]
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         time.sleep(0.02)
-        now = sum(proc_stat(pid)[1] for pid in pids)
-        if now == last and not any(runnable_threads(pid) for pid in pids):
+        seconds, running = cpu_use(workers)
+        if seconds == last and not running:
             return
-        last = now
+        last = seconds
 
 
 # A busy process: spins until its deadline, or until its parent is gone (then it is an orphan nobody will end).
@@ -320,23 +301,16 @@ def busy_processes(count, seconds):
             busy_pids.discard(process.pid)
 
 
-def memory_mb(pid="self"):
-    """{"rss", "peak_rss", "pss", "uss"} of a process in MB, from /proc (None where unknown)."""
+def memory_mb(pid=None):
+    """{"rss", "peak_rss", "pss", "uss"} of a process in MB, None where unknown: psutil's (PSS on Linux only), and the
+    peak (VmHWM), which psutil does not report, from Linux's /proc."""
     out = dict.fromkeys(("rss", "peak_rss", "pss", "uss"))
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            status = dict(line.split(":", 1) for line in f if ":" in line)
-        out["rss"] = int(status["VmRSS"].split()[0]) / 1024
-        out["peak_rss"] = int(status["VmHWM"].split()[0]) / 1024
-        with open(f"/proc/{pid}/smaps_rollup") as f:  # Linux 4.14+
-            rollup = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1:] == ["kB"]}
-        out["pss"] = rollup["Pss"] / 1024
-        out["uss"] = (rollup["Private_Clean"] + rollup["Private_Dirty"]) / 1024  # pages only this process holds
-    except (OSError, KeyError, ValueError):
-        if pid == "self":  # no /proc (macOS): the peak from getrusage, which counts bytes there
-            with contextlib.suppress(ImportError):  # no resource module on Windows
-                import resource
-                out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with contextlib.suppress(psutil.Error):
+        memory = psutil.Process(pid).memory_full_info()._asdict()
+        out.update({name: memory[name] / 2**20 for name in ("rss", "pss", "uss") if name in memory})
+    with contextlib.suppress(OSError, StopIteration):
+        with open(f"/proc/{pid or os.getpid()}/status") as f:
+            out["peak_rss"] = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     return out
 
 
@@ -361,10 +335,9 @@ def alternative_threads(args, device):
     None when --threads fixes it."""
     if device.type != "cpu" or args.threads:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.get_num_threads() > 1:
         return 1
-    return cores if cores > 1 else None
+    return utils.cpu_cores() if utils.cpu_cores() > 1 else None
 
 
 def train_net(targs, width_mult=None):
@@ -1103,7 +1076,7 @@ class Report:
             target=None, choice=False, note="", key=None):
         """values: one figure per window; base: (the windows of what to divide by, the ratio's label); ratios:
         per-round ratios (their median is shown, their range goes in the note); ratio: a single ratio."""
-        values = values if values and None not in values else None  # None: not measurable here (no /proc)
+        values = values if values and None not in values else None  # None: not measurable on this platform
         value = statistics.median(values) if values else None
         if base is not None:
             base_values, ratio_text = base
@@ -1149,13 +1122,13 @@ def environment(device):
     else:
         name = platform.processor() or platform.machine()
         with contextlib.suppress(OSError):
-            with open("/proc/cpuinfo") as f:
+            with open("/proc/cpuinfo") as f:  # the CPU's name, which psutil does not give
                 name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"device": str(device), "device_name": name, "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
+    return {"device": str(device), "device_name": name, "cpu_cores": utils.cpu_cores(),
+            "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": utils.cpu_has_native_bf16(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "load_average_start": psutil.getloadavg()}
 
 
 def main(args):
@@ -1215,7 +1188,7 @@ def main(args):
         if args.inference or args.inference_only:
             bench_inference(report, args, splits, folder)
 
-    env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["load_average_end"] = psutil.getloadavg()
     wall = time.perf_counter() - started
     load = env["load_average_start"], env["load_average_end"]
     report.print([
