@@ -27,7 +27,8 @@ FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data, tmp_path_factory):
-    """One tiny benchmark run: (its JSON, the busy processes it started, whether they all ran while it measured)."""
+    """One tiny benchmark run: (its JSON, the busy processes it started, whether they all ran while it measured,
+    whether its args were left as parsed)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     started, alive = [], []
     original = benchmark.busy_processes
@@ -44,9 +45,10 @@ def tiny_run(tiny_data, tmp_path_factory):
         "--img-size", "32", "--workers", "1", "--threads", "1", "--windows", "1", "--steps", "1",
         "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--gpu-decode", "--calib-images", "8",
         "--busy", "2", "--busy-seconds", "60", "--json", str(out)])
+    parsed = vars(args).copy()
     with mock.patch.object(benchmark, "busy_processes", recorded):
         assert benchmark.main(args) == 0
-    return json.loads(out.read_text()), started, alive
+    return json.loads(out.read_text()), started, alive, vars(args) == parsed
 
 
 def test_benchmark_writes_every_figure(tiny_run):
@@ -67,8 +69,12 @@ def test_benchmark_writes_every_figure(tiny_run):
     assert figures["file_mb_int8"]["median"] < figures["file_mb_fp32"]["median"]  # int8 weights
 
 
+def test_the_benchmark_leaves_its_args_as_parsed(tiny_run):
+    assert tiny_run[3]  # --quick, the device's defaults and the rest go to a copy
+
+
 def test_busy_processes_are_gone_after_the_benchmark(tiny_run):
-    _, started, alive = tiny_run
+    _, started, alive, _ = tiny_run
     assert len(started) == 2 and alive == [True, True]  # both loaded the whole comparison
     assert all(process.returncode is not None for process in started)  # ended and waited for
     assert not benchmark.child_pids()  # no busy process, and every loader closed (workers ignore SIGTERM)

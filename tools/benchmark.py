@@ -1131,84 +1131,84 @@ def environment(device):
             "load_average_start": psutil.getloadavg()}
 
 
+def resolve_settings(args):
+    """A new namespace: args with --quick's sizes and the device's defaults filled in; args itself stays as parsed."""
+    device = utils.pick_device(args.device)
+    parser = get_args_parser()
+    quick = {name: value for name, value in QUICK.items()
+             if args.quick and getattr(args, name) == parser.get_default(name)}  # only what the command line left
+    settings = argparse.Namespace(**{
+        **vars(args), **quick, "device": device,
+        "batch_size": args.batch_size or (16 if device.type == "cpu" else 128),  # a CPU run finishes in minutes
+        "workers": utils.default_workers(device) if args.workers is None else args.workers,
+        "gpu_decode": device.type == "cuda" if args.gpu_decode is None else args.gpu_decode})
+    # --workers: the pipelines measure loader processes
+    least = {"batch_size": 1, "windows": 1, "img_size": 1, "max_images": 1, "memory_workers": 1, "calib_images": 1,
+             "workers": 1, "threads": 1, "busy": 0}
+    for name, bound in least.items():
+        if getattr(settings, name) is not None and getattr(settings, name) < bound:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {bound} (got {getattr(settings, name)})")
+    if settings.busy_seconds <= 0:
+        raise UserError(f"--busy-seconds must be positive (got {settings.busy_seconds})")
+    return settings
+
+
 def main(args):
     started = time.perf_counter()
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == get_args_parser().get_default(name):
-                setattr(args, name, value)
-    device = utils.pick_device(args.device)
-    args.batch_size = args.batch_size or (16 if device.type == "cpu" else 128)
-    args.workers = utils.default_workers(device) if args.workers is None else args.workers
-    for flag, value in {"--batch-size": args.batch_size, "--windows": args.windows, "--img-size": args.img_size,
-                        "--max-images": args.max_images, "--memory-workers": args.memory_workers,
-                        "--calib-images": args.calib_images}.items():
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
-    if args.busy < 0 or args.busy_seconds <= 0:
-        raise UserError(f"--busy must be 0 or more and --busy-seconds positive (got {args.busy}, {args.busy_seconds})")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1 (got {args.threads})")
-    if args.workers < 1:
-        raise UserError("--workers must be at least 1: the pipeline benchmark measures loader processes")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.gpu_decode is None:
-        args.gpu_decode = device.type == "cuda"
+    settings = resolve_settings(args)
+    device = settings.device
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as train.main sets it
+        torch.backends.cudnn.benchmark = True  # as train.build_run sets it
     utils.seed_everything(0)
-    if args.memory_probe:
-        return memory_probe(args, device)
-    env = environment(device)
-    report = Report()
-
+    if settings.memory_probe:
+        return memory_probe(settings, device)
+    env, report = environment(device), Report()
     with tempfile.TemporaryDirectory(prefix="mobilenetv3-benchmark-") as folder, \
-            mock.patch.dict(os.environ, XDG_CACHE_HOME=os.path.join(folder, "cache")):  # dataset.py's index cache
-        images, data_description = source_images(args.data_path, folder, args.max_images)
-        root = lay_out(images, os.path.join(folder, "images"), min_train=args.batch_size)
+            mock.patch.dict(os.environ, XDG_CACHE_HOME=os.path.join(folder, "cache")):  # dataset.py's listing cache
+        images, data_description = source_images(settings.data_path, folder, settings.max_images)
+        root = lay_out(images, os.path.join(folder, "images"), min_train=settings.batch_size)
         splits = dataset.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
         print(f"benchmarking on {env['device_name']} ({device}) with {data_description} ...", flush=True)
-
-        if not args.inference_only:
-            trainer, step_rates = bench_training(report, args, device, root, folder)
-            bench_memory(report, args, device, root, folder)
-            bench_eval(report, args, device, trainer, splits)
-            bench_loader(report, args, device, splits, root, folder)
-            if args.index_files > 0:
-                bench_indexing(report, args, folder)
-            if args.index_entries > 0:
-                bench_index_memory(report, args)
-            bench_precision(report, args, device)
-            bench_optimizers(report, args, device, statistics.median(step_rates))
-            if args.compile:
-                bench_compile(report, args, device)
-            if args.gpu_decode and device.type == "cuda":
-                bench_gpu_decode(report, args, device, splits)
-        if args.inference or args.inference_only:
-            bench_inference(report, args, splits, folder)
-
+        if not settings.inference_only:
+            trainer, step_rates = bench_training(report, settings, device, root, folder)
+            bench_memory(report, settings, device, root, folder)
+            bench_eval(report, settings, device, trainer, splits)
+            bench_loader(report, settings, device, splits, root, folder)
+            if settings.index_files > 0:
+                bench_indexing(report, settings, folder)
+            if settings.index_entries > 0:
+                bench_index_memory(report, settings)
+            bench_precision(report, settings, device)
+            bench_optimizers(report, settings, device, statistics.median(step_rates))
+            if settings.compile:
+                bench_compile(report, settings, device)
+            if settings.gpu_decode and device.type == "cuda":
+                bench_gpu_decode(report, settings, device, splits)
+        if settings.inference or settings.inference_only:
+            bench_inference(report, settings, splits, folder)
     env["load_average_end"] = psutil.getloadavg()
     wall = time.perf_counter() - started
-    load = env["load_average_start"], env["load_average_end"]
-    report.print([
-        "",
-        f"MobileNetV3 benchmark: {env['device_name']} ({device}, {env['cpu_cores']} cores, "
-        f"{env['torch_threads']} torch threads) | torch {env['torch']} | {args.arch} {args.width_mult:g} | "
-        f"batch {args.batch_size} | {args.img_size}px | {args.workers} workers",
-        f"data: {data_description} | median of {args.windows} windows of ~{args.window_seconds:g}s; ratios are "
-        f"medians of per-round ratios | load average {load[0][0] if load[0] else 'n/a'} -> "
-        f"{load[1][0] if load[1] else 'n/a'} | {wall:.0f}s",
-        "sections: 1 model-only step, 2 vs torchvision, 3 full pipeline, 4 data, 5 evaluation, 6 memory, "
-        "I inference (CPU, PyTorch vs ONNX fp32 vs int8), C choices behind train.py's defaults, G GPU decoding",
-        ""])
-    if args.json:
-        config = {k: v for k, v in vars(args).items()}
-        with open(args.json, "w") as f:
-            json.dump({"config": config, "environment": env, "data": data_description, "wall_seconds": wall,
-                       "figures": report.figures, "rows": report.rows}, f, indent=2)
-        print(f"\nwrote {args.json}")
+    report.print(summary(settings, env, data_description, wall))
+    if settings.json:
+        with open(settings.json, "w") as f:
+            json.dump({"config": vars(settings), "environment": env, "data": data_description, "wall_seconds": wall,
+                       "figures": report.figures, "rows": report.rows}, f, indent=2, default=str)
+        print(f"\nwrote {settings.json}")
     return 0
+
+
+def summary(settings, env, data_description, wall):
+    """The lines above the table: the machine, the settings, the data, the load and the run's length."""
+    s, load = settings, (env["load_average_start"][0], env["load_average_end"][0])
+    return ["", f"MobileNetV3 benchmark: {env['device_name']} ({s.device}, {env['cpu_cores']} cores, "
+                f"{env['torch_threads']} torch threads) | torch {env['torch']} | {s.arch} {s.width_mult:g} | "
+                f"batch {s.batch_size} | {s.img_size}px | {s.workers} workers",
+            f"data: {data_description} | median of {s.windows} windows of ~{s.window_seconds:g}s; ratios are medians "
+            f"of per-round ratios | load average {load[0]:.2f} -> {load[1]:.2f} | {wall:.0f}s",
+            "sections: 1 model-only step, 2 vs torchvision, 3 full pipeline, 4 data, 5 evaluation, 6 memory, "
+            "I inference (CPU, PyTorch vs ONNX fp32 vs int8), C choices behind train.py's defaults, G GPU decoding", ""]
 
 
 if __name__ == "__main__":
