@@ -63,6 +63,7 @@ import torch.nn as nn
 import torch_ema
 import torchvision
 from PIL import Image
+from torch.utils.benchmark import Timer
 from torchvision import transforms as pil_transforms
 
 import dataset
@@ -166,13 +167,12 @@ class Variant:
 
 
 def compare(variants, args, device):
-    """Items per second of each variant in every window: {name: [rate per round]}, rounds aligned.
+    """Items per second of each variant in every round, {name: [rate]}, timed by this file's harness: for train.py's
+    loop and the loaders, whose worker processes run beside the timed code and whose windows can be whole calls.
 
-    Each variant warms up with a step that pays for lazy initialisation, worker start-up and caches, and a
-    second, timed one that sets the steps of its windows (a slow variant's first step is estimate enough).
-    Then the variants take turns, one window each per round, in a new order each round. A window that
-    runs past 3x its target (the machine got busy after the calibration) ends early and counts what it did.
-    """
+    Each variant warms up with a step that pays for lazy initialisation, worker start-up and caches, and a second,
+    timed one that sets the steps of its windows (a slow variant's first step is estimate enough). A window that runs
+    past 3x its target (the machine got busy after the calibration) ends early and counts what it did."""
     for v in variants:
         with num_threads(v.threads):
             step_time = timed(v.run, 1, device)
@@ -180,24 +180,43 @@ def compare(variants, args, device):
                 step_time = timed(v.run, 1, device)
         v.steps = args.steps or max(1, min(1000, round(args.window_seconds / step_time)))
         v.settle()
+
+    def window(v):
+        with num_threads(v.threads):
+            sync(device)
+            start, done = time.perf_counter(), 0
+            if v.whole_windows:
+                v.run(v.steps)
+                done = v.steps
+            while done < v.steps:
+                v.run(1)
+                done += 1
+                if not args.steps and time.perf_counter() - start > 3 * args.window_seconds:
+                    break
+            sync(device)
+            return done * v.items / (time.perf_counter() - start)
+    return in_turns(variants, args, window)
+
+
+def compare_with_timer(variants, args):
+    """compare for calls in this process (no loader workers, no whole windows): torch.utils.benchmark's Timer times
+    each window, after its own warm-up, with the variant's threads (default: torch's), syncing the accelerator."""
+    def window(v):
+        timer = Timer("run(1)", globals={"run": v.run}, num_threads=v.threads or torch.get_num_threads())
+        measured = timer.timeit(args.steps) if args.steps else timer.blocked_autorange(min_run_time=args.window_seconds)
+        v.steps = measured.number_per_run * len(measured.raw_times)
+        return v.items / measured.mean
+    return in_turns(variants, args, window)
+
+
+def in_turns(variants, args, window):
+    """{name: [window(variant) of each round]}: the variants take turns, one window each per round, in a new order
+    each round, so that a change of the machine's load slows them alike and the rounds pair up."""
     rates = {v.name: [] for v in variants}
     for round_ in range(args.windows):
         for v in random.Random(round_).sample(variants, len(variants)):  # no variant always follows the same one
-            with num_threads(v.threads):
-                sync(device)
-                start, done = time.perf_counter(), 0
-                if v.whole_windows:
-                    v.run(v.steps)
-                    done = v.steps
-                while done < v.steps:
-                    v.run(1)
-                    done += 1
-                    if not args.steps and time.perf_counter() - start > 3 * args.window_seconds:
-                        break
-                sync(device)
-                elapsed = time.perf_counter() - start
+            rates[v.name].append(window(v))
             v.settle()
-            rates[v.name].append(done * v.items / elapsed)
     return rates
 
 
@@ -633,7 +652,7 @@ def bench_precision(report, args, device):
         trainer = make_trainer(train_net(targs), targs, device)
         variants.append(model_only(f"  {name}", trainer, batch, img_size, device))
         is_default[variants[-1].name] = precision_name(targs, device) == precision_name(default_targs, device)
-    rates = compare(variants, args, device)
+    rates = compare_with_timer(variants, args)
     base = next(v for v in variants if is_default[v.name])
     note = f"{batch} x {img_size}px" + (": bf16 is emulated on this CPU" if emulated else "")
     report.add("C", f"precision, model-only step (train.py default: {base.name.strip()})", None, "", note=note)
@@ -670,7 +689,7 @@ def bench_optimizers(report, args, device, step_rate):
     variants += [Variant("  EMA update, one foreach lerp", repeated(ema.update), 1),
                  Variant("  EMA update, torch-ema loop", repeated(torch_ema_loop), 1)]
 
-    rates = compare(variants, args, device)
+    rates = compare_with_timer(variants, args)
     step_ms = 1000 * args.batch_size / step_rate
     report.add("C", f"after backward, alone (train.py: Adam {default}, foreach EMA; a training step: {step_ms:.0f} ms)",
                None, "")
@@ -699,7 +718,7 @@ def bench_compile(report, args, device):
     variants[1].run(1)
     sync(device)
     compile_seconds = time.perf_counter() - start
-    rates = compare(variants, args, device)
+    rates = compare_with_timer(variants, args)
     report.add("C", "torch.compile, model-only step", None, "")
     report.add("C", "  compile (first step)", [compile_seconds], "s", key="compile_seconds")
     report.add("C", "  eager", rates["  eager"], "img/s", variant=variants[0], key="compile_eager")
@@ -768,7 +787,7 @@ def bench_inference(report, args, splits, folder):
         for precision, session in sessions.items():
             call = functools.partial(session.run, None, {"images": array})
             variants.append(Variant(f"ONNX {precision}", repeated(call), batch_size))
-        rates = compare(variants, args, torch.device("cpu"))
+        rates = compare_with_timer(variants, args)
         unit, as_unit = ("ms", lambda r: 1000 * batch_size / r) if batch_size == 1 else ("img/s", lambda r: r)
         report.add("I", f"  batch {batch_size}: " + ("latency" if batch_size == 1 else "throughput"), None, "")
         for v in variants:
@@ -992,7 +1011,7 @@ def bench_gpu_decode(report, args, device, splits):
         # one nvjpeg call for the whole list
         on_gpu = lambda batch=batch: dataset.decode_jpegs_on(device, batch)  # noqa: E731
         variants.append(Variant(f"  GPU, batches of {size}", repeated(on_gpu), size))
-    rates = compare(variants, args, device)
+    rates = compare_with_timer(variants, args)
     cpu_rate = rates[variants[0].name]
     report.add("G", f"JPEG decoding ({len(usable)} files, {dataset.device_jpeg_decoder(device)}); ratio = CPU cores "
                "one GPU replaces", None, "")
