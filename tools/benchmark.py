@@ -1,38 +1,16 @@
-"""Speed and memory of this project's training, measured against the obvious alternatives in the same run.
+"""Speed and memory of this project's training, each figure measured side by side with its alternatives.
 
-    python -m tools.benchmark                                  # everything: about 3-5 minutes on a 2-core CPU
-    python -m tools.benchmark --json bench.json                # also write every window of every figure
-    python -m tools.benchmark --device cuda --quick            # a GPU session: everything in under 3 minutes
-    python -m tools.benchmark --data-path /data/imagenet -b 64 --windows 5
-    python -m tools.benchmark --compile                        # add torch.compile (minutes of compiling on a CPU)
-    python -m tools.benchmark --busy 0                         # without the comparison under load (section 3)
-    python -m tools.benchmark --inference-only --arch small    # only the deployment figures: PyTorch, ONNX fp32, int8
+    python -m tools.benchmark                               # everything: about 3-5 minutes on a 2-core CPU
+    python -m tools.benchmark --quick --json bench.json     # shorter windows; every window of every figure as JSON
+    python -m tools.benchmark --device cuda --quick         # a GPU session, in under 3 minutes
+    python -m tools.benchmark --inference-only --arch small # section I alone: PyTorch vs ONNX fp32 vs int8
+    python tools/benchmark.py --busy 0 --compile            # the same tool; no loaded comparison, torch.compile too
 
-MobileNetV3 is so cheap that the training speed is decided around the model: JPEG decoding, copies, syncs,
-memory format, precision. So this measures, with train.py's and dataset.py's own functions (not copies):
-  1. the model-only training step on a synthetic batch, with train.py's defaults for the device (precision,
-     memory format, optimizer implementation), and the alternatives to those defaults;
-  2. this project's model against torchvision's mobilenet_v3_large at width 1.0 (the same architecture);
-  3. the full pipeline: train.py's own loop (train_one_epoch on a train.build_run) reading JPEG files
-     through dataset.py's loader; on CUDA also with fewer workers and with the JPEGs decoded on the GPU
-     (train.py --decode-on device), which shows how many CPU workers GPU decoding stands in for; then the
-     model-only step and the full pipeline again, side by side, while --busy other processes (started and
-     ended by this benchmark) spin a core each;
-  4. the loader alone, per worker: dataset.py's with its defaults (TorchCodec's decoder, scaled decoding),
-     with torchvision's decoder, without scaled decoding, and on a pre-resized copy of the images, against
-     torchvision's ImageFolder with the standard PIL transforms; the time to index a 100k-file tree; the memory
-     of 4 workers over a 1.28M-entry index (FileIndex against a list);
-  5. evaluation throughput through evaluate.evaluate;
-  6. the peak resident memory of the training process and of its loader workers;
-  I. deployment: batch-1 latency and batch-32 throughput on the CPU of PyTorch eager against the ONNX files of
-     export.py (fp32 and static int8, run by onnxruntime), and the files' sizes;
-  and on CUDA also fp16 with a GradScaler, and nvjpeg decoding of file batches against libjpeg-turbo on a core.
-
-The machine may be busy with other work, so every figure is the median of --windows timed windows after a
-warm-up, the contenders of a comparison take turns window by window (a load change slows them alike), and a
-ratio is the median of the per-round ratios (their range is in the note). Images come from --data-path
-(ImageNet layout or a folder of JPEGs), else ../shared/data/imagenet-sample when it exists, else generated
-photo-like JPEGs; they are linked into train/<class>/ and val/<class>/ folders in a temporary directory.
+It times train.py's own update step (train.train_step) and loop (train.train_one_epoch), dataset.py's loader and
+evaluate.evaluate, never copies: 1 model-only step, 2 vs torchvision, 3 full pipeline (quiet and next to --busy
+processes), 4 data, 5 evaluation, 6 memory, C train.py's default choices, I CPU inference, G GPU decoding. A figure
+is the median of --windows windows taken in turns with its rivals. docs/performance.md says what each section
+compares and how, and holds the measured figures.
 """
 import os
 import sys
