@@ -173,11 +173,11 @@ def compare_with_timer(variants, settings):
 
 
 def in_turns(variants, settings, window):
-    """{name: [window(variant) of each round]}: the variants take turns, one window each per round, in a new order
-    each round, so that a change of the machine's load slows them alike and the rounds pair up."""
+    """{name: [window(variant) of each round]}: one window each per round, in a new order each round (no variant
+    always follows the same one), so that a change of the machine's load slows them alike and the rounds pair up."""
     rates = {v.name: [] for v in variants}
     for round_ in range(settings.windows):
-        for v in random.Random(round_).sample(variants, len(variants)):  # no variant always follows the same one
+        for v in random.Random(round_).sample(variants, len(variants)):
             rates[v.name].append(window(v))
             if v.settle:
                 v.settle()
@@ -277,10 +277,9 @@ def cpu_use(processes):
 
 
 def wait_until_idle(timeout=10.0):
-    """Wait until the loader workers stop using CPU: they refill their queues after a window of the pipeline, and that
-    work must not be billed to the next window, which may be another variant's. Idle: from one poll to the next their
-    CPU time did not grow and none is running or waiting for a core (one waiting uses no CPU time on a loaded
-    machine). The busy processes of the loaded comparison are never idle: they are not watched."""
+    """Wait until the loader workers stop using CPU: the queues they refill after a pipeline's window must not be
+    billed to the next window. Idle: their CPU time did not grow since the last poll and none is running or waiting
+    for a core (one waiting uses no CPU time on a loaded machine). The busy processes never idle: not watched."""
     workers = [child for child in psutil.Process().children(recursive=True) if child.pid not in busy_pids]
     last = cpu_use(workers)[0]
     deadline = time.perf_counter() + timeout
@@ -323,8 +322,8 @@ def train_config(settings, *argv, **overrides):
 
 
 def make_trainer(config, device, net=None):
-    """A train.Run built by train.build_trainer as train.py builds its own (optimizer, EMA, precision, loss,
-    torch.compile with --compile) around net, by default the network train.py trains (1000 classes)."""
+    """A train.Run from train.build_trainer (optimizer, EMA, precision, loss, torch.compile with --compile) around
+    net, by default the network train.py trains (1000 classes)."""
     if net is None:
         net = model_lib.build_model(config.arch, config.width_mult, 1000, dropout=config.dropout,
                                     bn_momentum=config.bn_momentum)
@@ -335,16 +334,6 @@ def make_trainer(config, device, net=None):
 def implementation(optimizer):
     options = optimizer.defaults
     return "fused" if options.get("fused") else "foreach" if options.get("foreach") else "for-loop"
-
-
-def alternative_threads(settings):
-    """The torch thread count to compare with the default on a CPU: 1, or one per core where the default is 1.
-    None when --threads fixes it."""
-    if settings.device.type != "cpu" or settings.threads:
-        return None
-    if torch.get_num_threads() > 1:
-        return 1
-    return utils.cpu_cores() if utils.cpu_cores() > 1 else None
 
 
 def model_only(name, trainer, settings, batch_size=None, img_size=None, **row):
@@ -370,9 +359,9 @@ def repeat_index(index, length):
 
 
 class Pipeline:
-    """train.py's own loop, train_one_epoch, on a train.Run from train.build_run with train.py's defaults, over the
-    JPEG files in root/train. Each run(steps) is an epoch of `steps` steps; the loader's iterator lives across the
-    calls, so windows measure the steady state, not the start of an epoch (ImageNet's are long)."""
+    """train.py's own loop, train_one_epoch, on a train.Run from train.build_run over the JPEGs in root/train. Each
+    run(steps) is an epoch of `steps` steps; the loader's iterator lives across the calls, so that windows measure
+    the steady state, not the start of an epoch (ImageNet's are long)."""
 
     def __init__(self, settings, root, out_folder, workers, decode_on="workers", worker_nice=None):
         config = train_config(settings, "--data-path", root, "--workers", str(workers), "--decode-on", decode_on,
@@ -387,7 +376,7 @@ class Pipeline:
             data.train_loader.worker_init_fn = functools.partial(dataset.start_worker, worker_nice)
         live = dataclasses.replace(data, train_loader=LiveLoader(data.train_loader))
         self.base_run, self.state = dataclasses.replace(run, data=live, show_progress=False), train.TrainState()
-        self.config, self.epochs = config, {}  # epochs: the run with steps_per_epoch = steps, for each window size
+        self.epochs = {}  # the run with steps_per_epoch = steps, for each window size
 
     def run(self, steps):
         if steps not in self.epochs:
@@ -410,9 +399,6 @@ class LiveLoader:
         self.loader, self.batches = loader, None  # its workers start with the first window, not before
         self.sampler = loader.sampler  # train_one_epoch sets its epoch (the live iterator keeps its own order)
 
-    def __len__(self):
-        return 10**9
-
     def __iter__(self):
         while True:
             fresh = self.batches is None
@@ -428,9 +414,9 @@ class LiveLoader:
 
 
 def refilled(run):
-    """A Pipeline's run, then the wait until its workers have refilled their queues, both in the timed window: each
-    window pays for decoding every batch it trained on. Under load on 2 cores a window is 1-2 steps, and one
-    starting from full queues (4 batches a worker) hides a worker slower than the model."""
+    """A Pipeline's run, then the wait until its workers have refilled their queues, both timed: each window pays for
+    decoding every batch it trained on. Under load a window is 1-2 steps on 2 cores, and full queues (4 batches a
+    worker) at its start would hide a worker slower than the model."""
     def run_and_refill(steps):
         run(steps)
         wait_until_idle()
@@ -440,9 +426,9 @@ def refilled(run):
 # ---------------------------------------------------------------- sections 1-3, 5, 6: training and evaluation
 
 def bench_training(report, settings, root, folder):
-    """Sections 1-3 in one comparison, so every ratio pairs windows that ran back to back: the model-only step with
-    train.py's defaults and with one of them changed, this model against torchvision's at width 1.0 (the same
-    architecture), and train.py's loop from JPEG files. Returns the default trainer and its model-only rates."""
+    """Sections 1-3 in one comparison, so that every ratio pairs windows run back to back: the model-only step with
+    train.py's defaults and with one changed, this model against torchvision's at width 1.0 (the same architecture),
+    and train.py's loop from JPEG files. Returns the default trainer and its model-only rates."""
     device, config = settings.device, train_config(settings)
     default = make_trainer(config, device)
     described = (f"{default.precision}, {'channels_last' if config.channels_last else 'contiguous'}, "
@@ -452,14 +438,15 @@ def bench_training(report, settings, root, folder):
                       f"{settings.batch_size} x {settings.img_size}px]", default, settings, key="model_only")
     choice = {"versus": base, "label": "of default", "choice": True}
     flipped = train_config(settings, channels_last=not config.channels_last)
-    steps = [base, model_only(f"  channels_last {'on' if flipped.channels_last else 'off'}",
-                              make_trainer(flipped, device), settings, **choice,
-                              key=f"model_only_channels_last_{'on' if flipped.channels_last else 'off'}")]
-    other_threads = alternative_threads(settings)
-    if other_threads:
+    layout = "on" if flipped.channels_last else "off"
+    steps = [base, model_only(f"  channels_last {layout}", make_trainer(flipped, device), settings,
+                              key=f"model_only_channels_last_{layout}", **choice)]
+    # on a CPU, 1 thread against torch's one per core (or the other way round); --threads fixes them
+    other_threads = None
+    if device.type == "cpu" and not settings.threads and max(torch.get_num_threads(), utils.cpu_cores()) > 1:
+        other_threads = 1 if torch.get_num_threads() > 1 else utils.cpu_cores()
         steps.append(model_only(f"  {plural(other_threads, 'thread')}", default, settings, threads=other_threads,
                                 key="model_only_" + plural(other_threads, "thread").replace(" ", "_"), **choice))
-
     tv_name = model_lib.TORCHVISION_BUILDERS[settings.arch]  # random weights, 1000 classes
     tv = model_only(f"torchvision {tv_name}", make_trainer(config, device, getattr(torchvision.models, tv_name)()),
                     settings, key="torchvision")
@@ -468,29 +455,28 @@ def bench_training(report, settings, root, folder):
         make_trainer(train_config(settings, width_mult=1.0), device), settings, key="ours_width_1")
 
     def loop(name, run, key, **row):
-        return Variant(name, run, settings.batch_size, key=key, versus=base, label="full/model",
-                       settle=wait_until_idle, whole_windows=True, **row)
-    # train.py's default workers, then fewer (on CUDA against decoding on the GPU), at a lower priority, and the
-    # JPEGs decoded in the training process (train.py --decode-on device)
+        return Variant(name, run, settings.batch_size, key, versus=base, label="full/model", settle=wait_until_idle,
+                       whole_windows=True, **row)
+    # train.py's default workers; fewer (on CUDA against decoding on the GPU); at a lower priority; the JPEGs
+    # decoded in the training process (--decode-on device)
     pipelines = {"full_pipeline": Pipeline(settings, root, folder, settings.workers)}
-    loops = [loop(f"full pipeline, {plural(settings.workers, 'worker')} (train.py default)",
-                  pipelines["full_pipeline"].run, "full_pipeline", target=TARGETS["full_vs_model"]),
-             loop("  the same, the queue's refill timed", refilled(pipelines["full_pipeline"].run),
-                  "full_pipeline_refill_timed")]
+    full = pipelines["full_pipeline"].run
+    loops = [loop(f"full pipeline, {plural(settings.workers, 'worker')} (train.py default)", full, "full_pipeline",
+                  target=TARGETS["full_vs_model"]),
+             loop("  the same, the queue's refill timed", refilled(full), "full_pipeline_refill_timed")]
     others = {f"full_pipeline_{n}_worker": (n, "workers", None, "") for n in [1] + [2, 4] * (device.type == "cuda")
               if n < settings.workers}
     if device.type == "cpu":  # the workers share the cores with the model: would a lower priority help?
         others["full_pipeline_workers_nice_10"] = (settings.workers, "workers", 10, ", workers at nice 10")
-    if settings.gpu_decode:  # on a CPU (only when asked) the training process decodes instead of the workers
-        for n in (1, 2):
-            others[f"full_pipeline_gpu_decode_{plural(n, 'worker').replace(' ', '_')}"] = (
-                n, "device", None, f", JPEGs decoded on {device.type}")
+    for n in (1, 2) if settings.gpu_decode else ():  # on a CPU (when asked) the training process decodes
+        others[f"full_pipeline_gpu_decode_{plural(n, 'worker').replace(' ', '_')}"] = (
+            n, "device", None, f", JPEGs decoded on {device.type}")
     for key, (workers, decode_on, nice, where) in others.items():
         pipelines[key] = Pipeline(settings, root, folder, workers, decode_on, nice)
         loops.append(loop(f"full pipeline, {plural(workers, 'worker')}{where}", pipelines[key].run, key))
     if other_threads:
         loops.append(loop(f"full pipeline, {plural(settings.workers, 'worker')}, {plural(other_threads, 'thread')}",
-                          pipelines["full_pipeline"].run, "full_pipeline_other_threads", threads=other_threads))
+                          full, "full_pipeline_other_threads", threads=other_threads))
 
     models = [tv] if ours is base else [ours, tv]
     rates = compare([*steps, *models, *loops], settings)
@@ -507,9 +493,8 @@ def bench_training(report, settings, root, folder):
 
 
 def bench_under_load(report, settings, trainer, pipelines, quiet_rates):
-    """Section 3 again while --busy other processes spin a core each at this process's priority: the model-only
-    step and the full pipeline take turns as in the quiet comparison. The busy processes run for this comparison
-    only and are ended when it ends, whatever happens (busy_processes)."""
+    """Section 3 again while --busy processes spin a core each, at this process's priority, for this comparison
+    only: the model-only step and the full pipeline take turns as in the quiet comparison."""
     busy = plural(settings.busy, "busy process")
     model = model_only(f"model-only step, {busy}", trainer, settings)
     full, nice = pipelines["full_pipeline"].run, pipelines.get("full_pipeline_workers_nice_10")
@@ -554,9 +539,8 @@ def bench_eval(report, settings, trainer, splits):
 
 
 def bench_memory(report, settings, root, folder):
-    """Section 6: the memory of a training process as train.py makes it, in a fresh interpreter (this one holds every
-    contender, which workers forked from it would inherit): train.build_run, MEMORY_PROBE_STEPS steps of
-    train_one_epoch, then the peak RSS of the process and of its workers."""
+    """Section 6: the peak memory of a training process and its workers after train.build_run and
+    MEMORY_PROBE_STEPS steps, in a fresh interpreter: workers forked from this one would inherit every contender."""
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe", root, "--device", str(settings.device),
                "--arch", settings.arch, "--width-mult", str(settings.width_mult), "-b", str(settings.batch_size),
                "--img-size", str(settings.img_size), "--workers", str(settings.workers)]
@@ -629,8 +613,7 @@ def bench_optimizers(report, settings, step_rate):
     chosen, default = trainer.optimizer, implementation(trainer.optimizer)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in chosen.param_groups]
     adams, unavailable = {}, {}
-    options = {"foreach": {"foreach": True}, "for-loop": {"foreach": False}, "fused": {"fused": True}}
-    for name, option in options.items():
+    for name, option in (("foreach", {"foreach": True}), ("for-loop", {"foreach": False}), ("fused", {"fused": True})):
         try:
             adams[name] = type(chosen)(groups, lr=trainer.lr, **option)
             adams[name].step()
@@ -676,11 +659,24 @@ def start_worker_with_torchvision_decoder(nice, worker_id):
     dataset.torchcodec_decode_jpeg = None
 
 
+def epochs_of(loader, each_batch=None):
+    """run(steps) for a Variant whose step is one epoch of loader, with a new shuffle and new augmentations."""
+    epochs = itertools.count(1)
+
+    def run(steps):
+        for _ in range(steps):
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(next(epochs))
+            for images, _ in loader:
+                if each_batch:
+                    each_batch(images)
+    return run
+
+
 def bench_loader(report, settings, splits, root, folder):
-    """The loader alone, one worker each, side by side: dataset.py's (uint8 batches, normalized later on the device)
-    with its defaults, with torchvision's decoder, without scaled decoding, and on a pre-resized copy; against
-    ImageFolder with PIL transforms (normalized floats). A step loads LOADER_BATCHES batches from an idle worker: it
-    times the worker, not a queue filled beforehand."""
+    """The loader alone, one worker each: dataset.py's (uint8 out, normalized later on the device) with its defaults,
+    with torchvision's decoder, without scaled decoding and on a pre-resized copy, against ImageFolder with PIL
+    transforms. A step loads LOADER_BATCHES batches from an idle worker: it times the worker, not a full queue."""
     batch = min(settings.batch_size, 32)
     per_step = batch * LOADER_BATCHES
     mean, std = dataset.NORMS["imagenet"]
@@ -690,54 +686,38 @@ def bench_loader(report, settings, splits, root, folder):
     copy_seconds = time.perf_counter() - start
     resized = dataset.find_dataset(resized_root, cache_dir=os.path.join(folder, "cache")).train
 
-    def ours(index, torchvision_decoder=False, **options):
-        """run(steps, normalize=False) over dataset.py's loader, one worker, a new epoch each step."""
+    def ours(index, worker_init=None, **options):
         image_set = dataset.ImageFiles(repeat_index(index, per_step), dataset.train_transform(settings.img_size),
                                        **options)
         sampler = dataset.EpochSampler(len(image_set), shuffle=True, seed=0, drop_last=True)
         loader = dataset.build_loader(image_set, sampler, batch, 1, train=True)
-        if torchvision_decoder:
-            loader.worker_init_fn = functools.partial(start_worker_with_torchvision_decoder, 0)
-        epochs = itertools.count(1)
-
-        def run(steps, normalize=False):
-            for _ in range(steps):
-                sampler.set_epoch(next(epochs))  # a new shuffle and new augmentations every step
-                for images, _ in loader:
-                    if normalize:  # as a CPU training process does
-                        dataset.normalize_batch(images, mean, std)
-        return run
-
+        loader.worker_init_fn = worker_init or loader.worker_init_fn
+        return loader
     image_folder = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=pil_transforms.Compose([
         pil_transforms.RandomResizedCrop(settings.img_size), pil_transforms.RandomHorizontalFlip(),
         pil_transforms.ToTensor(), pil_transforms.Normalize(mean, std)]))
-    folder_loader = torch.utils.data.DataLoader(
+    theirs = Variant("  ImageFolder + PIL transforms", epochs_of(torch.utils.data.DataLoader(
         image_folder, batch_size=batch, num_workers=1, persistent_workers=True,
-        sampler=torch.utils.data.RandomSampler(image_folder, num_samples=per_step))
-
-    def run_folder(steps):
-        for _ in range(steps):
-            for _ in folder_loader:
-                pass
-    theirs = Variant("  ImageFolder + PIL transforms", run_folder, per_step, "loader_imagefolder",
-                     note="normalized floats out")
-    has_torchcodec = dataset.torchcodec_decode_jpeg is not None
-    decoder = "TorchCodec" if has_torchcodec else "torchvision's decode_jpeg (torchcodec does not import)"
-    default_run = ours(splits.train)
-    default = Variant(f"  dataset.py loader ({decoder}, scaled decoding, v2 on uint8) (default)", default_run, per_step,
-                      "loader_ours", note="uint8 out; normalized on the device")
+        sampler=torch.utils.data.RandomSampler(image_folder, num_samples=per_step))), per_step, "loader_imagefolder",
+        note="normalized floats out")
+    decoder = ("TorchCodec" if dataset.torchcodec_decode_jpeg is not None
+               else "torchvision's decode_jpeg (torchcodec does not import)")
+    default_loader = ours(splits.train)
+    default = Variant(f"  dataset.py loader ({decoder}, scaled decoding, v2 on uint8) (default)",
+                      epochs_of(default_loader), per_step, "loader_ours", note="uint8 out; normalized on the device")
     row = {"versus": default, "label": "of default"}
-    variants = [default, Variant("  same + normalize_batch in this process", lambda steps: default_run(steps, True),
+    normalize = functools.partial(dataset.normalize_batch, mean=mean, std=std)  # as a CPU training process does
+    variants = [default, Variant("  same + normalize_batch in this process", epochs_of(default_loader, normalize),
                                  per_step, "loader_ours_normalized", versus=theirs, label="of ImageFolder")]
-    if has_torchcodec:  # else the default is torchvision's decoder already
-        variants.append(Variant("  torchvision's decode_jpeg (the decoder before TorchCodec)",
-                                ours(splits.train, torchvision_decoder=True), per_step, "loader_torchvision_decoder",
-                                **row))
-    variants += [Variant("  scaled decoding off", ours(splits.train, scaled_decoding=False), per_step,
+    if dataset.torchcodec_decode_jpeg is not None:  # else the default is torchvision's decoder already
+        variants.append(Variant("  torchvision's decode_jpeg (the decoder before TorchCodec)", epochs_of(ours(
+            splits.train, functools.partial(start_worker_with_torchvision_decoder, 0))), per_step,
+            "loader_torchvision_decoder", **row))
+    variants += [Variant("  scaled decoding off", epochs_of(ours(splits.train, scaled_decoding=False)), per_step,
                          "loader_scaled_decoding_off", **row,
                          note=f"only crop boxes >= 2x the output gain: few at {settings.img_size}px"),
-                 Variant(f"  a pre-resized copy (shorter side {RESIZED_SHORT_SIDE})", ours(resized), per_step,
-                         "loader_resized_copy", **row,
+                 Variant(f"  a pre-resized copy (shorter side {RESIZED_SHORT_SIDE})", epochs_of(ours(resized)),
+                         per_step, "loader_resized_copy", **row,
                          note=f"{copied} files copied in {copy_seconds:.0f}s by make_resized_copy"),
                  theirs]
     rates = compare(variants, settings)
@@ -745,13 +725,13 @@ def bench_loader(report, settings, splits, root, folder):
     report.rates("4", variants, rates, unit="img/s/worker")
     report.add("4", "  dataset.py / ImageFolder", key="loader_vs_imagefolder", target=TARGETS["loader_vs_imagefolder"],
                ratio=paired_ratios(rates[default.name], rates[theirs.name]))
-    variants = default = theirs = default_run = folder_loader = row = None  # their workers exit
+    variants = default = theirs = default_loader = row = None  # their workers exit
     gc.collect()
 
 
 def bench_indexing(report, settings, folder):
-    """List a generated tree of empty files with dataset.py's indexer (a first listing, then from its cache) and
-    with ImageFolder. The OS has the folders cached in both cases (they were just written)."""
+    """List a tree of empty files with dataset.py's indexer (a first listing, then from its cache) and with
+    ImageFolder. The OS has the folders cached in both cases (they were just written)."""
     classes = min(100, settings.index_files)
     per_class = settings.index_files // classes
     tree = os.path.join(folder, "index-tree")
@@ -761,11 +741,10 @@ def bench_indexing(report, settings, folder):
             os.close(os.open(os.path.join(tree, f"n{c:08d}", f"n{c:08d}_{i}.JPEG"), os.O_CREAT | os.O_WRONLY))
     times = {"cold": [], "cached": [], "imagefolder": []}
     for round_ in range(settings.windows):
-        cache = os.path.join(folder, f"index-cache-{round_}")
         for kind in times:
             start = time.perf_counter()
             found = (torchvision.datasets.ImageFolder(tree) if kind == "imagefolder"
-                     else dataset.class_folder_index(tree, cache)[1])
+                     else dataset.class_folder_index(tree, os.path.join(folder, f"index-cache-{round_}"))[1])
             times[kind].append(time.perf_counter() - start)
             assert len(found) == classes * per_class
     shutil.rmtree(tree)
@@ -777,14 +756,11 @@ def bench_indexing(report, settings, folder):
 
 
 class TouchIndex(torch.utils.data.Dataset):
-    """Items are chunks of positions; reading each entry of the index is all it does (as a real __getitem__ reads a
-    path). Returns the worker's pid, whose memory the caller then reads."""
+    """An item is a chunk of positions, each looked up in the index (as a real __getitem__ reads a path); returns
+    the worker's pid, whose memory the caller then reads."""
 
-    def __init__(self, lookup, size):
-        self.lookup, self.size = lookup, size
-
-    def __len__(self):
-        return self.size
+    def __init__(self, lookup):
+        self.lookup = lookup
 
     def __getitem__(self, chunk):
         for i in chunk.tolist():
@@ -793,15 +769,15 @@ class TouchIndex(torch.utils.data.Dataset):
 
 
 def worker_memory(lookup, size, workers):
-    """The memory (memory_mb) of each worker after the workers together read every entry once, in random order."""
+    """memory_mb of each worker once the workers together have read every entry, in random order."""
     chunks = np.array_split(np.random.default_rng(0).permutation(size), workers * 16)
     with warnings.catch_warnings():  # more workers than cores is the point here
         warnings.filterwarnings("ignore", message="This DataLoader will create")
-        loader = torch.utils.data.DataLoader(TouchIndex(lookup, size), batch_size=None, sampler=chunks,
+        loader = torch.utils.data.DataLoader(TouchIndex(lookup), batch_size=None, sampler=chunks,
                                              num_workers=workers, persistent_workers=True)
-        pids = set(loader)  # persistent workers stay alive after the epoch: measure them now
+        pids = set(loader)  # persistent workers stay alive after the epoch: measured now
     memory = [memory_mb(pid) for pid in pids]
-    del loader
+    loader = None  # its workers exit
     gc.collect()
     return memory
 
@@ -833,9 +809,9 @@ def bench_index_memory(report, settings):
 # ---------------------------------------------------------------- sections I and G: inference, GPU decoding
 
 def bench_inference(report, settings, splits, folder):
-    """What a deployment runs, on the CPU: PyTorch eager (inference mode) against export.py's ONNX files in
-    onnxruntime, fp32 and static int8 (calibrated on real images, as export.py --int8), at batch 1 (latency) and 32
-    (throughput), and the files' sizes. Random weights: the speed does not depend on what the weights learned."""
+    """On the CPU, PyTorch eager (inference mode) against export.py's ONNX files in onnxruntime, fp32 and static int8
+    (calibrated as export.py --int8 does): batch-1 latency, batch-32 throughput and the files' sizes. Random weights:
+    the speed does not depend on what they learned."""
     import export  # onnx and onnxruntime load only for this section
     img_size, threads = settings.img_size, torch.get_num_threads()
     net = model_lib.build_model(settings.arch, settings.width_mult, 1000)
@@ -860,16 +836,13 @@ def bench_inference(report, settings, splits, folder):
                     f"{importlib.metadata.version('onnxruntime')}, opset {export.DEFAULT_OPSET})")
     for batch_size in INFERENCE_BATCHES:
         images = torch.randn(batch_size, 3, img_size, img_size)
-
-        def eager():
-            with torch.inference_mode():
-                net(images)
+        eager = torch.inference_mode()(functools.partial(net, images))
         key = f"inference_b{batch_size}_"
         variants = [Variant("    PyTorch eager", repeated(eager), batch_size, key + "pytorch_eager")]
         for precision, session in sessions.items():
-            variants.append(Variant(f"    ONNX {precision}", repeated(functools.partial(session.run, None, {
-                "images": images.numpy()})), batch_size, key + f"onnx_{precision}", versus=variants[-1],
-                label=f"x speed of {variants[-1].name.strip()}"))
+            onnx = functools.partial(session.run, None, {"images": images.numpy()})
+            variants.append(Variant(f"    ONNX {precision}", repeated(onnx), batch_size, key + f"onnx_{precision}",
+                                    versus=variants[-1], label=f"x speed of {variants[-1].name.strip()}"))
         if batch_size == 1:
             variants[-1].target = TARGETS["int8_vs_fp32"]
         rates = compare_with_timer(variants, settings)
@@ -884,8 +857,8 @@ def bench_inference(report, settings, splits, folder):
 
 
 def bench_gpu_decode(report, settings, splits):
-    """JPEG decoding: libjpeg-turbo on one CPU core against nvjpeg on batches of file bytes, both through dataset.py's
-    own calls (decode_jpeg_cpu, and decode_jpegs_on as --decode-on device uses it)."""
+    """JPEG decoding, libjpeg-turbo on one CPU core against nvjpeg on batches of file bytes, through dataset.py's own
+    calls (decode_jpeg_cpu, and decode_jpegs_on as --decode-on device uses it)."""
     device = settings.device
     read = (dataset.read_image_file(splits.train.path(i)) for i in range(min(256, len(splits.train))))
     data = [item for item, size in read if size is not None]  # JPEGs (other files come back decoded)
@@ -917,8 +890,7 @@ def bench_gpu_decode(report, settings, splits):
 
 def source_images(data_path, folder, limit):
     """([(image path, class name)], description): the images to benchmark with."""
-    if data_path is None and os.path.isdir(SAMPLE_DATA):
-        data_path = SAMPLE_DATA
+    data_path = data_path or (SAMPLE_DATA if os.path.isdir(SAMPLE_DATA) else None)
     if data_path is None:
         return generate_images(os.path.join(folder, "generated")), "200 generated photo-like JPEGs, 500x375"
     data_path = os.path.abspath(data_path)
@@ -945,6 +917,7 @@ def generate_images(folder, count=200, classes=10):
     """Photo-like JPEGs (smooth colour gradients plus noise, 500x375): noise alone decodes at another speed."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:375, 0:500].astype(np.float32) / 500
+    os.makedirs(folder, exist_ok=True)
     images = []
     for i in range(count):
         start, end = rng.uniform(30, 225, 3), rng.uniform(30, 225, 3)
@@ -952,16 +925,14 @@ def generate_images(folder, count=200, classes=10):
         along = (x * np.cos(angle) + y * np.sin(angle))[..., None]
         pixels = start + (end - start) * along + 25 * np.sin(waves * (x + y))[..., None]
         pixels += rng.normal(0, 8, pixels.shape)
-        path = os.path.join(folder, f"class{i % classes}_{i:04d}.JPEG")
-        os.makedirs(folder, exist_ok=True)
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        images.append((path, f"class{i % classes}"))
+        images.append((os.path.join(folder, f"class{i % classes}_{i:04d}.JPEG"), f"class{i % classes}"))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(images[-1][0], quality=90)
     return images
 
 
 def lay_out(images, root, min_train=0):
-    """root/train/<class>/ and root/val/<class>/ holding links to the images (copies where links fail); train/
-    links them several times over when that is needed to hold min_train images (a batch of train.py's)."""
+    """root/train/<class>/ and root/val/<class>/ holding links to the images (copies where links fail); train/ links
+    them several times over when that is needed to hold min_train images (a batch of train.py's)."""
     copies = {"train": max(1, -(-min_train // len(images))), "val": 1}
     for split in ("train", "val"):
         for i in range(len(images) * copies[split]):
@@ -989,10 +960,10 @@ class Report:
         one per round (its median is shown, its range goes in the note)."""
         values = values if values and None not in values else None
         ratios = ratio if isinstance(ratio, list) else None
-        if ratios is not None:
-            ratio = statistics.median(ratios) if ratios else None
-            if len(ratios) > 1:
-                note = f"rounds {min(ratios):.2f}-{max(ratios):.2f}" + (f"; {note}" if note else "")
+        if ratios:
+            ratio = statistics.median(ratios)
+            note = f"rounds {min(ratios):.2f}-{max(ratios):.2f}" + (f"; {note}" if note else "") if len(ratios) > 1 \
+                else note
         result = ""
         if ratio is not None and target is not None:
             result = "PASS" if ratio >= target else "MISS"
@@ -1042,6 +1013,18 @@ def environment(device):
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": utils.cpu_has_native_bf16(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
             "load_average_start": psutil.getloadavg()}
+
+
+def summary(settings, env, data_description, wall):
+    """The lines above the table: the machine, the settings, the data, the load and the run's length."""
+    s, load = settings, (env["load_average_start"][0], env["load_average_end"][0])
+    return ["", f"MobileNetV3 benchmark: {env['device_name']} ({s.device}, {env['cpu_cores']} cores, "
+                f"{env['torch_threads']} torch threads) | torch {env['torch']} | {s.arch} {s.width_mult:g} | "
+                f"batch {s.batch_size} | {s.img_size}px | {s.workers} workers",
+            f"data: {data_description} | median of {s.windows} windows of ~{s.window_seconds:g}s; ratios are medians "
+            f"of per-round ratios | load average {load[0]:.2f} -> {load[1]:.2f} | {wall:.0f}s",
+            "sections: 1 model-only step, 2 vs torchvision, 3 full pipeline, 4 data, 5 evaluation, 6 memory, "
+            "I inference (CPU, PyTorch vs ONNX fp32 vs int8), C choices behind train.py's defaults, G GPU decoding", ""]
 
 
 # ---------------------------------------------------------------- main
@@ -1111,18 +1094,6 @@ def main(args):
                        "figures": report.figures, "rows": report.rows}, f, indent=2, default=str)
         print(f"\nwrote {settings.json}")
     return 0
-
-
-def summary(settings, env, data_description, wall):
-    """The lines above the table: the machine, the settings, the data, the load and the run's length."""
-    s, load = settings, (env["load_average_start"][0], env["load_average_end"][0])
-    return ["", f"MobileNetV3 benchmark: {env['device_name']} ({s.device}, {env['cpu_cores']} cores, "
-                f"{env['torch_threads']} torch threads) | torch {env['torch']} | {s.arch} {s.width_mult:g} | "
-                f"batch {s.batch_size} | {s.img_size}px | {s.workers} workers",
-            f"data: {data_description} | median of {s.windows} windows of ~{s.window_seconds:g}s; ratios are medians "
-            f"of per-round ratios | load average {load[0]:.2f} -> {load[1]:.2f} | {wall:.0f}s",
-            "sections: 1 model-only step, 2 vs torchvision, 3 full pipeline, 4 data, 5 evaluation, 6 memory, "
-            "I inference (CPU, PyTorch vs ONNX fp32 vs int8), C choices behind train.py's defaults, G GPU decoding", ""]
 
 
 if __name__ == "__main__":
