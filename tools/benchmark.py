@@ -104,7 +104,6 @@ def get_args_parser():
         help="section I: PyTorch eager vs ONNX fp32 vs ONNX int8 on the CPU (export.py's files)")
     add("--inference-only", action="store_true", help="run section I alone")
     add("--calib-images", type=int, default=64, help="section I: int8 calibration images")
-    add("--memory-probe", default=None, help=argparse.SUPPRESS)  # section 6's child process
     add("--quick", action="store_true", help=f"shorter windows and smaller index tests: {QUICK}")
     return parser
 
@@ -539,42 +538,21 @@ def bench_eval(report, settings, trainer, splits):
 
 
 def bench_memory(report, settings, root, folder):
-    """Section 6: the peak memory of a training process and its workers after train.build_run and
-    MEMORY_PROBE_STEPS steps, in a fresh interpreter: workers forked from this one would inherit every contender."""
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", root, "--device", str(settings.device),
-               "--arch", settings.arch, "--width-mult", str(settings.width_mult), "-b", str(settings.batch_size),
-               "--img-size", str(settings.img_size), "--workers", str(settings.workers)]
-    try:
-        probe = subprocess.run(command + (["--threads", str(settings.threads)] if settings.threads else []),
-                               capture_output=True, text=True, cwd=folder, timeout=600)
-        memory = json.loads(probe.stdout.strip().splitlines()[-1])
-    except subprocess.TimeoutExpired:
-        return report.add("6", "memory of a training process", note="probe timed out")
-    except (ValueError, IndexError):  # it failed: its last words say why
-        last = (probe.stderr.strip().splitlines() or ["no output"])[-1][:80]
-        return report.add("6", "memory of a training process", note=f"probe failed: {last}")
-    main, workers = memory["main"], memory["workers"]
+    """Section 6: the peak memory of a training process and its workers after train.build_run and MEMORY_PROBE_STEPS
+    steps. It runs first, so that this process holds nothing else yet and its workers inherit nothing else."""
+    pipe = Pipeline(settings, root, os.path.join(folder, "memory"), settings.workers)
+    pipe.run(MEMORY_PROBE_STEPS)
+    sync(settings.device)
+    main, workers = memory_mb(), [memory_mb(pid) for pid in child_pids()]
     report.add("6", "peak RSS, training process", [main["peak_rss"]], "MB", "peak_rss_main",
-               note=f"VmHWM of a fresh process from train.build_run, {MEMORY_PROBE_STEPS} steps")
+               note=f"VmHWM after train.build_run and {MEMORY_PROBE_STEPS} steps, before the other sections")
     report.add("6", f"peak RSS, its {plural(len(workers), 'loader worker')} (sum)",
                [total(w["peak_rss"] for w in workers)], "MB", "peak_rss_workers", note="shared pages counted in each")
     report.add("6", "PSS, process + workers", [total([main["pss"]] + [w["pss"] for w in workers])], "MB",
                "pss_total", note="shared pages split between them")
-    if memory["gpu_peak_mb"] is not None:
-        report.add("6", "peak GPU memory allocated", [memory["gpu_peak_mb"]], "MB", "peak_gpu_memory")
-
-
-def memory_probe(settings):
-    """Section 6's child process: prints one JSON line."""
-    with tempfile.TemporaryDirectory(prefix="mobilenetv3-memory-") as folder:
-        pipe = Pipeline(settings, settings.memory_probe, folder, settings.workers)
-        pipe.run(MEMORY_PROBE_STEPS)
-        sync(settings.device)
-        result = {"main": memory_mb(), "workers": [memory_mb(pid) for pid in child_pids()],
-                  "gpu_peak_mb": utils.peak_memory_mb(settings.device)}
-        pipe.close()
-    print(json.dumps(result))
-    return 0
+    if settings.device.type == "cuda":
+        report.add("6", "peak GPU memory allocated", [utils.peak_memory_mb(settings.device)], "MB", "peak_gpu_memory")
+    pipe.close()
 
 
 # ---------------------------------------------------------------- section C: the choices behind train.py's defaults
@@ -1059,8 +1037,6 @@ def main(args):
     if settings.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.build_run sets it
     utils.seed_everything(0)
-    if settings.memory_probe:
-        return memory_probe(settings)
     env, report = environment(settings.device), Report()
     with tempfile.TemporaryDirectory(prefix="mobilenetv3-benchmark-") as folder, \
             mock.patch.dict(os.environ, XDG_CACHE_HOME=os.path.join(folder, "cache")):  # dataset.py's listing cache
@@ -1069,8 +1045,8 @@ def main(args):
         splits = dataset.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
         print(f"benchmarking on {env['device_name']} ({settings.device}) with {data_description} ...", flush=True)
         if not settings.inference_only:
-            trainer, step_rates = bench_training(report, settings, root, folder)
             bench_memory(report, settings, root, folder)
+            trainer, step_rates = bench_training(report, settings, root, folder)
             bench_eval(report, settings, trainer, splits)
             bench_loader(report, settings, splits, root, folder)
             if settings.index_files > 0:
