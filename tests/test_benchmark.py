@@ -43,8 +43,8 @@ def tiny_run(tiny_data, tmp_path_factory):
     args = benchmark.get_args_parser().parse_args([
         "--data-path", tiny_data, "--device", "cpu", "--arch", "small", "--width-mult", "0.5", "-b", "4",
         "--img-size", "32", "--workers", "1", "--threads", "1", "--windows", "1", "--steps", "1",
-        "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--gpu-decode", "--calib-images", "8",
-        "--busy", "2", "--busy-seconds", "60", "--json", str(out)])
+        "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--gpu-decode",
+        "--calib-images", "8", "--busy", "2", "--busy-seconds", "60", "--json", str(out)])
     parsed = vars(args).copy()
     with mock.patch.object(benchmark, "busy_processes", recorded):
         assert benchmark.main(args) == 0

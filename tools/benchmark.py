@@ -669,7 +669,8 @@ def bench_loader(report, settings, splits, root, folder):
                                        **options)
         sampler = dataset.EpochSampler(len(image_set), shuffle=True, seed=0, drop_last=True)
         loader = dataset.build_loader(image_set, sampler, batch, 1, train=True)
-        loader.worker_init_fn = worker_init or loader.worker_init_fn
+        if worker_init:
+            loader.worker_init_fn = worker_init
         return loader
     image_folder = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=pil_transforms.Compose([
         pil_transforms.RandomResizedCrop(settings.img_size), pil_transforms.RandomHorizontalFlip(),
@@ -940,8 +941,8 @@ class Report:
         ratios = ratio if isinstance(ratio, list) else None
         if ratios:
             ratio = statistics.median(ratios)
-            note = f"rounds {min(ratios):.2f}-{max(ratios):.2f}" + (f"; {note}" if note else "") if len(ratios) > 1 \
-                else note
+            if len(ratios) > 1:
+                note = "; ".join(filter(None, [f"rounds {min(ratios):.2f}-{max(ratios):.2f}", note]))
         result = ""
         if ratio is not None and target is not None:
             result = "PASS" if ratio >= target else "MISS"
