@@ -25,6 +25,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ import dataset
 import model as model_lib
 import utils
 from utils import CheckpointError, UserError
+
+EXPORT_FORMAT = "mobilenetv3-torch-onnx/1"  # metadata "format" of export.py's files: tells them from other ONNX models
 
 
 def get_args_parser():
@@ -103,8 +106,7 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
 def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_classes=None):
     """Rebuild the model from a checkpoint alone. Returns (model, info) with classes, names and settings."""
     if str(path).lower().endswith(".onnx"):  # an exported model, run by onnxruntime (export.py)
-        import export
-        net, info = export.load_onnx_for_eval(path)
+        net, info = load_onnx_for_eval(path)
         check_model_flags(info["config"], arch, width_mult, num_classes)
         check_weights_held(path, info["weights"], weights)
         return net, info
@@ -136,6 +138,72 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
             "data_path": ckpt.get("data_path") or args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config,
             "val_split": (args.get("val_split_fraction") or 0, args.get("seed", 0))}
     return net, info
+
+
+# ---------------------------------------------------------------- ONNX files of export.py, run like a model
+
+def read_metadata(path, props):
+    """The metadata of one of our files back as Python values; CheckpointError when it is not one."""
+    if json.loads(props.get("format", "null")) != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is an ONNX model but not one written by export.py (no {EXPORT_FORMAT} "
+                              "metadata: classes and preprocessing unknown)")
+    try:
+        return {key: json.loads(value) for key, value in props.items()}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has unreadable metadata ({e})") from None
+
+
+def onnx_session(path, threads=None):
+    """An onnxruntime CPU session; threads default to torch's (the tests and benchmark set them)."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # errors only: its warnings about unused initializers say nothing to a user
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file as a module: forward(normalized float NCHW batch) -> float logits, by onnxruntime on the CPU.
+
+    A file exported with a fixed batch size gets its batches in chunks of that size, the last one padded."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        batch = session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None
+
+    def forward(self, images):
+        array = images.detach().float().cpu().contiguous().numpy()  # channels_last arrives as a strided view
+        if self.fixed_batch is None:
+            logits = self.session.run(None, {self.input_name: array})[0]
+        else:
+            chunks = []
+            for start in range(0, len(array), self.fixed_batch):
+                chunk = array[start:start + self.fixed_batch]
+                padded = np.zeros((self.fixed_batch, *chunk.shape[1:]), dtype=np.float32)
+                padded[:len(chunk)] = chunk
+                chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(chunk)])
+            logits = np.concatenate(chunks)
+        return torch.from_numpy(logits).to(images.device)
+
+
+def load_onnx_for_eval(path):
+    """An ONNX file of export.py as (module, info), info as load_model_for_eval gives for a checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"ONNX file not found: {path}")
+    try:
+        session = onnx_session(path)
+    except Exception as e:  # onnxruntime's errors have no common base class beyond Exception
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable ONNX model ({reason})") from None
+    meta = read_metadata(path, session.get_modelmeta().custom_metadata_map)
+    info = {"classes": meta["classes"], "class_names": meta["class_names"], "weights": meta["weights"],
+            "norm": meta["norm"], "val_resize_size": meta["val_resize_size"], "val_crop_size": meta["val_crop_size"],
+            "amp": False, "amp_dtype": "auto", "data_path": meta["data_path"], "epoch": meta["epoch"],
+            "config": meta["config"], "val_split": tuple(meta.get("val_split", (0, 0)))}
+    return OnnxModel(session), info
 
 
 def check_model_flags(config, arch, width_mult, num_classes):

@@ -30,14 +30,13 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import dataset
 import evaluate
 import utils
+from evaluate import EXPORT_FORMAT, OnnxModel, onnx_session  # onnx_session: benchmark.py uses export.onnx_session
 from utils import CheckpointError, UserError
 
-EXPORT_FORMAT = "mobilenetv3-torch-onnx/1"  # metadata "format": tells our files from other ONNX models
 MIN_OPSET = 14  # HardSwish became an ONNX operator in opset 14; HardSigmoid is older
 MAX_OPSET = 20  # the TorchScript exporter's newest (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
 DEFAULT_OPSET = 17  # has native HardSwish and HardSigmoid; read by TensorRT 8.6+, OpenVINO and ORT Mobile
@@ -113,72 +112,6 @@ def make_metadata(info, img_size, batch_size, precision, checkpoint, calibration
         "exported_with": {"torch": torch.__version__},
     }
     return {key: json.dumps(value) for key, value in metadata.items()}
-
-
-def read_metadata(path, props):
-    """The metadata of one of our files back as Python values; CheckpointError when it is not one."""
-    if json.loads(props.get("format", "null")) != EXPORT_FORMAT:
-        raise CheckpointError(f"{path} is an ONNX model but not one written by export.py (no {EXPORT_FORMAT} "
-                              "metadata: classes and preprocessing unknown)")
-    try:
-        return {key: json.loads(value) for key, value in props.items()}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} has unreadable metadata ({e})") from None
-
-
-# ---------------------------------------------------------------- running an ONNX file like a model
-
-def onnx_session(path, threads=None):
-    """An onnxruntime CPU session; threads default to torch's (the tests and benchmark set them)."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3  # errors only: its warnings about unused initializers say nothing to a user
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class OnnxModel(nn.Module):
-    """An ONNX file as a module: forward(normalized float NCHW batch) -> float logits, by onnxruntime on the CPU.
-
-    A file exported with a fixed batch size gets its batches in chunks of that size, the last one padded."""
-
-    def __init__(self, session):
-        super().__init__()
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-        batch = session.get_inputs()[0].shape[0]
-        self.fixed_batch = batch if isinstance(batch, int) else None
-
-    def forward(self, images):
-        array = images.detach().float().cpu().contiguous().numpy()  # channels_last arrives as a strided view
-        if self.fixed_batch is None:
-            logits = self.session.run(None, {self.input_name: array})[0]
-        else:
-            chunks = []
-            for start in range(0, len(array), self.fixed_batch):
-                chunk = array[start:start + self.fixed_batch]
-                padded = np.zeros((self.fixed_batch, *chunk.shape[1:]), dtype=np.float32)
-                padded[:len(chunk)] = chunk
-                chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(chunk)])
-            logits = np.concatenate(chunks)
-        return torch.from_numpy(logits).to(images.device)
-
-
-def load_onnx_for_eval(path):
-    """An ONNX file of export.py as (module, info), info as evaluate.load_model_for_eval gives for a checkpoint."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"ONNX file not found: {path}")
-    try:
-        session = onnx_session(path)
-    except Exception as e:  # onnxruntime's errors have no common base class beyond Exception
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable ONNX model ({reason})") from None
-    meta = read_metadata(path, session.get_modelmeta().custom_metadata_map)
-    info = {"classes": meta["classes"], "class_names": meta["class_names"], "weights": meta["weights"],
-            "norm": meta["norm"], "val_resize_size": meta["val_resize_size"], "val_crop_size": meta["val_crop_size"],
-            "amp": False, "amp_dtype": "auto", "data_path": meta["data_path"], "epoch": meta["epoch"],
-            "config": meta["config"], "val_split": tuple(meta.get("val_split", (0, 0)))}
-    return OnnxModel(session), info
 
 
 # ---------------------------------------------------------------- real images: calibration and the check
