@@ -1,16 +1,14 @@
-"""Evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion matrix, and predictions for images.
+"""Score a checkpoint, a torchvision state dict or an .onnx file of export.py: top-1/top-5, loss, per-class
+accuracy and a confusion matrix on a validation split, or the top-5 classes of single images.
 
-    python evaluate.py checkpoints/latest/best.pth                       # the demo validation split
-    python evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet --json metrics.json --per-class classes.csv
-    python evaluate.py checkpoints/latest/best.pth --confusion confusion.png --log-dir runs/eval
+    python evaluate.py checkpoints/latest/best.pth                       # the split it was validated on
+    python evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet --json m.json --per-class c.csv
+    python evaluate.py checkpoints/latest/best.onnx --confusion confusion.png --log-dir runs/eval
     python evaluate.py checkpoints/latest/best.pth --predict cat.jpg dog.jpg
-    python evaluate.py mobilenet_v3_large-8738ca79.pth --data-path /data/imagenet   # a torchvision state dict
-    torchrun --nproc_per_node=4 evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet  # same numbers, faster
+    torchrun --nproc_per_node=4 evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet  # same numbers
 
-The model is rebuilt from the checkpoint alone; classes are matched by name, so a validation folder holding a
-subset of the classes, or ordered differently, is scored correctly. An unreadable validation image is left out
-(never scored as another image) and named: `skipped_images` and `skipped_files` in --json, over all processes.
---predict turns each image upright by its EXIF orientation first, as an image viewer shows it.
+Inside: evaluate() (train.py validates with it), load_model_for_eval, the onnxruntime runner export.py checks its
+files with, the confusion summary and its picture, --predict, and main. README "Evaluating" has the rest.
 """
 import os
 
@@ -67,10 +65,8 @@ def get_args_parser():
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, norm, channels_last=False, num_classes=None, desc="val",
              show_progress=True):
-    """Loss, top-1, top-5 over the whole loader, summed over ranks so each image counts exactly once.
-
-    With num_classes, also the confusion matrix (rows: true class, columns: predicted class).
-    """
+    """Loss, top-1, top-5 over the whole loader, summed over ranks so each image counts exactly once; with
+    num_classes, also the confusion matrix (rows: true class, columns: predicted class)."""
     model.eval()
     mean, std = dataset.NORMS[norm]
     totals = torch.zeros(4, dtype=utils.sum_dtype(device), device=device)  # loss sum, top-1 hits, top-5 hits, images
@@ -88,8 +84,8 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
         totals[1:3] += utils.correct_topk(logits, targets, (1, 5)).to(totals.dtype)
         totals[3] += targets.numel()
         if confusion is not None:
-            pred = logits.argmax(dim=1)
-            confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes ** 2).view_as(confusion)
+            cells = targets * num_classes + logits.argmax(dim=1)
+            confusion += torch.bincount(cells, minlength=num_classes ** 2).view_as(confusion)
     utils.all_reduce_sum(totals)
     if confusion is not None:
         utils.all_reduce_sum(confusion)
@@ -102,7 +98,8 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
 
 
 def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_classes=None):
-    """Rebuild the model from a checkpoint alone. Returns (model, info) with classes, names and settings."""
+    """(model, info) from the file alone: a checkpoint or weights file of train.py, a torchvision state dict, or an
+    .onnx file of export.py; info holds the classes, their names and the validation settings."""
     if str(path).lower().endswith(".onnx"):  # an exported model, run by onnxruntime (export.py)
         net, info = load_onnx_for_eval(path)
         check_model_flags(info["config"], arch, width_mult, num_classes)
@@ -162,7 +159,6 @@ def onnx_session(path, threads=None):
 
 class OnnxModel(nn.Module):
     """An ONNX file as a module: forward(normalized float NCHW batch) -> float logits, by onnxruntime on the CPU.
-
     A file exported with a fixed batch size gets its batches in chunks of that size, the last one padded."""
 
     def __init__(self, session):
@@ -175,16 +171,13 @@ class OnnxModel(nn.Module):
     def forward(self, images):
         array = images.detach().float().cpu().contiguous().numpy()  # channels_last arrives as a strided view
         if self.fixed_batch is None:
-            logits = self.session.run(None, {self.input_name: array})[0]
-        else:
-            chunks = []
-            for start in range(0, len(array), self.fixed_batch):
-                chunk = array[start:start + self.fixed_batch]
-                padded = np.zeros((self.fixed_batch, *chunk.shape[1:]), dtype=np.float32)
-                padded[:len(chunk)] = chunk
-                chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(chunk)])
-            logits = np.concatenate(chunks)
-        return torch.from_numpy(logits).to(images.device)
+            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0]).to(images.device)
+        chunks = []
+        for start in range(0, len(array), self.fixed_batch):
+            chunk = array[start:start + self.fixed_batch]
+            padded = np.pad(chunk, [(0, self.fixed_batch - len(chunk)), (0, 0), (0, 0), (0, 0)])
+            chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(chunk)])
+        return torch.from_numpy(np.concatenate(chunks)).to(images.device)
 
 
 def load_onnx_for_eval(path):
@@ -197,10 +190,10 @@ def load_onnx_for_eval(path):
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is not a readable ONNX model ({reason})") from None
     meta = read_metadata(path, session.get_modelmeta().custom_metadata_map)
-    info = {"classes": meta["classes"], "class_names": meta["class_names"], "weights": meta["weights"],
-            "norm": meta["norm"], "val_resize_size": meta["val_resize_size"], "val_crop_size": meta["val_crop_size"],
-            "amp": False, "amp_dtype": "auto", "data_path": meta["data_path"], "epoch": meta["epoch"],
-            "config": meta["config"], "val_split": tuple(meta.get("val_split", (0, 0)))}
+    keys = ("classes", "class_names", "weights", "norm", "val_resize_size", "val_crop_size", "data_path", "epoch",
+            "config")
+    info = {**{key: meta[key] for key in keys}, "amp": False, "amp_dtype": "auto",
+            "val_split": tuple(meta.get("val_split", (0, 0)))}
     return OnnxModel(session), info
 
 
@@ -235,8 +228,7 @@ def _load_torchvision(path, state, arch, width_mult, num_classes):
     # torchvision's output i is the i-th class in sorted folder order; the classes come from the data folder.
     info = {"classes": None, "class_names": None, "weights": "torchvision state dict", "norm": "imagenet",
             "val_resize_size": 256, "val_crop_size": 224, "amp": False, "amp_dtype": "auto", "data_path": None,
-            "epoch": None,
-            "config": net.config.as_dict()}
+            "epoch": None, "config": net.config.as_dict()}
     return net, info
 
 
@@ -267,17 +259,9 @@ def output_names(info, num_outputs):
 
 def per_class_rows(confusion, classes, class_names):
     """(class, name, images, correct, accuracy %) for every class that has validation images."""
-    totals = confusion.sum(dim=1)
-    correct = confusion.diagonal()
-    rows = []
-    for i in torch.nonzero(totals).flatten().tolist():
-        rows.append((classes[i], class_names[i], int(totals[i]), int(correct[i]), 100.0 * int(correct[i]) / int(totals[i])))
-    return rows
-
-
-def short_name(name, limit=28):
-    name = printable(name)
-    return name if len(name) <= limit else name[:limit - 1] + "~"
+    totals, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
+    return [(classes[i], class_names[i], totals[i], correct[i], 100.0 * correct[i] / totals[i])
+            for i in range(len(totals)) if totals[i]]
 
 
 class ConfusionSummary(typing.NamedTuple):
@@ -368,6 +352,11 @@ def label_confusion_axes(axes, classes, names, cell_points, cell_pixels):
         axes.set_xticks(ticks, [str(classes[k]) for k in ticks], fontsize=8)
         axes.set_yticks(ticks, [str(classes[k]) for k in ticks], fontsize=8)
         axes.set_xlabel("predicted class (class indices in sorted class order, as in the per-class CSV)")
+
+
+def short_name(name, limit=28):
+    name = printable(name)
+    return name if len(name) <= limit else name[:limit - 1] + "~"
 
 
 def confusion_pair_list(summary, class_names):
@@ -538,7 +527,7 @@ def write_outputs(settings, metrics, rows, confusion, names):
     if settings.per_class:
         write_per_class_csv(rows, settings.per_class)
         print(f"wrote per-class accuracy to {printable(settings.per_class)}")
-    png = settings.confusion
+    png = settings.confusion or (os.path.join(settings.log_dir, "confusion.png") if settings.log_dir else None)
     if png:
         draw_confusion(confusion, names, png)
         print(f"wrote the confusion matrix to {printable(png)}")
@@ -548,10 +537,6 @@ def write_outputs(settings, metrics, rows, confusion, names):
         with SummaryWriter(settings.log_dir) as writer:
             for key in ("top1", "top5", "loss", "images_per_sec"):
                 writer.add_scalar(f"eval/{key}", metrics[key], 0)
-            if not png:
-                png = os.path.join(settings.log_dir, "confusion.png")
-                draw_confusion(confusion, names, png)
-                print(f"wrote the confusion matrix to {printable(png)}")
             with Image.open(png) as picture:
                 writer.add_image("eval/confusion", np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
         print(f"wrote TensorBoard events to {printable(settings.log_dir)}")
