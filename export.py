@@ -1,22 +1,13 @@
-"""Export a checkpoint for deployment, then prove the file scores what the checkpoint scores.
+"""Export a checkpoint for deployment (ONNX fp32 or int8, or torch.export's pt2), then prove that the file scores
+what the checkpoint scores; or average several checkpoints' weights into one file.
 
-    python export.py checkpoints/latest/best.pth                         # -> best.onnx beside it (fp32)
-    python export.py checkpoints/latest/best.pth --int8 --calib-data /data/imagenet   # -> best.int8.onnx
-    python export.py checkpoints/latest/best.pth --format pt2            # -> best.pt2 (torch.export)
-    python export.py checkpoints/latest/best.pth --opset 14 --batch-size 1 --img-size 224 --output mnv3.onnx
-    python export.py checkpoints/latest/epoch_*.pth --format average     # -> averaged_weights.pth (train.py
-                                                                         #    --keep-checkpoints K keeps them)
-    python evaluate.py checkpoints/latest/best.onnx --data-path /data/imagenet   # score the exported file
+    python export.py checkpoints/latest/best.pth                                     # -> best.onnx beside it
+    python export.py checkpoints/latest/best.pth --int8 --calib-data /data/imagenet  # -> best.int8.onnx
+    python export.py checkpoints/latest/best.pth --format pt2                        # -> best.pt2
+    python export.py checkpoints/latest/epoch_*.pth --format average                 # -> averaged_weights.pth
 
-The ONNX file takes the normalized float batch "images" (N, 3, H, W) and returns "logits" (N, classes). Its
-metadata (JSON strings) holds everything needed to use it: classes, class names, mean/std, the resize and crop,
-the model config and where it came from. After writing, the file is run by onnxruntime against PyTorch on real
-images (from --calib-data, else the checkpoint's data folder) and the differences are printed; a file that does
-not match is never left at --output.
-
-int8 is onnxruntime's static quantization of the fp32 ONNX file (QDQ, per-channel int8 weights, symmetric int8
-activations with percentile calibration; measured choices, see quantize_onnx). It needs no package beyond
-onnxruntime; torch 2.14 no longer ships the PT2E quantizers (they moved to torchao).
+Inside: the metadata written into each file, real images for calibration and the check, the writers, main.
+evaluate.py runs the .onnx files (OnnxModel); README "Deploying" and docs/deploying.md say what was measured.
 """
 import argparse
 import contextlib
@@ -122,9 +113,7 @@ def image_index(folder, split="train"):
         splits = dataset.find_dataset(folder)
         index = splits.val if split == "val" and splits.val is not None and len(splits.val) else splits.train
     except dataset.DataError:
-        if not os.path.isdir(folder):
-            raise
-        if os.path.isdir(os.path.join(folder, "train")):
+        if not os.path.isdir(folder) or os.path.isdir(os.path.join(folder, "train")):
             raise
         files = dataset.list_images(folder)  # a plain folder of images (no train/): labels unknown, unused here
         index = dataset.FileIndex(folder, files, [0] * len(files))
@@ -170,9 +159,8 @@ def compare_with_pytorch(net, run, images, batch_size):
 # ---------------------------------------------------------------- writing the files
 
 def export_onnx_graph(net, path, opset, img_size, batch_size):
-    """The fp32 graph. The TorchScript exporter, not dynamo's: for this static graph both give identical logits,
-    but dynamo's is ~5x slower here (10 s against 2 s), writes opset 18 only (its down-conversion fails on
-    ReduceMean), and gives ReduceMean where this gives GlobalAveragePool, which int8 runtimes quantize."""
+    """The fp32 graph, by the TorchScript exporter: dynamo's writes opset 18 only and ReduceMean where this one
+    writes GlobalAveragePool, which int8 runtimes quantize (docs/deploying.md)."""
     example = torch.zeros(batch_size or 2, 3, img_size, img_size)
     dynamic = None if batch_size else {"images": {0: "batch"}, "logits": {0: "batch"}}
     # torch < 2.5 has only this exporter and no `dynamo` argument; 2.9 and later default to dynamo
@@ -184,19 +172,10 @@ def export_onnx_graph(net, path, opset, img_size, batch_size):
 
 
 def quantize_onnx(fp32_path, int8_path, batches, folder):
-    """Static int8 with onnxruntime: QDQ nodes, per-channel int8 weights, symmetric int8 activations whose ranges
-    are the 99.999th percentile of their values on the calibration batches. Measured on a 4-class ImageNet task
-    (Small 0.5, 64 px, 400 images; fp32 64.5% top-1): onnxruntime's defaults (uint8 activations, MinMax) gave
-    57.0% and agreed with fp32 on 69% of the images; symmetric int8 with MinMax 62.5% (90%); with the percentile
-    64.0% (92%). quant_pre_process folds BatchNorm into the convolutions and infers shapes for the quantizer.
-
-    Weights are quantized to 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only) onnxruntime's int8
-    kernels add pairs of 8-bit products in saturating 16-bit sums, and onnxruntime recommends 7-bit weights
-    there. Measured on a 2-core AVX2 EPYC, 7 against 8 bits: top-1 agreement with fp32 93.9% against 89.8% on
-    the 4-class ImageNet task above (98 held-out images; top-1 59.2% against 61.2%, fp32 61.2%), largest logit
-    error 11.1 against 24.2 on the demo model; the tests' 3-class model fell from fp32's 100% to 77.8% top-1
-    with 8 bits. A file is exported once and may run on any CPU, so the safe choice is the default (its cost on
-    VNNI CPUs, where 8 bits cannot saturate, was not measured here)."""
+    """Static int8 by onnxruntime, as measured best in docs/deploying.md: QDQ nodes, per-channel weights, symmetric
+    int8 activations ranged at the 99.999th percentile of the calibration batches (MinMax where a tensor has one
+    value throughout, as in an untrained network). Weights get 7 bits (reduce_range): on CPUs without VNNI the
+    8-bit kernels saturate. quant_pre_process folds BatchNorm into the convolutions and infers shapes."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -313,12 +292,8 @@ def average_checkpoints(paths, weights=None):
             raise CheckpointError(f"{path} holds no EMA weights")
         else:
             states.append(ckpt["ema_model"] if weights == "ema" else ckpt["model"])
-    average = {}
-    for key, last in states[-1].items():
-        if last.is_floating_point():
-            average[key] = (sum(state[key].double() for state in states) / len(states)).to(last.dtype)
-        else:
-            average[key] = last.clone()
+    average = {key: (sum(state[key].double() for state in states) / len(states)).to(last.dtype)
+               if last.is_floating_point() else last.clone() for key, last in states[-1].items()}
     keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "data_path")
     return {"format": utils.WEIGHTS_FORMAT, "weights": f"average of {len(paths)}", "model": average,
             "best_top1": -1.0, "epoch": files[-1].get("epoch"), "averaged": [os.path.abspath(p) for p in paths],
