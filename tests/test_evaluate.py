@@ -266,6 +266,13 @@ def test_confusion_png_is_written_from_10_to_1000_classes(tmp_path, num_classes)
     assert len(colours) > 50  # cells, text and the colour scale, not a blank page
 
 
+def test_imports_neither_export_nor_matplotlib():
+    # one import direction (export.py imports evaluate.py's ONNX runner), and matplotlib only when a picture is drawn
+    code = "import sys, evaluate; print(sorted({'export', 'matplotlib'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_a_validation_split_of_only_unreadable_files_is_an_error(trained, tmp_path, capsys):
     (tmp_path / "val" / "n00000001").mkdir(parents=True)
     (tmp_path / "val" / "n00000001" / "a.JPEG").write_bytes(b"")
