@@ -368,6 +368,23 @@ class StopRequest:
         return self.signal_name is not None
 
 
+class UntilStopped:
+    """A validation loader that ends early once a stop is requested (that pass is then discarded): a preempted
+    job saves within one batch of validation. Every rank agrees on the stop after the pass (any_rank)."""
+
+    def __init__(self, loader, stop):
+        self.loader, self.stop = loader, stop
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            if self.stop:
+                return
+
+
 def ignore_stop_signals(worker_id=None):
     """DataLoader worker init: let only the main process handle Ctrl-C/SIGTERM, so it can save cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
