@@ -2,7 +2,7 @@
 
     python dataset.py /path/to/imagenet     # show what is found there, without training
     python dataset.py                       # make (or reuse) the demo dataset in data/demo and show it
-    python dataset.py --resize-copy /path/to/imagenet /fast/imagenet-320 [--short-side 320] [--workers N]
+    python -m tools.resize_copy /path/to/imagenet /fast/imagenet-320 [--short-side 320] [--workers N]
                                             # a copy with every image's shorter side at most 320 px
 
 Layouts read by find_dataset(data_path), tried in this order:
@@ -48,7 +48,7 @@ Decoding: JPEGs by TorchCodec's decoder (libjpeg-turbo; torchvision's decode_jpe
 import), any other file by PIL, whatever its name says (a WebP or AVIF named .JPEG, a PNG named .jpg). Training
 crops use scaled decoding (ImageFiles): a JPEG whose RandomResizedCrop box is at least twice the output size is
 decoded at 1/2, 1/4 or 1/8 size by DCT scaling, with the same box and random stream as a full decode.
-`--resize-copy` makes a copy of a dataset with smaller images (make_resized_copy), which decodes faster still;
+tools/resize_copy.py makes a copy of a dataset with smaller images, which decodes faster still;
 RandomResizedCrop then samples its crops from the smaller images.
 """
 import atexit
@@ -1263,151 +1263,6 @@ def start_worker(nice, worker_id):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A pre-resized copy of a dataset
-
-
-RESIZED_MARKER = "RESIZED_COPY"  # written last: its presence says the copy is complete
-RESIZED_SETTINGS = ".resized-copy-settings"  # written first: a rerun must use the same settings
-LAYOUT_FILES = (*LABEL_FILE_NAMES, "LOC_synset_mapping.txt")  # what find_dataset reads besides the images
-
-
-def make_resized_copy(source, destination, short_side=320, workers=None, quality=90):
-    """Copy every image of every split of the dataset at source to the same path under destination, resized so
-    that its shorter side is at most short_side pixels (never enlarged) and written as JPEG; the label and
-    mapping files of the layout come along, so destination reads as the same layout with the same classes.
-
-    Run in parallel (a multiprocessing Pool of workers processes), each file written under a temporary name and
-    renamed when complete; a rerun skips the files already there, so an interrupted copy is resumed. An unreadable
-    image is reported, counted and left out. Returns {"resized", "unchanged", "done before", "unreadable"} counts.
-    """
-    if short_side < 1:
-        raise DataError(f"--short-side must be at least 1 pixel, not {short_side}")
-    if not 1 <= quality <= 100:
-        raise DataError(f"--quality must be in 1..100, not {quality}")
-    source = existing_folder(source, "source folder")
-    destination = os.path.abspath(os.path.expanduser(str(destination)))
-    if destination == source or destination.startswith(source + os.sep):
-        raise DataError(f"the copy {destination} must not be inside the source folder {source}")
-    if os.path.isfile(destination):
-        raise DataError(f"{destination} is a file: give a folder for the copy")
-    settings = f"short side {short_side}, quality {quality}, from {source}"
-    settings_file = os.path.join(destination, RESIZED_SETTINGS)
-    if os.path.isdir(destination) and os.listdir(destination):
-        try:
-            with open(settings_file) as f:
-                earlier = f.read()
-        except OSError:
-            raise DataError(f"{destination} exists and is not a resized copy: move it away or choose another "
-                            f"folder") from None
-        if earlier != settings:
-            raise DataError(f"{destination} is a resized copy with other settings ({earlier}): choose another "
-                            f"folder to copy with {settings}")
-    splits = find_dataset(source, cache_dir=None)
-    marker = os.path.join(destination, RESIZED_MARKER)
-    os.makedirs(destination, exist_ok=True)
-    with open(settings_file, "w") as f:
-        f.write(settings)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(marker)  # complete again only when this run has seen every file
-
-    tasks, folders = [], set()
-    for index in (splits.train, splits.val):
-        for i in range(len(index) if index is not None else 0):
-            relative = os.path.relpath(index.path(i), source)
-            tasks.append((index.path(i), os.path.join(destination, relative), short_side, quality))
-            folders.add(os.path.dirname(tasks[-1][1]))
-    for folder in folders:  # every class folder, even one whose images all turn out unreadable
-        os.makedirs(folder, exist_ok=True)
-    copy_layout_files(source, destination, splits)
-
-    counts = {"resized": 0, "unchanged": 0, "done before": 0, "unreadable": 0}
-    if not workers:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pool = multiprocessing.Pool(workers, initializer=start_copy_worker)
-    try:
-        results = pool.imap_unordered(resize_image_file, tasks, chunksize=8)
-        for outcome, message in tqdm(results, total=len(tasks), desc="resized copy", unit="img",
-                                     disable=not sys.stderr.isatty()):
-            counts[outcome] += 1
-            if message:
-                warn(message)
-        pool.close()  # the workers end on their own: no signal needed
-    except BaseException:
-        pool.terminate()  # an error or Ctrl-C: SIGTERM, at its default action in the workers (start_copy_worker)
-        raise
-    finally:
-        pool.join()
-    with open(marker, "w") as f:
-        f.write(f"{settings}\n" + "".join(f"{name}: {count}\n" for name, count in counts.items()))
-    return counts
-
-
-def start_copy_worker():
-    """Pool initializer of make_resized_copy: Ctrl-C is the parent's to handle (it ends the pool), and SIGTERM
-    ends a worker even when it was forked from a process with a Python handler for it (a test suite that ran
-    train.main, before StopRequest put its handlers back, hung so): with such a handler inherited,
-    Pool.terminate's SIGTERM would leave the worker alive and the pool's join waiting forever."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def copy_layout_files(source, destination, splits):
-    """The label and mapping files find_dataset reads (LAYOUT_FILES), from the dataset root and the split folders."""
-    folders = {source, os.path.dirname(splits.train.root), splits.train.root}
-    if splits.val is not None:
-        folders |= {splits.val.root, os.path.dirname(splits.val.root)}
-    for folder in folders:
-        for name in LAYOUT_FILES:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and (folder + os.sep).startswith(source + os.sep):
-                target = os.path.join(destination, os.path.relpath(path, source))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                partial = f"{target}.partial-{os.getpid()}"
-                shutil.copyfile(path, partial)
-                os.replace(partial, target)
-
-
-def resize_image_file(task):
-    """One image of make_resized_copy, in a Pool worker: (outcome, warning or None). The file is written under a
-    temporary name and renamed, so a file with the final name is complete."""
-    path, target, short_side, quality = task
-    if os.path.exists(target):
-        return "done before", None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if not data:
-            raise ValueError("empty file (0 bytes)")
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if min(width, height) <= short_side and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                resized = None  # small enough already: the same bytes, no second JPEG loss
-            else:
-                scale = min(1.0, short_side / min(width, height))
-                size = (max(1, round(width * scale)), max(1, round(height * scale)))
-                # DCT-scaled decoding down to at least twice the size, then Lanczos, as PIL's thumbnail() does
-                image.draft("RGB", (2 * size[0], 2 * size[1]))
-                resized = image.convert("L" if image.mode == "L" else "RGB")
-                if resized.size != size:
-                    resized = resized.resize(size, Image.Resampling.LANCZOS)
-    except DECODE_ERRORS as error:
-        return "unreadable", f"leaving out unreadable image {path}: {bad_file_reason(error)}"
-    partial = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{os.getpid()}")
-    try:
-        if resized is None:
-            with open(partial, "wb") as f:
-                f.write(data)
-        else:
-            resized.save(partial, format="JPEG", quality=quality)
-        os.replace(partial, target)
-    except OSError as error:  # disk full, no permission: the copy cannot go on
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise DataError(f"cannot write {target}: {error.strerror or error}") from None
-    return ("unchanged" if resized is None else "resized"), None
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The demo dataset
 
 
@@ -1525,33 +1380,12 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Show what dataset.py finds in a data folder (extracting the "
-                                                 "ILSVRC2012 tar files first if that is what it holds), or make a "
-                                                 "pre-resized copy of a dataset.")
+                                                 "ILSVRC2012 tar files first if that is what it holds).")
     parser.add_argument("data_path", nargs="?", help="dataset folder (default: make or reuse data/demo)")
     parser.add_argument("--cache-dir", default=None, help="where to cache file listings (default: "
                                                           "$XDG_CACHE_HOME or ~/.cache, /mobilenetv3-torch)")
-    group = parser.add_argument_group("pre-resized copy")
-    group.add_argument("--resize-copy", nargs=2, metavar=("SRC", "DST"), default=None,
-                       help="copy the dataset at SRC to DST, every image's shorter side at most --short-side "
-                            "pixels, as JPEG, with its label files; resumes an interrupted copy")
-    group.add_argument("--short-side", type=int, default=320, help="shorter side of the copied images, in pixels")
-    group.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
-    group.add_argument("--quality", type=int, default=90, help="JPEG quality of the resized images")
     args = parser.parse_args()
     try:
-        if args.resize_copy:
-            if args.data_path:
-                parser.error("give either a data folder to show or --resize-copy SRC DST, not both")
-            if args.workers is not None and args.workers < 1:
-                raise DataError(f"--workers must be at least 1, not {args.workers}")
-            counts = make_resized_copy(*args.resize_copy, short_side=args.short_side, workers=args.workers,
-                                       quality=args.quality)
-            destination = os.path.abspath(args.resize_copy[1])
-            print(f"{destination}: {plural(counts['resized'], 'image')} resized to a shorter side of "
-                  f"{args.short_side} px, {counts['unchanged']} small enough already (copied), "
-                  f"{counts['done before']} done by an earlier run, {counts['unreadable']} unreadable (left out)")
-            print(f"train on it with: python train.py --data-path {destination}")
-            sys.exit(0)
         splits = find_dataset(args.data_path or make_demo_dataset(), args.cache_dir)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
