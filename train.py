@@ -550,7 +550,8 @@ def prepare_output(config, rank):
         utils.prepare_output_dir(config.output_dir)
         utils.prepare_log_dir(os.path.join(config.log_dir, config.run_name))
     if config.data_path is None and rank == 0:
-        dataset.make_demo_dataset(DEMO_DIR)
+        from tools.demo_data import make_demo_dataset  # the demo run alone needs it
+        make_demo_dataset(DEMO_DIR)
 
 
 def choose_run_folder(args):

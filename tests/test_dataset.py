@@ -1,5 +1,5 @@
-"""Tests for dataset.py: the layouts it reads, odd and broken files, sampling, the listing cache, transforms and
-the demo dataset. Every dataset here is a few tiny images generated in tmp_path."""
+"""Tests for dataset.py: the layouts it reads, odd and broken files, sampling, the listing cache and transforms
+(the tools' tests are in test_tools.py). Every dataset here is a few tiny images generated in tmp_path."""
 import csv
 import inspect
 import os
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-from conftest import REPO, assert_clean_error, run_script  # noqa: E402
+from conftest import REPO  # noqa: E402
 from dataset import DataError  # noqa: E402
 
 # torchvision 0.29 deprecates its decoders: tests here call them directly, to compare (dataset.py silences only
@@ -828,31 +828,6 @@ def test_mixup_cutmix():
         torch.testing.assert_close(soft.sum(dim=1), torch.ones(4))
     both = dataset.make_mixup_cutmix(0.2, 1.0, 10)  # one of the two, chosen per batch
     assert sorted(type(transform).__name__ for transform in both.transforms) == ["CutMix", "MixUp"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The demo dataset
-
-
-def test_demo_dataset_is_deterministic_complete_and_reused(tmp_path, cache_dir):
-    first = Path(dataset.make_demo_dataset(tmp_path / "one"))
-    second = Path(dataset.make_demo_dataset(tmp_path / "two"))
-    files = sorted(path.relative_to(first) for path in first.rglob("*.jpg"))
-    assert files == sorted(path.relative_to(second) for path in second.rglob("*.jpg"))
-    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in files)
-    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # no partial folders left behind
-
-    splits = dataset.find_dataset(first, cache_dir)
-    assert len(splits.classes) == 5 and len(splits.train) == 1000 and len(splits.val) == 250
-    assert Image.open(splits.train.path(0)).size == (64, 64)
-
-    a_file = first / files[0]
-    stamp = a_file.stat().st_mtime_ns
-    assert dataset.make_demo_dataset(first) == str(first) and a_file.stat().st_mtime_ns == stamp  # reused
-    (first / dataset.DEMO_MARKER).unlink()  # as if an older or interrupted run made it
-    a_file.write_bytes(b"")
-    dataset.make_demo_dataset(first)
-    assert a_file.read_bytes() == (second / files[0]).read_bytes()  # regenerated
 
 
 # ----------------------------------------------------------------------------------------------------------

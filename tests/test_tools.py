@@ -1,7 +1,6 @@
 """Tests for the tools in tools/: the pre-resized copy, the demo dataset and the data summary. Every dataset here is a
 few tiny images generated in tmp_path."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,10 +10,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-from conftest import REPO, assert_clean_error, run_script  # noqa: E402
+from conftest import assert_clean_error, run_script  # noqa: E402
 from dataset import DataError  # noqa: E402
 from test_dataset import labelled_paths, make_class_folders, make_kaggle_layout, save_image  # noqa: E402
-from tools import resize_copy  # noqa: E402
+from tools import demo_data, resize_copy  # noqa: E402
 
 
 @pytest.fixture
@@ -152,3 +151,37 @@ def test_resized_copy_command_line(tmp_path):
     assert "4 images resized" in proc.stdout and f"--data-path {tmp_path / 'copy'}" in proc.stdout
     assert_clean_error(run_script("tools/resize_copy.py", tmp_path / "missing", tmp_path / "copy2"),
                        "does not exist")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tools/demo_data.py: the demo dataset
+
+
+def test_demo_dataset_is_deterministic_complete_and_reused(tmp_path, cache_dir):
+    first = Path(demo_data.make_demo_dataset(tmp_path / "one"))
+    second = Path(demo_data.make_demo_dataset(tmp_path / "two"))
+    files = sorted(path.relative_to(first) for path in first.rglob("*.jpg"))
+    assert files == sorted(path.relative_to(second) for path in second.rglob("*.jpg"))
+    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in files)
+    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # no partial folders left behind
+
+    splits = dataset.find_dataset(first, cache_dir)
+    assert len(splits.classes) == 5 and len(splits.train) == 1000 and len(splits.val) == 250
+    assert Image.open(splits.train.path(0)).size == (64, 64)
+
+    a_file = first / files[0]
+    stamp = a_file.stat().st_mtime_ns
+    assert demo_data.make_demo_dataset(first) == str(first) and a_file.stat().st_mtime_ns == stamp  # reused
+    (first / demo_data.DEMO_MARKER).unlink()  # as if an older or interrupted run made it
+    a_file.write_bytes(b"")
+    demo_data.make_demo_dataset(first)
+    assert a_file.read_bytes() == (second / files[0]).read_bytes()  # regenerated
+
+
+def test_demo_data_command_line(tmp_path):
+    proc = run_script("tools/demo_data.py", tmp_path / "demo")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{tmp_path / 'demo'}\n"
+    assert len(dataset.find_dataset(tmp_path / "demo", str(tmp_path / "cache")).train) == 1000
+    (tmp_path / "notes.txt").write_text("someone's file")
+    assert_clean_error(run_script("tools/demo_data.py", tmp_path / "notes.txt"), "is not a demo dataset")
