@@ -1,7 +1,7 @@
 """ImageNet data for training MobileNetV3: find the image files, decode them, augment them, batch them.
 
-    python dataset.py /path/to/imagenet     # show what is found there, without training
-    python dataset.py                       # make (or reuse) the demo dataset in data/demo and show it
+    python -m tools.show_data /path/to/imagenet     # show what is found there, without training
+    python -m tools.show_data                       # make (or reuse) the demo dataset in data/demo and show it
     python -m tools.resize_copy /path/to/imagenet /fast/imagenet-320 [--short-side 320] [--workers N]
                                             # a copy with every image's shorter side at most 320 px
 
@@ -22,7 +22,7 @@ Layouts read by find_dataset(data_path), tried in this order:
 4. The official tar files: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz
    in data_path and no train/ folder yet. torchvision.datasets.ImageNet extracts them (once; it needs scipy)
    into train/<synset>/ and val/<synset>/, which are then read as layout 2. Do it with one process
-   (`python dataset.py PATH`) before a multi-process run.
+   (`python -m tools.show_data PATH`) before a multi-process run.
 
 Classes are the sorted names of the training class folders (the order ImageFolder uses). The validation split
 is always mapped onto them by name, so its folder may hold a subset of the classes; a validation class that
@@ -554,7 +554,7 @@ def extract_ilsvrc_tars(root, splits):
                         f"train/<synset>/ and val/<synset>/") from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DataError(f"{root} holds the ILSVRC2012 tar files: extract them with one process first: "
-                        f"python dataset.py {root}")
+                        f"python -m tools.show_data {root}")
     from torchvision.datasets import ImageNet
     for split in splits:
         print(f"extracting {ILSVRC_TARS[split]} into {os.path.join(root, split)} (once; this takes a while)",
@@ -1256,25 +1256,3 @@ def start_worker(nice, worker_id):
     if nice and hasattr(os, "nice"):
         with contextlib.suppress(OSError):  # a sandbox may forbid it: then the workers keep the default
             os.nice(nice)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Show what dataset.py finds in a data folder (extracting the "
-                                                 "ILSVRC2012 tar files first if that is what it holds).")
-    parser.add_argument("data_path", nargs="?", help="dataset folder (default: make or reuse data/demo)")
-    parser.add_argument("--cache-dir", default=None, help="where to cache file listings (default: "
-                                                          "$XDG_CACHE_HOME or ~/.cache, /mobilenetv3-torch)")
-    args = parser.parse_args()
-    try:
-        from tools.demo_data import make_demo_dataset
-        splits = find_dataset(args.data_path or make_demo_dataset(), args.cache_dir)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(f"layout: {splits.layout}")
-    print(f"classes: {len(splits.classes)}, e.g. " +
-          ", ".join(f"{c} ({n})" for c, n in list(zip(splits.classes, splits.class_names))[:3]))
-    print(f"train: {plural(len(splits.train), 'image')} in {splits.train.root}")
-    print(f"val: {plural(len(splits.val), 'image')} in {splits.val.root}" if splits.val else "val: none")

@@ -1,6 +1,7 @@
 """Tests for the tools in tools/: the pre-resized copy, the demo dataset and the data summary. Every dataset here is a
 few tiny images generated in tmp_path."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-from conftest import assert_clean_error, run_script  # noqa: E402
+from conftest import REPO, assert_clean_error, run_script  # noqa: E402
 from dataset import DataError  # noqa: E402
 from test_dataset import labelled_paths, make_class_folders, make_kaggle_layout, save_image  # noqa: E402
 from tools import demo_data, resize_copy  # noqa: E402
@@ -185,3 +186,33 @@ def test_demo_data_command_line(tmp_path):
     assert len(dataset.find_dataset(tmp_path / "demo", str(tmp_path / "cache")).train) == 1000
     (tmp_path / "notes.txt").write_text("someone's file")
     assert_clean_error(run_script("tools/demo_data.py", tmp_path / "notes.txt"), "is not a demo dataset")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tools/show_data.py, and every tool run both ways
+
+
+def run_module(module, *args):
+    """python -m tools.NAME ... from the repository root, as the tools' docstrings say to run them."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_show_data_command_line(tmp_path):
+    make_class_folders(tmp_path / "data" / "train", ["b", "a"], per_class=3)
+    make_class_folders(tmp_path / "data" / "val", ["a"], per_class=1)
+    proc = run_module("tools.show_data", tmp_path / "data", "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["layout: class folders: train/<class>/; val/<class>/",
+                                        "classes: 2, e.g. a (a), b (b)",
+                                        f"train: 6 images in {tmp_path / 'data' / 'train'}",
+                                        f"val: 1 image in {tmp_path / 'data' / 'val'}"]
+    assert_clean_error(run_script("tools/show_data.py", tmp_path / "missing"), "does not exist")
+
+
+@pytest.mark.parametrize("tool", ["resize_copy", "demo_data", "show_data"])
+def test_each_tool_runs_as_a_module_and_as_a_script(tool):
+    for proc in (run_module(f"tools.{tool}", "--help"), run_script(f"tools/{tool}.py", "--help")):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: python -m tools.{tool}"), proc.stdout
+
