@@ -1,55 +1,12 @@
 """ImageNet data for training MobileNetV3: find the image files, decode them, augment them, batch them.
 
-    python -m tools.show_data /path/to/imagenet     # show what is found there, without training
-    python -m tools.show_data                       # make (or reuse) the demo dataset in data/demo and show it
-    python -m tools.resize_copy /path/to/imagenet /fast/imagenet-320 [--short-side 320] [--workers N]
-                                            # a copy with every image's shorter side at most 320 px
+find_dataset reads four layouts (Kaggle's ILSVRC download, class folders, a flat val/ folder with a label file,
+the ILSVRC2012 tar files) and caches the listing. ImageFiles, ValidationImageFiles and EncodedImageFiles (JPEGs
+decoded on the training device) give uint8 images; normalize_batch makes the floats on the device. EpochSampler
+and build_loader order and batch them. Training and validation see the stored pixels, never turned by EXIF.
 
-Layouts read by find_dataset(data_path), tried in this order:
-
-1. Kaggle's ILSVRC download: data_path holds ILSVRC/Data/CLS-LOC/train/<synset>/, the flat folder
-   ILSVRC/Data/CLS-LOC/val/, LOC_val_solution.csv and LOC_synset_mapping.txt.
-2. Class folders (torchvision's ImageFolder layout): data_path/train/<class>/<image> and, optionally,
-   data_path/val/<class>/<image>.
-3. A flat validation folder: train/ as in 2, and val/ holding the images directly plus a label file that maps
-   each image file name (with or without its extension) to a class folder name. The label file is looked for
-   in val/, then in data_path, under these names (LABEL_FILE_NAMES):
-       val_labels.csv  val_labels.txt  val.csv  val.txt  labels.csv  labels.txt  LOC_val_solution.csv
-   One image per line, "name,class" (CSV) or "name class" (whitespace separated). A header line is skipped,
-   further columns are ignored, and only the first word of the class column is read, so Kaggle's
-   "ImageId,PredictionString" file reads as well. Labels must be class names: numeric labels (Caffe's val.txt,
-   the devkit's ground truth) are refused, because their numbering depends on a class list we don't have.
-4. The official tar files: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz
-   in data_path and no train/ folder yet. torchvision.datasets.ImageNet extracts them (once; it needs scipy)
-   into train/<synset>/ and val/<synset>/, which are then read as layout 2. Do it with one process
-   (`python -m tools.show_data PATH`) before a multi-process run.
-
-Classes are the sorted names of the training class folders (the order ImageFolder uses). The validation split
-is always mapped onto them by name, so its folder may hold a subset of the classes; a validation class that
-training does not know is an error. Hidden files and folders (".DS_Store", "._x.jpg") and files without an
-image extension (IMAGE_EXTENSIONS) are ignored; images in subfolders of a class folder count for that class.
-
-Symlinked files are followed. A symlinked folder inside a class folder is followed only when it leads to a folder
-of that class folder's own tree not listed yet: a link loop (`loop -> .`) or a link out (`up -> ..`) is skipped
-with a warning, so no class takes another's images. A training class folder without images is an error (as in
-torchvision's ImageFolder): it would be a class the model can never learn, and it would shift the class indices.
-In a validation split it is only a warning (the split may hold a subset of the classes).
-
-Listing 1.28 million files is slow on network disks, so the listing of a class-folder split is cached in
-~/.cache/mobilenetv3-torch (or $XDG_CACHE_HOME/mobilenetv3-torch), never in the data folder. The cache is
-reused while the modification times of the split folder and of every folder the listing read (class folders and
-their subfolders at any depth) are unchanged: adding, removing or renaming a file anywhere invalidates it.
-
-EXIF orientation: training and validation decode the stored pixels and ignore the EXIF orientation tag, as
-torchvision's ImageFolder does, so that numbers stay comparable with published ImageNet results; prediction on
-single files (evaluate.py --predict) applies it, as an image viewer does.
-
-Decoding: JPEGs by TorchCodec's decoder (libjpeg-turbo; torchvision's decode_jpeg where torchcodec does not
-import), any other file by PIL, whatever its name says (a WebP or AVIF named .JPEG, a PNG named .jpg). Training
-crops use scaled decoding (ImageFiles): a JPEG whose RandomResizedCrop box is at least twice the output size is
-decoded at 1/2, 1/4 or 1/8 size by DCT scaling, with the same box and random stream as a full decode.
-tools/resize_copy.py makes a copy of a dataset with smaller images, which decodes faster still;
-RandomResizedCrop then samples its crops from the smaller images.
+How the layouts are read, the decoders, scaled decoding, bad files and the measurements: docs/data-pipeline.md.
+Commands: python -m tools.show_data PATH (what is found there), tools.resize_copy, tools.demo_data.
 """
 import atexit
 import contextlib
@@ -171,7 +128,7 @@ class DataSplits:
 
 
 def find_dataset(data_path, cache_dir=None):
-    """Detect the layout of data_path (see the module docstring) and index its train and val images."""
+    """Detect the layout of data_path (docs/data-pipeline.md, "Layouts") and index its train and val images."""
     root = existing_folder(data_path, "data folder")
     kaggle = kaggle_root(root)
     if kaggle:
@@ -187,7 +144,7 @@ def find_dataset(data_path, cache_dir=None):
             train_layout = "ILSVRC2012 tar files, extracted by torchvision into train/<synset>/"
         if not os.path.isdir(train_dir):
             raise DataError(f"no train/ folder in {root}: expected train/<class>/<image>, Kaggle's ILSVRC/ "
-                            f"folder or the ILSVRC2012 tar files (layouts: see dataset.py)")
+                            f"folder or the ILSVRC2012 tar files (layouts: docs/data-pipeline.md)")
     classes, train = class_folder_index(train_dir, cache_dir)
     if len(classes) == 1:
         warn(f"{train_dir} holds a single class ({classes[0]}): every prediction is that class, so accuracy "
@@ -223,7 +180,7 @@ def split_validation(index, fraction, seed=0):
 def find_val_split(data_path, classes, cache_dir=None):
     """Index the validation images under data_path, labelled by name with the given class list.
 
-    data_path may be the dataset root or the validation folder itself, in any layout of the module docstring.
+    data_path may be the dataset root or the validation folder itself, in any layout (docs/data-pipeline.md).
     Returns (FileIndex, layout description).
     """
     root = existing_folder(data_path, "validation folder")
