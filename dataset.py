@@ -553,51 +553,6 @@ def decode_jpeg_cpu(data, exif_orientation=False):
     return image
 
 
-def with_stored_orientation(data):
-    """JPEG bytes that TorchCodec decodes to the pixels as stored: data itself, or a copy of it whose EXIF
-    orientation tags all say 1 (TorchCodec always turns a JPEG by its tag, and its CPU and CUDA decoders read
-    the tag from different segments when an XMP segment comes first: with every tag at 1 neither turns)."""
-    places = [place for place in exif_orientation_places(data) if place[2] != 1]
-    if not places:
-        return data
-    data = data.clone()
-    for offset, order, _ in places:
-        data[offset:offset + 2] = torch.tensor(list((1).to_bytes(2, order)), dtype=torch.uint8)
-    return data
-
-
-def exif_orientation_places(data):
-    """[(offset, byte order, value)] of every EXIF orientation tag's value in JPEG bytes (the first directory of
-    each APP1 segment before the image data): a few reads of the segments' headers, no decoding. Walks the
-    markers as libjpeg does (stray bytes between segments skipped, markers without a length), and reads the
-    directory as TorchCodec does (big-endian unless "II"), so that no tag TorchCodec would obey is missed."""
-    header = memoryview(data.numpy())  # indexing gives plain ints: fast
-    places, position = [], 2  # after the start-of-image marker
-    while position + 4 <= len(header):
-        if header[position] != 0xFF or header[position + 1] == 0xFF:  # stray byte, or fill byte before a marker
-            position += 1
-            continue
-        marker = header[position + 1]
-        if marker in (0xDA, 0xD9):  # start of scan (the image data), end of image
-            break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length field
-            position += 2
-            continue
-        length = header[position + 2] << 8 | header[position + 3]
-        if marker == 0xE1:
-            start = position + 10  # the TIFF header, after "Exif\0\0"
-            tiff = header[start:position + 2 + length].tobytes()
-            order = "little" if tiff[:2] == b"II" else "big"
-            if len(tiff) >= 8 and int.from_bytes(tiff[2:4], order) == 0x2A:  # else XMP, say
-                directory = int.from_bytes(tiff[4:8], order)
-                count = int.from_bytes(tiff[directory:directory + 2], order)
-                for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 9), 12):
-                    if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:  # orientation, a 2-byte value
-                        places.append((start + entry + 8, order, int.from_bytes(tiff[entry + 8:entry + 10], order)))
-        position += 2 + max(length, 2)
-    return places
-
-
 # --decode-on device: a batch of JPEGs (1-D uint8 CPU tensors) decoded in one call on the device (nvjpeg on
 # CUDA) to their stored pixels, uint8 RGB (3, H, W) each; RuntimeError when one of them can't be.
 
@@ -745,6 +700,59 @@ def bad_file_reason(error):
     """What a decoding error says about the file, in one line."""
     reason = " ".join(str(error).split()) or type(error).__name__
     return re.sub(r"^\w+, \S+:\d+, ", "", reason)  # the decoder's C++ source location says nothing here
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EXIF orientation for TorchCodec: its decode_jpeg always turns a JPEG by the EXIF orientation tag (0.17 has no
+# option not to), so the tags are set to 1 in a copy of the bytes. Remove this section, and its two calls above,
+# once TorchCodec can leave the orientation alone. Why not Pillow's reading of the tag: docs/data-pipeline.md.
+
+
+def with_stored_orientation(data):
+    """JPEG bytes (a 1-D uint8 tensor) that TorchCodec decodes to the stored pixels: data, or a copy whose EXIF
+    orientation tags all say 1 (its CPU and CUDA decoders read the tag from different segments)."""
+    places = [place for place in exif_orientation_places(data) if place[2] != 1]
+    if not places:
+        return data
+    data = data.clone()
+    for offset, order, _ in places:
+        data[offset:offset + 2] = torch.tensor(list((1).to_bytes(2, order)), dtype=torch.uint8)
+    return data
+
+
+def exif_orientation_places(data):
+    """[(offset, byte order, value)] of the orientation tag in the first directory of every APP1 segment before
+    the image data, from the segment headers alone. Walks the markers as libjpeg does (stray bytes skipped,
+    markers without a length) and reads the directory as TorchCodec does (big-endian unless "II")."""
+    header = memoryview(data.numpy())  # indexing gives plain ints: fast
+    places, position = [], 2  # after the start-of-image marker
+    while position + 4 <= len(header):
+        if header[position] != 0xFF or header[position + 1] == 0xFF:  # stray byte, or fill byte before a marker
+            position += 1
+            continue
+        marker = header[position + 1]
+        if marker in (0xDA, 0xD9):  # start of scan (the image data), end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length field
+            position += 2
+            continue
+        length = header[position + 2] << 8 | header[position + 3]
+        if marker == 0xE1:
+            start = position + 10  # the TIFF header, after "Exif\0\0"
+            tiff = header[start:position + 2 + length].tobytes()
+            order = "little" if tiff[:2] == b"II" else "big"
+            if len(tiff) >= 8 and int.from_bytes(tiff[2:4], order) == 0x2A:  # else XMP, say
+                directory = int.from_bytes(tiff[4:8], order)
+                count = int.from_bytes(tiff[directory:directory + 2], order)
+                for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 9), 12):
+                    if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:  # orientation, a 2-byte value
+                        places.append((start + entry + 8, order, int.from_bytes(tiff[entry + 8:entry + 10], order)))
+        position += 2 + max(length, 2)
+    return places
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets: decoded and augmented samples
 
 
 @contextlib.contextmanager
