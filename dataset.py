@@ -54,12 +54,12 @@ ILSVRC_TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.t
                "devkit": "ILSVRC2012_devkit_t12.tar.gz"}
 KAGGLE_IMAGES = os.path.join("ILSVRC", "Data", "CLS-LOC")
 INDEX_CACHE_VERSION = 2  # 2: the cache holds the modification time of every folder listed
-# What a broken image file raises: PIL (OSError, SyntaxError, EOFError, DecompressionBombError),
-# libjpeg-turbo through torchvision (RuntimeError), odd headers (ValueError).
+# What a broken image file raises: PIL (OSError, SyntaxError, EOFError, DecompressionBombError), the JPEG
+# decoders (RuntimeError), odd headers (ValueError).
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-# What is not the file's fault when decoding on a GPU: never reported as a bad image
-DEVICE_FAILURES = tuple(getattr(torch, name) for name in ("OutOfMemoryError", "AcceleratorError") if hasattr(torch, name)) \
-    or (torch.cuda.OutOfMemoryError,)  # torch < 2.5
+# Not the file's fault when decoding on a GPU, so never reported as a bad image (AcceleratorError: torch >= 2.8)
+DEVICE_FAILURES = tuple(getattr(torch, name) for name in ("OutOfMemoryError", "AcceleratorError")
+                        if hasattr(torch, name))
 MAX_BAD_IN_A_ROW = 50  # then the data is broken, not a file
 SKIP_COUNTER_SLOTS = 256  # one per DataLoader worker process, plus the main process
 
@@ -523,15 +523,12 @@ def extract_ilsvrc_tars(root, splits):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Decoding
+# Decoding (docs/data-pipeline.md, "Decoding and EXIF orientation")
 
 
 @contextlib.contextmanager
 def torchvision_decoding():
-    """Silences, around a call of torchvision's decoders, their notice that torchvision 0.29 deprecates them in
-    favour of TorchCodec: they still decode on the device (--decode-on device) and on the CPU when torchcodec
-    cannot be imported. Around our calls only, not for the whole process. Costs ~5 us a call (measured: 1,000
-    calls), next to ~1.7 ms for decoding a 500x375 ImageNet JPEG."""
+    """Silences torchvision 0.29's notice that its decoders are deprecated, around our calls of them only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                                 category=DeprecationWarning)
@@ -539,18 +536,54 @@ def torchvision_decoding():
 
 
 def decode_jpeg_cpu(data, exif_orientation=False):
-    """JPEG bytes (a 1-D uint8 tensor) -> uint8 RGB (3, H, W), laid out height-width-channel in memory (which the
-    uint8 resize of RandomResizedCrop is fastest on): the stored pixels, or (exif_orientation=True) turned
-    upright by the EXIF orientation tag. TorchCodec's decoder where it imports, else torchvision's: the same
-    libjpeg-turbo, identical pixels and speed (measured on 400 ImageNet JPEGs)."""
+    """JPEG bytes (a 1-D uint8 tensor) -> uint8 RGB (3, H, W), laid out height-width-channel in memory (the
+    fastest layout for v2's uint8 resize): the stored pixels, or with exif_orientation turned upright by the EXIF
+    tag. TorchCodec's decoder where it imports, else torchvision's (the same libjpeg-turbo and pixels)."""
     if torchcodec_decode_jpeg is None:
         with torchvision_decoding():
             image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
-    else:  # torchcodec 0.17 always turns a JPEG by its orientation tag
+    else:
         image = torchcodec_decode_jpeg(data if exif_orientation else with_stored_orientation(data), mode="RGB")
     if not image.permute(1, 2, 0).is_contiguous():  # turned: height-width-channel in memory again
         image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     return image
+
+
+def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=False):
+    """(data, size): a JPEG in one of jpeg_modes as its bytes (a 1-D uint8 tensor) and its stored (height,
+    width); any other image decoded by PIL (turned by its EXIF tag with exif_orientation) as uint8 RGB (3, H, W),
+    and None. Image.open reads only the header: the real format, and PIL's decompression-bomb check for all."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:  # its message names our BytesIO object, not the file
+        raise Image.UnidentifiedImageError("not an image format Pillow can read") from None
+    with image:
+        has_decoder = torchcodec_decode_jpeg is not None or decode_jpeg is not None
+        if has_decoder and image.format == "JPEG" and image.mode in jpeg_modes:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), (image.height, image.width)
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
+        pixels = np.array(image.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1), None
+
+
+def decode_image_file(path, exif_orientation=False):
+    """The image at path as uint8 RGB (3, H, W): JPEGs by decode_jpeg_cpu, other files by PIL. The stored pixels,
+    as torchvision's ImageFolder gives them, or with exif_orientation turned as a viewer shows them (--predict)."""
+    data, size = read_image_file(path, exif_orientation=exif_orientation)
+    if size is None:
+        return data
+    return decode_jpeg_cpu(data, exif_orientation)
+
+
+def bad_file_reason(error):
+    """What a decoding error says about the file, in one line."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return re.sub(r"^\w+, \S+:\d+, ", "", reason)  # the decoder's C++ source location says nothing here
 
 
 # --decode-on device: a batch of JPEGs (1-D uint8 CPU tensors) decoded in one call on the device (nvjpeg on
@@ -562,20 +595,20 @@ def decode_with_torchcodec(device, jpegs):
 
 
 def decode_with_torchvision(device, jpegs):
-    """torchvision's nvjpeg decoder writes from its own stream without waiting for ours (pytorch/vision#9606):
-    the current stream is synchronized first, or it could overwrite memory that queued kernels are about to read."""
+    """torchvision's nvjpeg writes from a stream of its own without waiting for ours (pytorch/vision#9606): the
+    current stream is synchronized first, so it cannot overwrite memory that queued kernels are about to read."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     with torchvision_decoding():
         return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
 
 
+DEVICE_DECODERS = {"TorchCodec": decode_with_torchcodec, "torchvision": decode_with_torchvision}
+
+
 def decode_jpegs_on(device, jpegs):
     """The batch decoded by the decoder that works on device (device_jpeg_decoder)."""
     return DEVICE_DECODERS[device_jpeg_decoder(device)](device, jpegs)
-
-
-DEVICE_DECODERS = {"TorchCodec": decode_with_torchcodec, "torchvision": decode_with_torchvision}
 
 
 def device_jpeg_decoder(device):
@@ -587,9 +620,8 @@ def device_jpeg_decoder(device):
 
 @functools.lru_cache(maxsize=None)
 def first_decoder_that_works_on(device):
-    """Tried once per device on a small JPEG: a CPU-only torchcodec wheel (Windows, macOS, the /whl/cpu index)
-    imports but has no nvjpeg, and torchvision quietly decodes on the CPU for a device it has no decoder for.
-    DataError, with each decoder's reason, when neither works."""
+    """Tried once per device on a small JPEG: a CPU-only torchcodec wheel imports but has no nvjpeg, and
+    torchvision decodes on the CPU for a device it has no decoder for. DataError naming each reason if none works."""
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "JPEG")
     probe = [torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)]
@@ -611,95 +643,10 @@ def first_decoder_that_works_on(device):
 
 
 def is_device_failure(error):
-    """Not the file's fault: out of GPU memory, a broken CUDA context. Decoders raise these as plain RuntimeError
-    too (TorchCodec passes every C++ error through torch's stable ABI as one; torchvision wraps them)."""
+    """Out of GPU memory, a broken CUDA context: not the file's fault. The decoders raise these as plain
+    RuntimeError too (TorchCodec passes every C++ error through torch's stable ABI as one)."""
     return isinstance(error, DEVICE_FAILURES) or any(text in str(error) for text in (
         "out of memory", "CUDA error", "Failed to synchronize CUDA stream"))
-
-
-def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=False):
-    """(data, size): a JPEG in one of jpeg_modes (what decode_jpeg decodes) as its bytes in a 1-D uint8 tensor
-    and its (height, width) as stored; any other image decoded by PIL, as a uint8 RGB tensor (3, H, W), and None.
-
-    Image.open reads only the header: it tells the real format (a PNG named .JPEG goes through PIL), and it
-    applies PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) to every file, the JPEGs included.
-    exif_orientation: turn PIL-decoded images upright by their EXIF orientation tag (see decode_image_file).
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:  # its message names our BytesIO object, not the file
-        raise Image.UnidentifiedImageError("not an image format Pillow can read") from None
-    with image:
-        has_decoder = torchcodec_decode_jpeg is not None or decode_jpeg is not None
-        if has_decoder and image.format == "JPEG" and image.mode in jpeg_modes:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), (image.height, image.width)
-        if exif_orientation:
-            image = ImageOps.exif_transpose(image)
-        pixels = np.array(image.convert("RGB"))
-    return torch.from_numpy(pixels).permute(2, 0, 1), None
-
-
-def decode_image_file(path, exif_orientation=False):
-    """The image at path as a uint8 RGB tensor (3, H, W).
-
-    JPEGs are decoded by libjpeg-turbo through TorchCodec (decode_jpeg_cpu: faster than PIL, and laid out
-    height-width-channel in memory); other files (PNG, WebP, AVIF..., whatever their name) by PIL.
-    exif_orientation=False gives the pixels as stored, as torchvision's ImageFolder does (training, validation);
-    True turns the image as its EXIF orientation tag says, as image viewers show it (a phone photo, --predict).
-    """
-    data, size = read_image_file(path, exif_orientation=exif_orientation)
-    if size is None:
-        return data
-    return decode_jpeg_cpu(data, exif_orientation)
-
-
-def draw_crop_box(crop, image_size):
-    """RandomResizedCrop's box (top, left, height, width) for an image of image_size (height, width), drawn with
-    the same random calls as crop(image) makes: the box depends on the image's size only, not on its pixels."""
-    make_params = getattr(crop, "make_params", None) or crop._get_params  # torchvision < 0.21
-    box = make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
-    return box["top"], box["left"], box["height"], box["width"]
-
-
-def dct_scale(box_height, box_width, out_height, out_width):
-    """The denominator of the smallest JPEG DCT scale (1/8, 1/4, 1/2 or 1) at which a box_height x box_width crop
-    still holds at least out_height x out_width pixels, so that the crop is still shrunk, never enlarged."""
-    for scale in (8, 4, 2):
-        if box_height >= scale * out_height and box_width >= scale * out_width:
-            return scale
-    return 1
-
-
-def decode_jpeg_crop_reduced(data, scale, box, out_size):
-    """A crop of JPEG bytes (a 1-D uint8 tensor) decoded at 1/scale of their size by libjpeg-turbo's DCT scaling
-    (PIL's draft), resized to out_size (height, width): uint8 RGB (3, *out_size); None if the decoder did not
-    reduce by exactly scale.
-
-    box (top, left, height, width) is in full-size pixels. Reduced pixel (y, x) stands for the full-size pixels
-    [y*scale, (y+1)*scale) x [x*scale, (x+1)*scale), so the box's edges divided by scale are the same edges on the
-    reduced image; PIL's resize takes them as fractions, so the geometry is the full-size crop's exactly (edges
-    rounded to whole reduced pixels would shift it by up to half an output pixel: 2x the pixel difference)."""
-    top, left, height, width = box
-    with Image.open(io.BytesIO(data.numpy())) as image:
-        full_width, full_height = image.size
-        image.draft("RGB", (full_width // scale, full_height // scale))
-        if image.size != (-(-full_width // scale), -(-full_height // scale)):
-            return None
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        edges = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-        image = image.resize(out_size[::-1], Image.Resampling.BILINEAR, box=edges)  # antialiased, like v2's
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # height-width-channel in memory, like decode_jpeg's
-
-
-def bad_file_reason(error):
-    """What a decoding error says about the file, in one line."""
-    reason = " ".join(str(error).split()) or type(error).__name__
-    return re.sub(r"^\w+, \S+:\d+, ", "", reason)  # the decoder's C++ source location says nothing here
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -749,6 +696,44 @@ def exif_orientation_places(data):
                         places.append((start + entry + 8, order, int.from_bytes(tiff[entry + 8:entry + 10], order)))
         position += 2 + max(length, 2)
     return places
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scaled decoding: a RandomResizedCrop box at least twice the output decoded at 1/2, 1/4 or 1/8 size
+
+
+def draw_crop_box(crop, image_size):
+    """RandomResizedCrop's box (top, left, height, width) for an image of image_size (height, width), drawn with
+    the same random calls as crop(image) makes: it depends on the image's size only."""
+    box = crop.make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
+    return box["top"], box["left"], box["height"], box["width"]
+
+
+def dct_scale(box_height, box_width, out_height, out_width):
+    """The denominator of the smallest JPEG DCT scale (1/8, 1/4, 1/2 or 1) at which the box still holds at least
+    out_height x out_width pixels, so that the crop is still shrunk, never enlarged."""
+    for scale in (8, 4, 2):
+        if box_height >= scale * out_height and box_width >= scale * out_width:
+            return scale
+    return 1
+
+
+def decode_jpeg_crop_reduced(data, scale, box, out_size):
+    """The box (top, left, height, width, in full-size pixels) of JPEG bytes decoded at 1/scale size by DCT
+    scaling (PIL's draft) and resized to out_size (height, width): uint8 RGB (3, *out_size); None if the decoder
+    did not reduce by exactly scale. The box's edges divided by scale go to PIL's resize as fractions, so the
+    geometry is exactly the full-size crop's (rounded edges would shift it by up to half an output pixel)."""
+    top, left, height, width = box
+    with Image.open(io.BytesIO(data.numpy())) as image:
+        full_width, full_height = image.size
+        image.draft("RGB", (full_width // scale, full_height // scale))
+        if image.size != (-(-full_width // scale), -(-full_height // scale)):
+            return None
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        edges = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+        image = image.resize(out_size[::-1], Image.Resampling.BILINEAR, box=edges)  # antialiased, like v2's
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # height-width-channel in memory, like decode_jpeg's
 
 
 # ----------------------------------------------------------------------------------------------------------
