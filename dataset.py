@@ -69,10 +69,8 @@ class DataError(UserError):
 
 
 def warn(message, every_rank=True):
-    """One warning line on stderr. In the main process through tqdm.write, so that a progress bar on screen is
-    cleared first and drawn again below; a loader worker has no bar of its own (it may hold a forked copy of the
-    main process's), so it clears the terminal line itself. every_rank=False: a warning about the data that
-    every rank of a torchrun job finds alike, printed by rank 0 only."""
+    """One 'warning: ...' line on stderr; every_rank=False: on rank 0 only (what every rank finds alike). The main
+    process writes through tqdm.write, which redraws a progress bar below it; a loader worker clears the line."""
     if not every_rank and os.environ.get("RANK", "0") != "0":
         return
     if torch.utils.data.get_worker_info() is None:
@@ -94,12 +92,9 @@ def plural(count, word):
 
 
 class FileIndex:
-    """The image files of one split: paths relative to root, and their integer labels.
-
-    Two numpy arrays (fixed-width bytes and int64) rather than Python lists: DataLoader workers are forked,
-    and reading millions of Python objects there updates their reference counts, which copies their memory
-    pages into every worker. A numpy array is one object, so its pages stay shared.
-    """
+    """The image files of one split: paths relative to root, and their integer labels, as two numpy arrays. A
+    forked loader worker reading millions of Python objects would copy their memory pages (reference counts);
+    an array is one object, so its pages stay shared."""
 
     def __init__(self, root, paths, labels):
         self.root = str(root)
@@ -150,23 +145,16 @@ def find_dataset(data_path, cache_dir=None):
         warn(f"{train_dir} holds a single class ({classes[0]}): every prediction is that class, so accuracy "
              f"is 100% whatever the model learns", every_rank=False)
 
-    if os.path.isdir(val_dir):
-        val, val_layout = find_val_split(root, classes, cache_dir)
-    else:
-        val, val_layout = None, "no val/ folder"
-
-    synset_names = read_synset_mapping(kaggle or root)
-    if synset_names:
-        class_names = [synset_names.get(name, name) for name in classes]
-    else:
-        class_names = imagenet_class_names(classes)
+    val, val_layout = find_val_split(root, classes, cache_dir) if os.path.isdir(val_dir) else (None, "no val/ folder")
+    synset_names = read_synset_mapping(kaggle or root)  # Kaggle's names, else torchvision's for ILSVRC-2012
+    class_names = [synset_names.get(name, name) for name in classes] if synset_names else imagenet_class_names(classes)
     return DataSplits(f"{train_layout}; {val_layout}", classes, class_names, train, val)
 
 
 def split_validation(index, fraction, seed=0):
-    """(train, val) FileIndex from one split with no validation folder: `fraction` of each class's images held
-    out (at least one, and at least one kept for training, when a class has two or more), chosen by a generator
-    seeded with `seed` alone, so train.py and evaluate.py draw the same split."""
+    """(train, val) FileIndex of a split with no validation folder: `fraction` of each class's images held out (at
+    least one, and one kept, for a class of two or more), drawn with `seed` alone, so train.py and evaluate.py
+    hold out the same images."""
     rng = np.random.default_rng(seed)
     held_out = np.zeros(len(index), dtype=bool)
     for label in np.unique(index.labels):
@@ -178,11 +166,8 @@ def split_validation(index, fraction, seed=0):
 
 
 def find_val_split(data_path, classes, cache_dir=None):
-    """Index the validation images under data_path, labelled by name with the given class list.
-
-    data_path may be the dataset root or the validation folder itself, in any layout (docs/data-pipeline.md).
-    Returns (FileIndex, layout description).
-    """
+    """(FileIndex, layout description) of the validation images under data_path (the dataset root or the
+    validation folder itself, in any layout), labelled by name with the given class list."""
     root = existing_folder(data_path, "validation folder")
     kaggle = kaggle_root(root)
     if kaggle:
@@ -251,13 +236,9 @@ def is_image_name(name):
 
 
 def list_images(folder, prefix="", folder_times=None):
-    """Paths of the image files under folder, relative to it and sorted; subfolders are searched too.
-
-    Symlinked files are followed. A symlinked folder is followed only when its real path lies inside folder's own
-    tree and was not listed yet, so that a link loop ends and a link such as `up -> ..` does not pull in other
-    classes; such a link is skipped with a warning. folder_times, a list, receives (path, mtime_ns) of every
-    folder listed: the listing cache is valid while they are unchanged.
-    """
+    """Paths of the image files under folder and its subfolders, relative to it, sorted. A symlinked folder is
+    followed only into folder's own tree and only once, so a loop ends and `up -> ..` takes no other class's
+    images (skipped with a warning). folder_times, a list, receives (path, mtime_ns) of every folder listed."""
     top = os.path.realpath(folder)
     listed = set()  # real paths of the folders listed so far
     links = []  # symlinked folders met, followed once the plain folders are all listed
@@ -314,8 +295,8 @@ def class_folder_names(split_dir):
 
 
 def scan_class_folders(split_dir, classes):
-    """(paths relative to split_dir, labels, folder times) of the images in split_dir/<class>/ for each class;
-    folder times: (path relative to split_dir, mtime_ns) of every folder listed."""
+    """(paths, labels, (folders, mtimes)) of the images in split_dir/<class>/ for each class, as numpy arrays;
+    paths and folders relative to split_dir, the folders being every folder listed."""
     paths, labels, folder_times = [], [], []
     for label, name in enumerate(classes):
         found = list_images(os.path.join(split_dir, name), name + "/", folder_times)
@@ -328,11 +309,8 @@ def scan_class_folders(split_dir, classes):
 
 
 def class_folder_index(split_dir, cache_dir=None, classes=None):
-    """(folder classes, FileIndex) of split_dir/<class>/<image>, using the listing cache.
-
-    With classes given (a validation split), labels are mapped onto that list by name instead of the folder's own
-    order, and a class folder without images is a warning; without (a training split), it is an error.
-    """
+    """(folder classes, FileIndex) of split_dir/<class>/<image>. With classes given (a validation split), labels
+    follow that list by name, and a class folder without images is a warning; without, it is an error."""
     folder_classes, paths, labels = cached_class_folder_scan(split_dir, cache_dir)
     if not folder_classes:
         raise DataError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>")
@@ -360,12 +338,8 @@ def class_folder_index(split_dir, cache_dir=None, classes=None):
 
 
 def find_label_file(folders):
-    for folder in folders:
-        for name in LABEL_FILE_NAMES:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                return path
-    return None
+    paths = (os.path.join(folder, name) for folder in folders for name in LABEL_FILE_NAMES)
+    return next((path for path in paths if os.path.isfile(path)), None)
 
 
 def read_label_file(label_file):
@@ -413,7 +387,7 @@ def flat_folder_index(val_dir, label_file, classes):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The listing cache
+# The listing cache (docs/data-pipeline.md, "The listing cache")
 
 
 def default_cache_dir():
@@ -425,35 +399,20 @@ def cached_class_folder_scan(split_dir, cache_dir=None):
     """(classes, paths, labels) of split_dir, from the cache while none of the folders it listed has changed."""
     split_dir = os.path.abspath(split_dir)
     classes = class_folder_names(split_dir)
-    # The split folder's time covers added or removed class folders; the cache holds the time of every folder
-    # the listing read (class folders and their subfolders), which are checked one by one when it is loaded.
+    # the split folder's time covers added or removed class folders; the cache file holds every other folder's
     stamps = [f"{INDEX_CACHE_VERSION} {split_dir} {os.stat(split_dir).st_mtime_ns}", *classes]
     fingerprint = hashlib.sha256("\n".join(stamps).encode("utf-8", "surrogateescape")).hexdigest()
     folder_key = hashlib.sha256(split_dir.encode("utf-8", "surrogateescape")).hexdigest()[:20]
     cache_file = os.path.join(cache_dir or default_cache_dir(), f"index-{folder_key}.npz")
-
-    cached = load_index_cache(cache_file, fingerprint, split_dir)
-    if cached is not None:
-        return cached
-    paths, labels, (folders, times) = scan_class_folders(split_dir, classes)
-    save_index_cache(cache_file, fingerprint, classes, paths, labels, folders, times)
-    return classes, paths, labels
-
-
-def load_index_cache(cache_file, fingerprint, split_dir):
     try:
         with np.load(cache_file, allow_pickle=False) as saved:
-            if str(saved["fingerprint"]) != fingerprint:
-                return None
-            for folder, mtime in zip(saved["folders"], saved["folder_times"]):
-                if folder_mtime(os.path.join(split_dir, os.fsdecode(folder))) != mtime:
-                    return None  # a file was added, removed or renamed there
-            return [str(name) for name in saved["classes"]], saved["paths"], saved["labels"]
+            if str(saved["fingerprint"]) == fingerprint and all(
+                    folder_mtime(os.path.join(split_dir, os.fsdecode(folder))) == mtime
+                    for folder, mtime in zip(saved["folders"], saved["folder_times"])):
+                return [str(name) for name in saved["classes"]], saved["paths"], saved["labels"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # missing, unreadable or corrupt: scan the folders again
-
-
-def save_index_cache(cache_file, fingerprint, classes, paths, labels, folders, times):
+        pass  # missing, unreadable or corrupt: list the folders again
+    paths, labels, (folders, times) = scan_class_folders(split_dir, classes)
     partial = f"{cache_file}.{os.getpid()}.partial"
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
@@ -461,10 +420,10 @@ def save_index_cache(cache_file, fingerprint, classes, paths, labels, folders, t
             np.savez(f, fingerprint=np.array(fingerprint), classes=np.array(classes, dtype=np.str_),
                      paths=paths, labels=labels, folders=folders, folder_times=times)
         os.replace(partial, cache_file)  # atomic, so parallel ranks never read half a file
-    except OSError:
-        if os.path.exists(partial):
+    except OSError:  # no cache: the next run lists the folders again
+        with contextlib.suppress(OSError):
             os.remove(partial)
-        # no cache: the next run lists the folders again
+    return classes, paths, labels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,12 +441,8 @@ def read_synset_mapping(folder):
 
 
 def imagenet_class_names(classes):
-    """Human-readable names for class ids: torchvision's ImageNet categories for the ILSVRC-2012 synsets.
-
-    torchvision lists its 1000 categories in the order of the sorted ILSVRC-2012 synsets but does not ship the
-    synsets. So the categories are used only for exactly 1000 sorted synset-like ids (n + 8 digits) that start
-    and end with the first and last ILSVRC-2012 synsets; any other class list keeps its ids as names.
-    """
+    """torchvision's ImageNet category names for exactly the 1000 sorted ILSVRC-2012 synsets (torchvision lists
+    them in that order but does not ship the synsets); any other class list keeps its ids as names."""
     classes = list(classes)
     is_ilsvrc = (len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", name) for name in classes)
                  and classes == sorted(classes) and classes[0] == "n01440764" and classes[-1] == "n15075141")
