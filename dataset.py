@@ -697,8 +697,8 @@ def decode_jpeg_crop_reduced(data, scale, box, out_size):
 
 @contextlib.contextmanager
 def sample_rng(seed):
-    """torch's CPU generator seeded with a sample's seed inside the block and put back as it was after (with
-    workers=0 this runs in the training process); seed None leaves the generator alone."""
+    """torch's CPU generator seeded with a sample's seed inside the block, put back as it was after (with workers=0
+    this runs in the training process); seed None leaves it alone."""
     if seed is None:
         yield
         return
@@ -716,23 +716,14 @@ def worker_slot():
 class ImageFiles(torch.utils.data.Dataset):
     """The images of a FileIndex, decoded and transformed: (uint8 tensor (3, H, W), label).
 
-    An item is an index, or (index, sample seed) from EpochSampler: the transform then runs on torch's CPU
-    random generator seeded with it, so augmentation does not depend on which worker loads the sample, and a
-    resumed epoch sees exactly the images it would have seen.
+    An item is an index, or (index, sample seed) from EpochSampler: the transform then runs seeded with it, so
+    augmentation does not depend on the worker, and a resumed epoch sees the same images. A file that can't be
+    decoded raises DataError when strict; else it is warned about, counted in `skipped` (each time it is read)
+    and replaced by the next readable file, so the batch keeps its size.
 
-    A file that can't be decoded raises DataError when strict; otherwise it is reported on stderr, counted in
-    `skipped`, and replaced by the next readable file so that the batch keeps its size (right for training; for
-    validation, ValidationImageFiles leaves it out instead). A bad file is counted each time it is read (once per
-    epoch).
-
-    Scaled decoding (scaled_decoding=True, used when the transform starts with a RandomResizedCrop, as
-    train_transform's does): the crop box is drawn first, from the file's full size and with the same random
-    calls as the transform makes, and a JPEG whose box is at least twice the output size in both directions is
-    decoded at 1/2, 1/4 or 1/8 of its size by DCT scaling (decode_jpeg_crop_reduced), the smallest scale that
-    keeps at least the output's resolution in the box, and the box (its edges divided by the scale) resized by PIL.
-    Same box, same flip and same later augmentation as a full decode; such a crop's pixels differ from the full
-    decode's by about 1-2 grey levels on average (tested). Smaller boxes are decoded at full size, exactly as
-    with scaled_decoding=False.
+    scaled_decoding, when the transform starts with a bilinear RandomResizedCrop (train_transform's does): the
+    crop box is drawn first, with the transform's own random calls, and a JPEG whose box is at least twice the
+    output is decoded at a DCT scale (decode_jpeg_crop_reduced). Same box, flip and later steps as a full decode.
     """
 
     def __init__(self, index, transform, strict=False, scaled_decoding=True):
@@ -745,8 +736,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 and getattr(steps[0].interpolation, "value", steps[0].interpolation) == "bilinear"
                 and (torchcodec_decode_jpeg is not None or decode_jpeg is not None)):
             self.crop, self.after_crop = steps[0], v2.Compose(steps[1:])
-        # In shared memory so that counts made in DataLoader workers are seen by the main process; one slot per
-        # process, so no two processes ever write the same number.
+        # shared memory, so the main process sees the workers' counts; one slot per process, never written by two
         self.skip_counts = torch.zeros(SKIP_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
 
     def __len__(self):
@@ -809,14 +799,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class ValidationImageFiles(ImageFiles):
-    """Validation images: an unreadable file is left out of its batch, never replaced, so that every image is
-    scored once and with its own label. Use it with EpochSampler(shuffle=False) and build_loader, which takes
-    its collate: a batch may come out smaller, or empty (images and labels of length 0).
-
-    A left-out file is warned about once however many passes read it (raw and EMA weights, every epoch), and is
-    marked in `unreadable`, one flag per index position in shared memory, set by whichever loader worker read it:
-    after a pass the main process names them with unreadable_files().
-    """
+    """Validation images: an unreadable file is left out of its batch, never replaced, so every image is scored
+    once with its own label (a batch may come out smaller, or empty; build_loader takes the collate). It is warned
+    about once however many passes read it, and marked in `unreadable` (shared memory) for unreadable_files()."""
 
     def __init__(self, index, transform, strict=False):
         super().__init__(index, transform, strict)
@@ -857,9 +842,9 @@ class ValidationImageFiles(ImageFiles):
 
 @dataclass
 class EncodedBatch:
-    """A batch of EncodedImageFiles, as few tensors as possible (each tensor a worker sends is a file descriptor
-    in the training process): the JPEG files' bytes end to end, their lengths (0 for an image the worker
-    finished itself), those finished images, and each sample's plan [position, top, left, height, width, flip]."""
+    """A batch of EncodedImageFiles in few tensors (each tensor a worker sends costs a file descriptor): the JPEGs'
+    bytes end to end, their lengths (0 for an image the worker finished), the finished images, and each sample's
+    plan [position, top, left, height, width, flip]."""
     jpeg_bytes: torch.Tensor
     lengths: torch.Tensor
     finished: torch.Tensor
@@ -867,16 +852,11 @@ class EncodedBatch:
 
 
 class EncodedImageFiles(ImageFiles):
-    """Training samples for decoding on the training device (train.py --decode-on device).
-
-    The loader workers only read each file and draw its RandomResizedCrop box and flip, with the same random
-    calls as train_transform, so a sample seed gives the same crop either way; batch_to then decodes the
-    batch's JPEGs in one call on the device (decode_jpegs_on: nvjpeg on CUDA) and crops, resizes and flips them
-    there. This frees the CPU cores for machines with many GPUs and few cores each. The device decodes every JPEG at
-    full size (nvjpeg has no DCT scaling here), so on the CPU the images are identical to ImageFiles' with
-    train_transform and scaled_decoding=False; on CUDA nvjpeg and the float resize differ from them by about 1
-    level. Files nvjpeg can't take (PNGs, CMYK JPEGs) are decoded and cropped in the worker as usual.
-    """
+    """Training samples decoded on the training device (train.py --decode-on device), for machines with few CPU
+    cores per GPU. The workers only read each file and draw its crop box and flip with train_transform's random
+    calls; batch_to decodes the batch's JPEGs in one call on the device and crops, resizes and flips them there.
+    At full size, so on the CPU the images equal ImageFiles' with train_transform and scaled_decoding=False. Files
+    nvjpeg can't take (not JPEG, CMYK) are decoded and cropped in the worker."""
 
     DEVICE_JPEG_MODES = ("RGB", "L")  # nvjpeg, through torchvision at least, does not take CMYK
 
@@ -894,8 +874,7 @@ class EncodedImageFiles(ImageFiles):
         read = functools.partial(read_image_file, jpeg_modes=self.DEVICE_JPEG_MODES)
         (data, size), label, position = self.load(position, read=read)
         image_size = size or tuple(data.shape[-2:])
-        with sample_rng(seed):
-            # the random calls of train_transform, in its order: RandomResizedCrop's box, then the flip's draw
+        with sample_rng(seed):  # train_transform's random calls, in its order: the crop box, then the flip
             box = draw_crop_box(self.crop, image_size)
             flip = bool(torch.rand(1) < self.flip.p)
         plan = torch.tensor([position, *box, flip])
@@ -922,9 +901,7 @@ class EncodedImageFiles(ImageFiles):
 
     def batch_to(self, device, batch, labels):
         """Decode the batch's JPEGs on the device, then crop, resize and flip each: (uint8 (N, 3, S, S), labels).
-
-        An image that fails to decode is reported like a bad file in a worker, and replaced by the batch's
-        previous good image (and label), so the batch keeps its size."""
+        An image that fails to decode is reported like a bad file and replaced by the batch's previous good one."""
         rows = batch.lengths.nonzero().flatten().tolist()
         jpegs = torch.split(batch.jpeg_bytes, batch.lengths[rows].tolist())
         decoded = dict(zip(rows, self.decode_jpegs(list(jpegs), batch.plans[rows, 0].tolist(), device)))
@@ -950,8 +927,8 @@ class EncodedImageFiles(ImageFiles):
         return images, labels.to(device, non_blocking=True)
 
     def decode_jpegs(self, jpegs, positions, device):
-        """Decoded images on device (None for a file that can't be decoded): the whole list in one call, and
-        one by one only when that call fails (a batched decode stops at its first broken file)."""
+        """Decoded images on device (None for a file that can't be decoded): the whole list in one call, and one
+        by one only when that call fails (a batched decode stops at its first broken file)."""
         if not jpegs:
             return []
         try:
