@@ -977,8 +977,7 @@ def train_transform(img_size, auto_augment=None, random_erase=0.0, norm="imagene
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     elif auto_augment:
         raise ValueError(f"unknown auto_augment {auto_augment!r}: use 'ra', 'ta_wide' or 'imagenet'")
-    if random_erase > 0:
-        # Erase with the mean colour, which normalize_batch turns into (almost exactly) zero.
+    if random_erase > 0:  # with the mean colour, which normalize_batch turns into (almost exactly) zero
         mean_colour = [round(255 * value) for value in NORMS[norm][0]]
         steps.append(v2.RandomErasing(p=random_erase, value=mean_colour))
     return v2.Compose(steps)
@@ -991,8 +990,7 @@ def val_transform(resize_size, crop_size):
 
 @functools.lru_cache(maxsize=8)
 def normalization_constants(mean, std, device):
-    """255 * mean and 1 / (255 * std), made once per device: a new GPU tensor every batch would be a host-to-device
-    copy that waits for the GPU."""
+    """255 * mean and 1 / (255 * std), made once per device (a new GPU tensor per batch is a copy that waits)."""
     mean_255 = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
     scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
     return mean_255, scale
@@ -1008,10 +1006,8 @@ def normalize_batch(images, mean, std, channels_last=False):
 
 
 def make_mixup_cutmix(mixup_alpha, cutmix_alpha, num_classes):
-    """A callable (float images, int labels) -> (images, soft labels), or None when both alphas are 0.
-
-    With both, each batch gets either MixUp or CutMix, chosen at random. Apply it to normalized float images.
-    """
+    """A callable (normalized float images, int labels) -> (images, soft labels), or None when both alphas are 0.
+    With both, each batch gets MixUp or CutMix, chosen at random."""
     choices = []
     if mixup_alpha > 0:
         choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
@@ -1029,28 +1025,19 @@ def make_mixup_cutmix(mixup_alpha, cutmix_alpha, num_classes):
 class EpochSampler(torch.utils.data.Sampler):
     """The order of one rank's samples in an epoch, a function of (seed, epoch) only.
 
-    shuffle=True (training): one permutation per epoch, from a generator seeded with seed + epoch; rank r takes
-    positions r, r + num_replicas, ...; the permutation is padded by wrapping around so that every rank gets
-    the same number of samples (or cut, with drop_last), as DistributedSampler does. Each sample comes with a
-    seed for its augmentation: items are (index, sample seed).
-    shuffle=False (validation): rank r takes indices r, r + num_replicas, ... with no padding, so that every
-    image is counted exactly once; items are plain indices.
-
-    set_epoch(epoch, skip_batches, batch_size) skips the first skip_batches * batch_size samples of this rank
-    without loading them, to resume in the middle of an epoch.
+    shuffle=True (training): a permutation seeded with seed + epoch, rank r taking positions r, r + num_replicas,
+    ..., padded by wrapping around (or cut, with drop_last) so every rank gets as many, as DistributedSampler does;
+    items are (index, sample seed), the seed for the sample's augmentation. shuffle=False (validation): rank r
+    takes indices r, r + num_replicas, ... unpadded, so every image counts once; items are plain indices.
+    set_epoch(epoch, skip_batches, batch_size) skips the rank's first batches unloaded, to resume mid-epoch.
     """
 
     def __init__(self, num_samples, shuffle, seed=0, num_replicas=1, rank=0, drop_last=False):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.skip = 0
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        self.epoch = self.skip = 0
 
     def set_epoch(self, epoch, skip_batches=0, batch_size=1):
         self.epoch = epoch
@@ -1095,9 +1082,8 @@ class Loader(DataLoader):
 
 
 def end_loader_workers():
-    """End the loader workers still alive, at exit. They ignore SIGTERM (start_worker), which is how
-    multiprocessing's exit handler ends daemon children before it waits for them: it would wait forever.
-    Other child processes are left alone."""
+    """At exit, kill the loader workers still alive (only them): they ignore SIGTERM (start_worker), with which
+    multiprocessing's exit handler ends daemon children before it waits for them, forever."""
     workers = [child for child in multiprocessing.active_children() if child in loader_workers]
     if workers and hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would call their end an error
@@ -1108,11 +1094,8 @@ def end_loader_workers():
 
 
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False, worker_nice=0):
-    """The DataLoader for training (train=True: incomplete last batch dropped) or validation.
-
-    worker_nice > 0 lowers the workers' CPU priority. train.py and evaluate.py leave it at 0: with the model on
-    the same 2 cores, nice 10 was as fast as nice 0 on a quiet machine and fell behind next to two busy processes
-    (full pipeline / model-only 0.74-0.87 against 0.87-0.99; docs/performance.md); benchmark.py compares both."""
+    """The DataLoader for training (train=True: incomplete last batch dropped) or validation. worker_nice > 0
+    lowers the workers' priority; train.py and evaluate.py keep 0 (docs/data-pipeline.md, run E)."""
     global ending_loader_workers_at_exit
     worker_options = {}
     if workers > 0:
@@ -1132,7 +1115,7 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False,
 
 
 def start_worker(nice, worker_id):
-    """DataLoader worker start: Ctrl-C / SIGTERM go to the whole process group, and only the training process
+    """DataLoader worker start: Ctrl-C and SIGTERM reach the whole process group, and only the training process
     acts on them (it saves, then ends the workers); then the worker's priority."""
     ignore_stop_signals()
     if nice and hasattr(os, "nice"):
