@@ -53,7 +53,7 @@ LABEL_FILE_NAMES = ("val_labels.csv", "val_labels.txt", "val.csv", "val.txt", "l
 ILSVRC_TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar",
                "devkit": "ILSVRC2012_devkit_t12.tar.gz"}
 KAGGLE_IMAGES = os.path.join("ILSVRC", "Data", "CLS-LOC")
-INDEX_CACHE_VERSION = 2  # 2: the cache holds the modification time of every folder listed
+INDEX_CACHE_VERSION = 2  # change it whenever what a cache file holds changes, so old files are not read
 # What a broken image file raises: PIL (OSError, SyntaxError, EOFError, DecompressionBombError), the JPEG
 # decoders (RuntimeError), odd headers (ValueError).
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
