@@ -69,6 +69,7 @@ import model as model_lib
 import flags
 import train
 import utils
+from tools import resize_copy
 from utils import UserError
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "imagenet-sample")
@@ -830,7 +831,7 @@ def bench_loader(report, args, device, splits, root, folder):
     """Section 4a: the loader alone, one worker each, side by side: dataset.py's (uint8 batches, normalized later
     on the training device by normalize_batch) with its defaults (TorchCodec's decoder, scaled decoding), with
     torchvision's decoder instead, with scaled decoding off, and on a pre-resized copy of the same images
-    (dataset.make_resized_copy, shorter side 320); and torchvision's ImageFolder with the standard PIL transforms
+    (tools/resize_copy.py, shorter side 320); and torchvision's ImageFolder with the standard PIL transforms
     (normalized float batches). Each window loads exactly LOADER_BATCHES batches starting from an idle worker,
     so it times the worker, not a queue filled beforehand. The main process only receives, except in the variant
     that also runs normalize_batch here, as a CPU training process would."""
@@ -839,7 +840,7 @@ def bench_loader(report, args, device, splits, root, folder):
     mean, std = dataset.NORMS["imagenet"]
     start = time.perf_counter()
     resized_root = os.path.join(folder, f"resized-{RESIZED_SHORT_SIDE}")
-    copied = sum(dataset.make_resized_copy(root, resized_root, RESIZED_SHORT_SIDE).values())
+    copied = sum(resize_copy.make_resized_copy(root, resized_root, RESIZED_SHORT_SIDE).values())
     resized = dataset.find_dataset(resized_root, cache_dir=os.path.join(folder, "cache")).train
     copy_seconds = time.perf_counter() - start
 
@@ -893,7 +894,7 @@ def bench_loader(report, args, device, splits, root, folder):
     default, theirs = rates[variants["loader_ours"].name], rates[variants["loader_imagefolder"].name]
     notes = {"loader_ours": "uint8 out; normalized on the device",
              "loader_scaled_decoding_off": f"only crop boxes >= 2x the output gain: few at {args.img_size}px",
-             "loader_resized_copy": f"{copied} files copied in {copy_seconds:.0f}s by dataset.make_resized_copy",
+             "loader_resized_copy": f"{copied} files copied in {copy_seconds:.0f}s by tools/resize_copy.py",
              "loader_imagefolder": "normalized floats out"}
     report.add("4", f"loader alone, 1 worker, {batch} x {args.img_size}px batches", None, "")
     for key, v in variants.items():

@@ -660,7 +660,8 @@ def prepare_folders(config, rank):
     if rank == 0:
         checkpoint.prepare_run_folders(config)
         if config.data_path is None:
-            dataset.make_demo_dataset(DEMO_DIR)
+            from tools.demo_data import make_demo_dataset  # the demo run alone needs it
+            make_demo_dataset(DEMO_DIR)
 
 
 # ---------------------------------------------------------------- main: the recipe

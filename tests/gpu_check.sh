@@ -101,7 +101,7 @@ part_compile() {
 }
 
 crossover() {  # the data pipeline (issue 16): CPU-decode workers against nvjpeg, original against pre-resized JPEGs
-    python dataset.py --resize-copy "$WORK/data" "$WORK/data320" --short-side 320 --workers 8 > "$WORK/resize.out" \
+    python -m tools.resize_copy "$WORK/data" "$WORK/data320" --short-side 320 --workers 8 > "$WORK/resize.out" \
         2>&1 || { tail -5 "$WORK/resize.out"; return 1; }
     for run in data:workers:1 data:workers:2 data:workers:4 data:workers:8 data:workers:16 data:device:1 \
                data:device:4 data320:workers:1 data320:workers:4 data320:workers:16 data320:device:4; do

@@ -1,5 +1,5 @@
-"""Tests for dataset.py: the layouts it reads, odd and broken files, sampling, the listing cache, transforms and
-the demo dataset. Every dataset here is a few tiny images generated in tmp_path."""
+"""Tests for dataset.py: the layouts it reads, odd and broken files, sampling, the listing cache and transforms
+(the tools' tests are in test_tools.py). Every dataset here is a few tiny images generated in tmp_path."""
 import csv
 import inspect
 import os
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-from conftest import REPO, assert_clean_error, run_script  # noqa: E402
+from conftest import REPO  # noqa: E402
 from dataset import DataError  # noqa: E402
 
 # torchvision 0.29 deprecates its decoders: tests here call them directly, to compare (dataset.py silences only
@@ -715,138 +715,6 @@ def test_scaled_decoding_replaces_a_bad_file_with_the_next_one_and_its_own_crop(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The pre-resized copy (python dataset.py --resize-copy SRC DST)
-
-
-def image_sizes(root):
-    """{path relative to root: (width, height, format)} of every image file under root."""
-    sizes = {}
-    for path in sorted(Path(root).rglob("*")):
-        if dataset.is_image_name(path.name) and path.is_file():
-            with Image.open(path) as image:
-                sizes[str(path.relative_to(root))] = (*image.size, image.format)
-    return sizes
-
-
-def resize_checking_the_sigterm_handler(task):
-    """In place of dataset.resize_image_file, in a forked copy worker (the patch is inherited by the fork)."""
-    import signal
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        raise AssertionError("the copy worker would survive SIGTERM")
-    return "resized", None
-
-
-def test_resized_copy_workers_end_at_sigterm_even_under_a_parent_s_handler(tmp_path, monkeypatch):
-    """Pool.terminate ends its workers with SIGTERM; workers forked from a process with a SIGTERM handler of its
-    own (train.py's StopRequest, left installed by a run before this change) inherited it and could leave the
-    copy waiting forever for a worker that would not end."""
-    import signal
-    source = tmp_path / "source"
-    for name in ("a", "b"):
-        save_image(source / "train" / name / "x.jpg", size=(60, 40))
-
-    monkeypatch.setattr(dataset, "resize_image_file", resize_checking_the_sigterm_handler)
-    previous = signal.signal(signal.SIGTERM, lambda *args: None)  # a parent that handles SIGTERM itself
-    try:
-        counts = dataset.make_resized_copy(source, tmp_path / "copy", short_side=32, workers=2)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert counts["resized"] == 2
-
-
-def test_resized_copy_has_the_shorter_side_the_aspect_ratio_and_the_labels(tmp_path, cache_dir):
-    source = tmp_path / "source"
-    save_image(source / "train" / "a" / "wide.jpg", size=(100, 60))
-    save_image(source / "train" / "a" / "tall_gray.jpg", mode="L", size=(45, 101))
-    save_image(source / "train" / "b" / "small.jpg", size=(30, 24))  # smaller already: copied as it is
-    save_image(source / "train" / "b" / "small.png", format="PNG", size=(20, 28))  # re-encoded, never enlarged
-    save_image(source / "train" / "b" / "cmyk.jpg", mode="CMYK", size=(64, 64))
-    save_image(source / "train" / "b" / "nested" / "png_named.JPEG", format="PNG", size=(90, 70))
-    save_image(source / "val" / "b" / "v.jpg", size=(77, 33))
-    counts = dataset.make_resized_copy(source, tmp_path / "copy", short_side=32, workers=2)
-    assert counts == {"resized": 6, "unchanged": 1, "done before": 0, "unreadable": 0}
-    before, after = image_sizes(source), image_sizes(tmp_path / "copy")
-    assert before.keys() == after.keys()
-    for name, (width, height, _) in before.items():
-        new_width, new_height, format = after[name]
-        scale = min(1.0, 32 / min(width, height))
-        assert min(new_width, new_height) == min(32, width, height), name
-        assert abs(new_width - width * scale) <= 1 and abs(new_height - height * scale) <= 1, name
-        assert format == "JPEG"
-    assert (tmp_path / "copy" / "train" / "b" / "small.jpg").read_bytes() == \
-        (source / "train" / "b" / "small.jpg").read_bytes()
-    assert Image.open(tmp_path / "copy" / "train" / "a" / "tall_gray.jpg").mode == "L"
-    original, copy = dataset.find_dataset(source, cache_dir), dataset.find_dataset(tmp_path / "copy", cache_dir)
-    assert copy.classes == original.classes and copy.layout == original.layout
-    assert labelled_paths(copy.train) == labelled_paths(original.train)
-    assert labelled_paths(copy.val) == labelled_paths(original.val)
-    # the pixels are the original's, smaller: compare with the original resized the same way
-    resized = dataset.decode_image_file(tmp_path / "copy" / "train" / "a" / "wide.jpg")
-    expected = torchvision.transforms.v2.functional.resize(
-        dataset.decode_image_file(source / "train" / "a" / "wide.jpg"), [32, 53], antialias=True)
-    assert resized.shape == (3, 32, 53) and (resized.int() - expected.int()).abs().float().mean() < 3.0
-    assert "short side 32" in (tmp_path / "copy" / dataset.RESIZED_MARKER).read_text()
-
-
-def test_resized_copy_of_the_kaggle_layout_keeps_its_label_and_mapping_files(tmp_path, cache_dir):
-    make_kaggle_layout(tmp_path / "kaggle")
-    dataset.make_resized_copy(tmp_path / "kaggle", tmp_path / "copy", short_side=16, workers=1)
-    original = dataset.find_dataset(tmp_path / "kaggle", cache_dir)
-    copy = dataset.find_dataset(tmp_path / "copy", cache_dir)
-    assert "Kaggle" in copy.layout and copy.layout == original.layout
-    assert copy.class_names == original.class_names == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
-    assert labelled_paths(copy.val) == labelled_paths(original.val)
-    assert labelled_paths(copy.train) == labelled_paths(original.train)
-    assert all(min(width, height) == 16 for width, height, _ in image_sizes(tmp_path / "copy").values())
-
-
-def test_interrupted_resized_copy_resumes_without_redoing_finished_files(tmp_path, cache_dir):
-    make_class_folders(tmp_path / "source" / "train", ["a", "b"], per_class=4)
-    copy = tmp_path / "copy"
-    dataset.make_resized_copy(tmp_path / "source", copy, short_side=20, workers=2)
-    # What an interrupted run leaves: some files written, some not, a temporary file, no completion marker
-    (copy / dataset.RESIZED_MARKER).unlink()
-    for name in ("a/a_1.jpg", "b/b_3.jpg"):
-        (copy / "train" / name).unlink()
-    (copy / "train" / "b" / ".b_3.jpg.partial-12345").write_bytes(b"half a file")
-    finished = {path: path.stat().st_ino for path in (copy / "train").rglob("*.jpg")}
-    counts = dataset.make_resized_copy(tmp_path / "source", copy, short_side=20, workers=2)
-    assert counts == {"resized": 2, "unchanged": 0, "done before": 6, "unreadable": 0}
-    assert all(path.stat().st_ino == inode for path, inode in finished.items())  # not written again
-    assert (copy / dataset.RESIZED_MARKER).exists()
-    assert len(dataset.find_dataset(copy, cache_dir).train) == 8  # the temporary file is no image
-
-
-def test_resized_copy_reports_bad_files_and_refuses_bad_input(tmp_path, capsys):
-    make_class_folders(tmp_path / "source" / "train", ["a"], per_class=3)
-    (tmp_path / "source" / "train" / "a" / "a_1.jpg").write_bytes(b"not a jpeg")
-    counts = dataset.make_resized_copy(tmp_path / "source", tmp_path / "copy", short_side=20, workers=1)
-    assert counts["unreadable"] == 1 and counts["resized"] == 2
-    assert "a_1.jpg" in capsys.readouterr().err
-    assert not (tmp_path / "copy" / "train" / "a" / "a_1.jpg").exists()
-    with pytest.raises(DataError, match="other settings"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "copy", short_side=24)
-    with pytest.raises(DataError, match="inside the source"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "source" / "small")
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("someone's files")
-    with pytest.raises(DataError, match="not a resized copy"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "other")
-    with pytest.raises(DataError, match="short-side"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "new", short_side=0)
-
-
-def test_resized_copy_command_line(tmp_path):
-    make_class_folders(tmp_path / "source" / "train", ["a", "b"])
-    proc = run_script("dataset.py", "--resize-copy", tmp_path / "source", tmp_path / "copy", "--short-side", "20",
-                      "--workers", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert "4 images resized" in proc.stdout and f"--data-path {tmp_path / 'copy'}" in proc.stdout
-    assert_clean_error(run_script("dataset.py", "--resize-copy", tmp_path / "missing", tmp_path / "copy2"),
-                       "does not exist")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The listing cache
 
 
@@ -960,31 +828,6 @@ def test_mixup_cutmix():
         torch.testing.assert_close(soft.sum(dim=1), torch.ones(4))
     both = dataset.make_mixup_cutmix(0.2, 1.0, 10)  # one of the two, chosen per batch
     assert sorted(type(transform).__name__ for transform in both.transforms) == ["CutMix", "MixUp"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The demo dataset
-
-
-def test_demo_dataset_is_deterministic_complete_and_reused(tmp_path, cache_dir):
-    first = Path(dataset.make_demo_dataset(tmp_path / "one"))
-    second = Path(dataset.make_demo_dataset(tmp_path / "two"))
-    files = sorted(path.relative_to(first) for path in first.rglob("*.jpg"))
-    assert files == sorted(path.relative_to(second) for path in second.rglob("*.jpg"))
-    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in files)
-    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # no partial folders left behind
-
-    splits = dataset.find_dataset(first, cache_dir)
-    assert len(splits.classes) == 5 and len(splits.train) == 1000 and len(splits.val) == 250
-    assert Image.open(splits.train.path(0)).size == (64, 64)
-
-    a_file = first / files[0]
-    stamp = a_file.stat().st_mtime_ns
-    assert dataset.make_demo_dataset(first) == str(first) and a_file.stat().st_mtime_ns == stamp  # reused
-    (first / dataset.DEMO_MARKER).unlink()  # as if an older or interrupted run made it
-    a_file.write_bytes(b"")
-    dataset.make_demo_dataset(first)
-    assert a_file.read_bytes() == (second / files[0]).read_bytes()  # regenerated
 
 
 # ----------------------------------------------------------------------------------------------------------
