@@ -64,7 +64,9 @@ from PIL import Image
 from torchvision import transforms as pil_transforms
 
 import dataset
+import decode
 import evaluate
+import layouts
 import model as model_lib
 import flags
 import train
@@ -412,7 +414,7 @@ def model_only(name, trainer, batch_size, img_size, device, threads=None):
 def repeat_index(index, length):
     """A FileIndex of `length` entries cycling through index's files: long epochs from few files."""
     reps = -(-length // len(index))
-    return dataset.FileIndex(index.root, np.tile(index.paths, reps)[:length], np.tile(index.labels, reps)[:length])
+    return layouts.FileIndex(index.root, np.tile(index.paths, reps)[:length], np.tile(index.labels, reps)[:length])
 
 
 class Pipeline:
@@ -821,10 +823,10 @@ def version(package):
 
 def start_worker_with_torchvision_decoder(nice, worker_id):
     """A loader worker's start (dataset.start_worker) that also switches it to torchvision's decode_jpeg, the
-    decoder before TorchCodec: decode_jpeg_cpu falls back to it when dataset.torchcodec_decode_jpeg is None. Set in
+    decoder before TorchCodec: decode_jpeg_cpu falls back to it when decode.torchcodec_decode_jpeg is None. Set in
     the worker itself, so it holds however the worker was started (fork or spawn) and the parent keeps TorchCodec."""
     dataset.start_worker(nice, worker_id)
-    dataset.torchcodec_decode_jpeg = None
+    decode.torchcodec_decode_jpeg = None
 
 
 def bench_loader(report, args, device, splits, root, folder):
@@ -841,7 +843,7 @@ def bench_loader(report, args, device, splits, root, folder):
     start = time.perf_counter()
     resized_root = os.path.join(folder, f"resized-{RESIZED_SHORT_SIDE}")
     copied = sum(resize_copy.make_resized_copy(root, resized_root, RESIZED_SHORT_SIDE).values())
-    resized = dataset.find_dataset(resized_root, cache_dir=os.path.join(folder, "cache")).train
+    resized = layouts.find_dataset(resized_root, cache_dir=os.path.join(folder, "cache")).train
     copy_seconds = time.perf_counter() - start
 
     def our_loader(index, scaled_decoding=True, torchvision_decoder=False):
@@ -874,7 +876,7 @@ def bench_loader(report, args, device, splits, root, folder):
             for _ in folder_loader:
                 pass
 
-    has_torchcodec = dataset.torchcodec_decode_jpeg is not None
+    has_torchcodec = decode.torchcodec_decode_jpeg is not None
     decoder = "TorchCodec" if has_torchcodec else "torchvision's decode_jpeg (torchcodec does not import)"
     ours = our_loader(splits.train)
     variants = {"loader_ours": Variant(f"  dataset.py loader ({decoder}, scaled decoding, v2 on uint8)", ours,
@@ -923,7 +925,7 @@ def bench_indexing(report, args, folder):
         cache = os.path.join(folder, f"index-cache-{rep}")
         for kind in ("cold", "cached"):
             start = time.perf_counter()
-            _, index = dataset.class_folder_index(tree, cache)
+            _, index = layouts.class_folder_index(tree, cache)
             times[kind].append(time.perf_counter() - start)
         start = time.perf_counter()
         found = torchvision.datasets.ImageFolder(tree)
@@ -974,7 +976,7 @@ def bench_index_memory(report, args):
     classes = min(1000, n)
     names = [f"n{c:08d}/n{c:08d}_{i:07d}.JPEG" for c in range(classes) for i in range(n // classes)]
     labels = np.arange(len(names)) // (n // classes)
-    index = dataset.FileIndex("/nonexistent", [os.fsencode(name) for name in names], labels)
+    index = layouts.FileIndex("/nonexistent", [os.fsencode(name) for name in names], labels)
     list_mb = (sys.getsizeof(names) + sum(sys.getsizeof(name) for name in names)) / 2**20
     index_mb = (index.paths.nbytes + index.labels.nbytes) / 2**20
     gc.collect()
@@ -995,32 +997,32 @@ def bench_index_memory(report, args):
 def bench_gpu_decode(report, args, device, splits):
     """JPEG decoding: libjpeg-turbo on one CPU core against nvjpeg on batches of file bytes (where it pays),
     both through dataset.py's own calls (decode_jpeg_cpu, and decode_jpegs_on as --decode-on device uses it)."""
-    read = (dataset.read_image_file(splits.train.path(i)) for i in range(min(256, len(splits.train))))
+    read = (decode.read_image_file(splits.train.path(i)) for i in range(min(256, len(splits.train))))
     data = [item for item, size in read if size is not None]  # JPEGs (other files come back decoded)
     try:
-        dataset.device_jpeg_decoder(device)
+        decode.device_jpeg_decoder(device)
     except dataset.DataError as error:
         report.add("G", "GPU decoding", None, "", note=str(error))
         return
     usable = []
     for item in data:  # nvjpeg refuses some JPEGs (CMYK, progressive on older versions): leave them out
         with contextlib.suppress(RuntimeError):
-            dataset.decode_jpegs_on(device, [item])
+            decode.decode_jpegs_on(device, [item])
             usable.append(item)
     if not usable:
         report.add("G", "GPU decoding", None, "", note="no JPEG nvjpeg can decode")
         return
     cpu_batch = usable[:32]
-    on_cpu = lambda: [dataset.decode_jpeg_cpu(item) for item in cpu_batch]  # noqa: E731
+    on_cpu = lambda: [decode.decode_jpeg_cpu(item) for item in cpu_batch]  # noqa: E731
     variants = [Variant("  CPU, 1 core", repeated(on_cpu), len(cpu_batch), threads=1)]
     for size in (1, 8, 32, 128):
         batch = [usable[i % len(usable)] for i in range(size)]
         # one nvjpeg call for the whole list
-        on_gpu = lambda batch=batch: dataset.decode_jpegs_on(device, batch)  # noqa: E731
+        on_gpu = lambda batch=batch: decode.decode_jpegs_on(device, batch)  # noqa: E731
         variants.append(Variant(f"  GPU, batches of {size}", repeated(on_gpu), size))
     rates = compare(variants, args, device)
     cpu_rate = rates[variants[0].name]
-    report.add("G", f"JPEG decoding ({len(usable)} files, {dataset.device_jpeg_decoder(device)}); ratio = CPU cores "
+    report.add("G", f"JPEG decoding ({len(usable)} files, {decode.device_jpeg_decoder(device)}); ratio = CPU cores "
                "one GPU replaces", None, "")
     report.add("G", variants[0].name, cpu_rate, "img/s", variant=variants[0], key="decode_cpu")
     for v in variants[1:]:
@@ -1039,16 +1041,16 @@ def source_images(data_path, folder, limit):
     data_path = os.path.abspath(data_path)
     if not os.path.isdir(data_path):
         raise UserError(f"--data-path {data_path} is not a folder")
-    if os.path.isdir(os.path.join(data_path, "train")) or dataset.kaggle_root(data_path):
+    if os.path.isdir(os.path.join(data_path, "train")) or layouts.kaggle_root(data_path):
         try:
-            splits = dataset.find_dataset(data_path)
+            splits = layouts.find_dataset(data_path)
         except dataset.DataError as error:
             raise UserError(str(error)) from None
         index = splits.train
         picks = np.unique(np.linspace(0, len(index) - 1, min(limit, len(index))).round().astype(int))
         images = [(index.path(i), splits.classes[index.labels[i]]) for i in picks]
         return images, f"{data_path} ({len(images)} of its {len(index)} training images)"
-    files = sorted(e.path for e in os.scandir(data_path) if dataset.is_image_name(e.name) and e.is_file())[:limit]
+    files = sorted(e.path for e in os.scandir(data_path) if layouts.is_image_name(e.name) and e.is_file())[:limit]
     if not files:
         raise UserError(f"no images in {data_path} (expected JPEGs, or an ImageNet layout with train/)")
     # <synset>_<name>.JPEG, as in ImageNet's own file names, gives the class; anything else is one class
@@ -1193,7 +1195,7 @@ def main(args):
             mock.patch.dict(os.environ, XDG_CACHE_HOME=os.path.join(folder, "cache")):  # dataset.py's index cache
         images, data_description = source_images(args.data_path, folder, args.max_images)
         root = lay_out(images, os.path.join(folder, "images"), min_train=args.batch_size)
-        splits = dataset.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
+        splits = layouts.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
         print(f"benchmarking on {env['device_name']} ({device}) with {data_description} ...", flush=True)
 
         if not args.inference_only:

@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 import checkpoint
 import dataset
+import decode
+import layouts
 import model as model_lib
 import utils
 from utils import CheckpointError, UserError
@@ -237,10 +239,10 @@ def classes_for_torchvision(data_path, num_outputs):
     """A torchvision state dict carries no class list: its outputs follow the sorted class folders of ImageNet."""
     if data_path is None:
         raise UserError("a torchvision state dict holds no class list: pass --data-path (the ImageNet root)")
-    splits = dataset.find_dataset(data_path)
+    splits = layouts.find_dataset(data_path)
     if len(splits.classes) != num_outputs:
         raise UserError(f"a torchvision state dict needs the full {num_outputs}-class dataset to name its outputs "
-                        f"(found {dataset.plural(len(splits.classes), 'class')} under {data_path})")
+                        f"(found {utils.plural(len(splits.classes), 'class')} under {data_path})")
     return splits.classes, splits.class_names
 
 
@@ -334,7 +336,7 @@ def draw_confusion(confusion, class_names, path, pairs=25):
 def label_confusion_axes(axes, classes, names, cell_points, cell_pixels):
     """Title, axis titles, and a name per row and column, or, for many classes, the class index every k-th."""
     n = len(classes)
-    axes.set_title(f"confusion matrix: {dataset.plural(n, 'class')}, each row normalised to its true class's "
+    axes.set_title(f"confusion matrix: {utils.plural(n, 'class')}, each row normalised to its true class's "
                    "images", loc="left", fontsize=10)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
@@ -378,9 +380,9 @@ def predict(net, paths, crop, resize, norm, device, class_names, topk=5):
     results = []
     for path in paths:
         try:
-            image = transform(dataset.decode_image_file(path, exif_orientation=True))
-        except dataset.DECODE_ERRORS as error:  # reported; the other files still get predictions
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else dataset.bad_file_reason(error)
+            image = transform(decode.decode_image_file(path, exif_orientation=True))
+        except decode.DECODE_ERRORS as error:  # reported; the other files still get predictions
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else decode.bad_file_reason(error)
             results.append((path, None, f"cannot read image: {reason}"))
             continue
         logits = net(dataset.normalize_batch(image[None].to(device), mean, std)).float()
@@ -398,7 +400,7 @@ def write_predictions(results, json_path):
         for name, probability in top or []:
             print(f"  {probability:7.2%}  {name}")
     if unreadable:
-        print(f"{dataset.plural(len(unreadable), 'unreadable image')} not scored: {', '.join(unreadable)}")
+        print(f"{utils.plural(len(unreadable), 'unreadable image')} not scored: {', '.join(unreadable)}")
     if json_path:
         scored = {printable(path): [[name, probability] for name, probability in top]
                   for path, top, _ in results if top is not None}
@@ -417,10 +419,10 @@ def held_out_split(data_path, info):
     fraction, seed = info.get("val_split", (0, 0))
     if not fraction:
         return None
-    splits = dataset.find_dataset(data_path)
+    splits = layouts.find_dataset(data_path)
     if splits.val is not None or list(splits.classes) != list(info["classes"]):
         return None  # a real validation split, or other data: scored as usual
-    _, index = dataset.split_validation(splits.train, fraction, seed)
+    _, index = layouts.split_validation(splits.train, fraction, seed)
     return index, f"the {fraction:g} of each training class held out by --val-split-fraction (seed {seed})"
 
 
@@ -467,7 +469,7 @@ def build_val_loader(settings, info, device, world_size, rank):
         raise UserError("no --data-path given and the checkpoint does not say where its data was")
     if not os.path.isdir(data_path):
         raise UserError(f"--data-path {data_path} is not a folder")
-    index, layout = held_out_split(data_path, info) or dataset.find_val_split(data_path, info["classes"])
+    index, layout = held_out_split(data_path, info) or layouts.find_val_split(data_path, info["classes"])
     val_set = dataset.ValidationImageFiles(index, dataset.val_transform(settings.val_resize_size,
                                                                         settings.val_crop_size))
     sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
@@ -500,14 +502,14 @@ def metrics_of_run(result, rows, elapsed, num_images, skipped_files, settings, i
 
 def print_summary(metrics, rows, num_classes):
     # with 5 outputs or fewer every label is in the top 5: 100% says nothing
-    top5 = f"top-5 {metrics['top5']:.2f}%" if num_classes > 5 else f"top-5 trivial ({dataset.plural(num_classes, 'output')})"
+    top5 = f"top-5 {metrics['top5']:.2f}%" if num_classes > 5 else f"top-5 trivial ({utils.plural(num_classes, 'output')})"
     print(f"top-1 {metrics['top1']:.2f}%  {top5}  loss {metrics['loss']:.4f}  "
-          f"({dataset.plural(metrics['images'], 'image')}, {dataset.plural(metrics['classes'], 'class')}, "
+          f"({utils.plural(metrics['images'], 'image')}, {utils.plural(metrics['classes'], 'class')}, "
           f"{metrics['images_per_sec']:.0f} img/s, {metrics['batch_latency_ms']:.1f} ms/batch)")
     skipped_files = metrics["skipped_files"]
     if skipped_files:
         shown = ", ".join(skipped_files[:5]) + (f" and {len(skipped_files) - 5} more" if len(skipped_files) > 5 else "")
-        print(f"left out {dataset.plural(len(skipped_files), 'unreadable image')} (not scored): {shown}")
+        print(f"left out {utils.plural(len(skipped_files), 'unreadable image')} (not scored): {shown}")
     worst = sorted(rows, key=lambda r: (r[4], r[0]))[:10]
     print("worst classes: " + ", ".join(f"{name} {acc:.1f}%" for _, name, _, _, acc in worst))
 
@@ -556,7 +558,7 @@ def main(args):
     crop, resize, norm = settings.val_crop_size, settings.val_resize_size, settings.norm
     autocast, _, precision = utils.precision_for(device, settings.amp, settings.amp_dtype)
     say(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, "
-        f"{dataset.plural(config['num_classes'], 'class')}, "
+        f"{utils.plural(config['num_classes'], 'class')}, "
         f"{info['weights']} weights | device {device} x{world_size} | {precision} | "
         f"resize {resize}, crop {crop}, norm {norm}")
 
@@ -568,7 +570,7 @@ def main(args):
         return 0
 
     val_set, loader, layout = build_val_loader(settings, info, device, world_size, rank)
-    say(f"data: {printable(settings.data_path)} ({layout}), {dataset.plural(len(val_set), 'image')}")
+    say(f"data: {printable(settings.data_path)} ({layout}), {utils.plural(len(val_set), 'image')}")
     start = time.perf_counter()
     result = evaluate(net, loader, device, autocast, norm, num_classes=num_classes, show_progress=rank == 0)
     elapsed = time.perf_counter() - start

@@ -25,6 +25,7 @@ import torch
 import checkpoint
 import dataset
 import evaluate
+import layouts
 import utils
 from evaluate import EXPORT_FORMAT, OnnxModel, onnx_session  # onnx_session: benchmark.py uses export.onnx_session
 from utils import CheckpointError, UserError
@@ -111,13 +112,13 @@ def make_metadata(info, img_size, batch_size, precision, checkpoint, calibration
 def image_index(folder, split="train"):
     """A FileIndex of a dataset's train (or val) images, or of the images in a plain folder."""
     try:
-        splits = dataset.find_dataset(folder)
+        splits = layouts.find_dataset(folder)
         index = splits.val if split == "val" and splits.val is not None and len(splits.val) else splits.train
     except dataset.DataError:
         if not os.path.isdir(folder) or os.path.isdir(os.path.join(folder, "train")):
             raise
-        files = dataset.list_images(folder)  # a plain folder of images (no train/): labels unknown, unused here
-        index = dataset.FileIndex(folder, files, [0] * len(files))
+        files = layouts.list_images(folder)  # a plain folder of images (no train/): labels unknown, unused here
+        index = layouts.FileIndex(folder, files, [0] * len(files))
     if len(index) == 0:
         raise UserError(f"no images in {folder}")
     return index
@@ -127,7 +128,7 @@ def load_images(index, count, resize, crop, norm):
     """`count` images spread over the whole index (it is sorted by class), as evaluate.py feeds them: the
     validation resize and centre crop, then normalize_batch. A float (count, 3, crop, crop) tensor."""
     picks = np.unique(np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(int))
-    subset = dataset.FileIndex(index.root, index.paths[picks], index.labels[picks])
+    subset = layouts.FileIndex(index.root, index.paths[picks], index.labels[picks])
     images = dataset.ImageFiles(subset, dataset.val_transform(resize, crop))
     batch = torch.stack([images[i][0] for i in range(len(images))])
     mean, std = dataset.NORMS[norm]

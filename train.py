@@ -33,12 +33,12 @@ from tqdm import tqdm
 import checkpoint
 import dataset
 import flags
+import layouts
 import model as model_lib
 import utils
 from checkpoint import TrainState
-from dataset import plural
 from evaluate import evaluate
-from utils import UserError, print0
+from utils import UserError, plural, print0
 
 MAX_NONFINITE_STREAK = 20
 # A GradScaler halves its scale at each overflow while it calibrates; below 1 the gradients overflow fp16 even
@@ -494,7 +494,7 @@ def report_outcome(run, state, outcome):
 class Data:
     """A run's dataset, as this rank reads it."""
     path: str                        # the data folder (the demo's when --data-path is omitted)
-    splits: dataset.DataSplits       # layout, classes and the train/val file indexes
+    splits: layouts.DataSplits       # layout, classes and the train/val file indexes
     train_set: torch.utils.data.Dataset
     val_set: dataset.ValidationImageFiles
     train_loader: torch.utils.data.DataLoader
@@ -532,11 +532,11 @@ class Run:
 def build_data(config, rank, world_size, device):
     """The datasets and loaders of this rank."""
     path = config.data_path or DEMO_DIR
-    splits = dataset.find_dataset(path)
+    splits = layouts.find_dataset(path)
     if splits.val is not None and config.val_split_fraction:
         raise UserError(f"--val-split-fraction: {path} has a validation split already ({splits.layout})")
     if splits.val is None and config.val_split_fraction:
-        train, val = dataset.split_validation(splits.train, config.val_split_fraction, config.seed)
+        train, val = layouts.split_validation(splits.train, config.val_split_fraction, config.seed)
         splits = dataclasses.replace(splits, train=train, val=val, layout=splits.layout + (
             f"; validation: {config.val_split_fraction:g} of each training class, held out"))
     if splits.val is None:

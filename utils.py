@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 class UserError(Exception):
     """A problem with what the user gave us (flags, files). Shown as one line, no traceback."""
@@ -22,8 +23,31 @@ class CheckpointError(UserError):
     pass
 
 
+class DataError(UserError):
+    """A problem with the data that the user has to fix; the message is one line."""
+
+
 # what a collective raises when another rank of the run has gone (Gloo, NCCL)
 PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker|communicator was aborted")
+
+
+def warn(message, every_rank=True):
+    """One 'warning: ...' line on stderr; every_rank=False: on rank 0 only (what every rank finds alike). The main
+    process writes through tqdm.write, which redraws a progress bar below it; a loader worker clears the line."""
+    if not every_rank and os.environ.get("RANK", "0") != "0":
+        return
+    if torch.utils.data.get_worker_info() is None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        clear_line = "\r\x1b[K" if sys.stderr.isatty() else ""
+        print(f"{clear_line}warning: {message}", file=sys.stderr, flush=True)
+
+
+def plural(count, word):
+    """'1 class', '2 classes', '3 images'."""
+    if count == 1:
+        return f"1 {word}"
+    return f"{count} {word}es" if word.endswith(("s", "x", "ch", "sh")) else f"{count} {word}s"
 
 
 def run_cli(main, args):

@@ -125,12 +125,12 @@ part_crossover() {
 decoders() {  # --decode-on device: TorchCodec's batched nvjpeg against torchvision's, 256 JPEGs a call
     python - "$WORK/data" <<'EOF'
 import sys, time, torch
-import dataset
-index = dataset.find_dataset(sys.argv[1]).train
-jpegs = [dataset.read_image_file(index.path(i))[0] for i in range(min(256, len(index)))]
+import dataset, decode
+index = layouts.find_dataset(sys.argv[1]).train
+jpegs = [decode.read_image_file(index.path(i))[0] for i in range(min(256, len(index)))]
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU in a dry run
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-decoders = {"torchcodec": dataset.decode_with_torchcodec, "torchvision": dataset.decode_with_torchvision}
+decoders = {"torchcodec": decode.decode_with_torchcodec, "torchvision": decode.decode_with_torchvision}
 rates = {name: [] for name in decoders}
 for round in range(6):
     for name, decode in decoders.items():

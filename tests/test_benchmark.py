@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 
 import benchmark
-import dataset
+import decode
 
 FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
            "full_pipeline", "full_pipeline_refill_timed", "model_only_busy", "full_pipeline_busy",
@@ -50,7 +50,7 @@ def tiny_run(tiny_data, tmp_path_factory):
 def test_benchmark_writes_every_figure(tiny_run):
     result = tiny_run[0]
     expected = [key for key in FIGURES  # torchvision's decoder is the default where torchcodec does not import
-                if key != "loader_torchvision_decoder" or dataset.torchcodec_decode_jpeg is not None]
+                if key != "loader_torchvision_decoder" or decode.torchcodec_decode_jpeg is not None]
     missing = [key for key in expected if key not in result["figures"]]
     assert not missing, missing
     figures = result["figures"]

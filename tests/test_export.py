@@ -11,6 +11,7 @@ import torch
 import dataset
 import evaluate
 import export
+import layouts
 import utils
 from conftest import assert_clean_error, run_script
 
@@ -32,7 +33,7 @@ def run_eval_json(path, data, tmp_path, *extra):
 
 
 def val_images(data, info, count=18):
-    index, _ = dataset.find_val_split(data, info["classes"])
+    index, _ = layouts.find_val_split(data, info["classes"])
     return export.load_images(index, count, info["val_resize_size"] or 37, info["val_crop_size"], info["norm"]), index
 
 

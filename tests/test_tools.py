@@ -10,9 +10,10 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import dataset  # noqa: E402
+import decode  # noqa: E402
+import layouts  # noqa: E402
 from conftest import REPO, assert_clean_error, run_script  # noqa: E402
-from dataset import DataError  # noqa: E402
+from utils import DataError  # noqa: E402
 from test_dataset import labelled_paths, make_class_folders, make_kaggle_layout, save_image  # noqa: E402
 from tools import demo_data, resize_copy  # noqa: E402
 
@@ -30,7 +31,7 @@ def image_sizes(root):
     """{path relative to root: (width, height, format)} of every image file under root."""
     sizes = {}
     for path in sorted(Path(root).rglob("*")):
-        if dataset.is_image_name(path.name) and path.is_file():
+        if layouts.is_image_name(path.name) and path.is_file():
             with Image.open(path) as image:
                 sizes[str(path.relative_to(root))] = (*image.size, image.format)
     return sizes
@@ -84,14 +85,14 @@ def test_resized_copy_has_the_shorter_side_the_aspect_ratio_and_the_labels(tmp_p
     assert (tmp_path / "copy" / "train" / "b" / "small.jpg").read_bytes() == \
         (source / "train" / "b" / "small.jpg").read_bytes()
     assert Image.open(tmp_path / "copy" / "train" / "a" / "tall_gray.jpg").mode == "L"
-    original, copy = dataset.find_dataset(source, cache_dir), dataset.find_dataset(tmp_path / "copy", cache_dir)
+    original, copy = layouts.find_dataset(source, cache_dir), layouts.find_dataset(tmp_path / "copy", cache_dir)
     assert copy.classes == original.classes and copy.layout == original.layout
     assert labelled_paths(copy.train) == labelled_paths(original.train)
     assert labelled_paths(copy.val) == labelled_paths(original.val)
     # the pixels are the original's, smaller: compare with the original resized the same way
-    resized = dataset.decode_image_file(tmp_path / "copy" / "train" / "a" / "wide.jpg")
+    resized = decode.decode_image_file(tmp_path / "copy" / "train" / "a" / "wide.jpg")
     expected = torchvision.transforms.v2.functional.resize(
-        dataset.decode_image_file(source / "train" / "a" / "wide.jpg"), [32, 53], antialias=True)
+        decode.decode_image_file(source / "train" / "a" / "wide.jpg"), [32, 53], antialias=True)
     assert resized.shape == (3, 32, 53) and (resized.int() - expected.int()).abs().float().mean() < 3.0
     assert "short side 32" in (tmp_path / "copy" / resize_copy.RESIZED_MARKER).read_text()
 
@@ -99,8 +100,8 @@ def test_resized_copy_has_the_shorter_side_the_aspect_ratio_and_the_labels(tmp_p
 def test_resized_copy_of_the_kaggle_layout_keeps_its_label_and_mapping_files(tmp_path, cache_dir):
     make_kaggle_layout(tmp_path / "kaggle")
     resize_copy.make_resized_copy(tmp_path / "kaggle", tmp_path / "copy", short_side=16, workers=1)
-    original = dataset.find_dataset(tmp_path / "kaggle", cache_dir)
-    copy = dataset.find_dataset(tmp_path / "copy", cache_dir)
+    original = layouts.find_dataset(tmp_path / "kaggle", cache_dir)
+    copy = layouts.find_dataset(tmp_path / "copy", cache_dir)
     assert "Kaggle" in copy.layout and copy.layout == original.layout
     assert copy.class_names == original.class_names == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
     assert labelled_paths(copy.val) == labelled_paths(original.val)
@@ -122,7 +123,7 @@ def test_interrupted_resized_copy_resumes_without_redoing_finished_files(tmp_pat
     assert counts == {"resized": 2, "unchanged": 0, "done before": 6, "unreadable": 0}
     assert all(path.stat().st_ino == inode for path, inode in finished.items())  # not written again
     assert (copy / resize_copy.RESIZED_MARKER).exists()
-    assert len(dataset.find_dataset(copy, cache_dir).train) == 8  # the temporary file is no image
+    assert len(layouts.find_dataset(copy, cache_dir).train) == 8  # the temporary file is no image
 
 
 def test_resized_copy_reports_bad_files_and_refuses_bad_input(tmp_path, capsys):
@@ -166,7 +167,7 @@ def test_demo_dataset_is_deterministic_complete_and_reused(tmp_path, cache_dir):
     assert all((first / name).read_bytes() == (second / name).read_bytes() for name in files)
     assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # no partial folders left behind
 
-    splits = dataset.find_dataset(first, cache_dir)
+    splits = layouts.find_dataset(first, cache_dir)
     assert len(splits.classes) == 5 and len(splits.train) == 1000 and len(splits.val) == 250
     assert Image.open(splits.train.path(0)).size == (64, 64)
 
@@ -183,7 +184,7 @@ def test_demo_data_command_line(tmp_path):
     proc = run_script("tools/demo_data.py", tmp_path / "demo")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{tmp_path / 'demo'}\n"
-    assert len(dataset.find_dataset(tmp_path / "demo", str(tmp_path / "cache")).train) == 1000
+    assert len(layouts.find_dataset(tmp_path / "demo", str(tmp_path / "cache")).train) == 1000
     (tmp_path / "notes.txt").write_text("someone's file")
     assert_clean_error(run_script("tools/demo_data.py", tmp_path / "notes.txt"), "is not a demo dataset")
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for scripts
-from dataset import DataError  # noqa: E402
+from utils import DataError  # noqa: E402
 
 DEMO_SHAPES = ("circle", "square", "triangle", "cross", "star")
 DEMO_HUES = (0, 72, 144, 216, 288)  # degrees: red, yellow-green, green-cyan, blue, magenta

@@ -19,8 +19,9 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for scripts
-from dataset import (DECODE_ERRORS, LABEL_FILE_NAMES, DataError, bad_file_reason, existing_folder,  # noqa: E402
-                     find_dataset, plural, warn)
+from layouts import LABEL_FILE_NAMES, existing_folder, find_dataset  # noqa: E402
+from utils import DataError, plural, warn  # noqa: E402
+from decode import DECODE_ERRORS, bad_file_reason  # noqa: E402
 
 RESIZED_MARKER = "RESIZED_COPY"  # written last: its presence says the copy is complete
 RESIZED_SETTINGS = ".resized-copy-settings"  # written first: a rerun must use the same settings

@@ -10,7 +10,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, for scripts
-from dataset import DataError, find_dataset, plural  # noqa: E402
+from layouts import find_dataset  # noqa: E402
+from utils import DataError, plural  # noqa: E402
 
 
 def main(argv=None):
