@@ -913,7 +913,7 @@ def test_empty_class_folders_are_refused_for_training_and_a_single_class_is_warn
 
 def test_warnings_in_the_main_process_go_through_tqdm_write(monkeypatch):
     written = []
-    monkeypatch.setattr(dataset.tqdm, "write", lambda text, file=None: written.append((text, file)))
+    monkeypatch.setattr(utils.tqdm, "write", lambda text, file=None: written.append((text, file)))
     utils.warn("a message")
     assert written == [("warning: a message", sys.stderr)]
     assert utils.plural(1, "class") == "1 class" and utils.plural(2, "image") == "2 images"
