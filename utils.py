@@ -44,10 +44,10 @@ def warn(message, every_rank=True):
 
 
 def plural(count, word):
-    """'1 class', '2 classes', '3 images'."""
+    """'1 class', '2 classes', '3 images', '2 epochs'."""
     if count == 1:
         return f"1 {word}"
-    return f"{count} {word}es" if word.endswith(("s", "x", "ch", "sh")) else f"{count} {word}s"
+    return f"{count} {word}es" if word.endswith(("s", "x", "sh")) else f"{count} {word}s"
 
 
 def run_cli(main, args):

@@ -917,6 +917,7 @@ def test_warnings_in_the_main_process_go_through_tqdm_write(monkeypatch):
     utils.warn("a message")
     assert written == [("warning: a message", sys.stderr)]
     assert utils.plural(1, "class") == "1 class" and utils.plural(2, "image") == "2 images"
+    assert utils.plural(2, "class") == "2 classes" and utils.plural(3, "epoch") == "3 epochs"
 
 
 @pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
