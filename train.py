@@ -503,7 +503,7 @@ class Data:
 
 @dataclasses.dataclass
 class Run:
-    """What the loop uses, built once by main (benchmark.py builds one around a bare model with build_trainer).
+    """What the loop uses, built once by main (tools/benchmark.py builds one around a bare model with build_trainer).
     Only `writer` is set later. The run's progress is not here: it is the TrainState, which a checkpoint saves."""
     config: object                   # the flags with every default resolved (flags.resolve_config); never changed
     device: torch.device
@@ -521,7 +521,7 @@ class Run:
     ddp: DistributedDataParallel | None = None
     teacher: nn.Module | None = None
     mixup: object = None             # dataset.make_mixup_cutmix, or None
-    data: Data | None = None         # None for benchmark.py's model-only step
+    data: Data | None = None         # None for the benchmark's model-only step
     rank: int = 0
     world_size: int = 1
     stop: utils.StopRequest | None = None
@@ -610,7 +610,7 @@ def load_teacher(config, classes, num_classes, device):
 def build_trainer(config, net, device, steps_per_epoch, world_size=None, **parts):
     """A Run around a network already on its device: optimizer, EMA, precision, loss, and the DDP and
     torch.compile wrappers; `parts` are the other fields of Run (data, teacher, mixup, rank, stop, ...).
-    benchmark.py times the real update step on a Run built here."""
+    tools/benchmark.py times the real update step on a Run built here."""
     if world_size is None:  # the process group's, when there is one: DDP, the lr and the EMA decay agree
         world_size = torch.distributed.get_world_size() if utils.is_distributed() else 1
     lr, ema_decay = flags.scaled_to_global_batch(config, world_size)

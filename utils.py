@@ -272,7 +272,7 @@ def broadcast_object(obj, src=0):
 
 class MetricMeter:
     """Running sums of training figures, kept on the device (reading them is a host sync): loss x images, top-1
-    hits, images and distillation term x images, as train.train_update returns them; with the seconds since
+    hits, images and distillation term x images, as train.train_step returns them; with the seconds since
     the last reset and the time spent waiting for data in them."""
 
     def __init__(self, device):
@@ -413,9 +413,3 @@ def ignore_stop_signals(worker_id=None):
     """DataLoader worker init: let only the main process handle Ctrl-C/SIGTERM, so it can save cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return None
