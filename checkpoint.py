@@ -19,8 +19,7 @@ import torch
 
 import flags
 import utils
-from dataset import plural
-from utils import CheckpointError, UserError, print0
+from utils import CheckpointError, UserError, plural, print0
 
 CHECKPOINT_FORMAT = "mobilenetv3-torch/1"
 WEIGHTS_FORMAT = "mobilenetv3-torch/weights/1"  # best_weights.pth: the model alone, for sharing and fine-tuning

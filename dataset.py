@@ -1,803 +1,44 @@
-"""ImageNet data for training MobileNetV3: find the image files, decode them, augment them, batch them.
+"""ImageNet data for training MobileNetV3: the datasets, their transforms, the sampler and the loader.
 
-    python dataset.py /path/to/imagenet     # show what is found there, without training
-    python dataset.py                       # make (or reuse) the demo dataset in data/demo and show it
-    python dataset.py --resize-copy /path/to/imagenet /fast/imagenet-320 [--short-side 320] [--workers N]
-                                            # a copy with every image's shorter side at most 320 px
-
-Layouts read by find_dataset(data_path), tried in this order:
-
-1. Kaggle's ILSVRC download: data_path holds ILSVRC/Data/CLS-LOC/train/<synset>/, the flat folder
-   ILSVRC/Data/CLS-LOC/val/, LOC_val_solution.csv and LOC_synset_mapping.txt.
-2. Class folders (torchvision's ImageFolder layout): data_path/train/<class>/<image> and, optionally,
-   data_path/val/<class>/<image>.
-3. A flat validation folder: train/ as in 2, and val/ holding the images directly plus a label file that maps
-   each image file name (with or without its extension) to a class folder name. The label file is looked for
-   in val/, then in data_path, under these names (LABEL_FILE_NAMES):
-       val_labels.csv  val_labels.txt  val.csv  val.txt  labels.csv  labels.txt  LOC_val_solution.csv
-   One image per line, "name,class" (CSV) or "name class" (whitespace separated). A header line is skipped,
-   further columns are ignored, and only the first word of the class column is read, so Kaggle's
-   "ImageId,PredictionString" file reads as well. Labels must be class names: numeric labels (Caffe's val.txt,
-   the devkit's ground truth) are refused, because their numbering depends on a class list we don't have.
-4. The official tar files: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz
-   in data_path and no train/ folder yet. torchvision.datasets.ImageNet extracts them (once; it needs scipy)
-   into train/<synset>/ and val/<synset>/, which are then read as layout 2. Do it with one process
-   (`python dataset.py PATH`) before a multi-process run.
-
-Classes are the sorted names of the training class folders (the order ImageFolder uses). The validation split
-is always mapped onto them by name, so its folder may hold a subset of the classes; a validation class that
-training does not know is an error. Hidden files and folders (".DS_Store", "._x.jpg") and files without an
-image extension (IMAGE_EXTENSIONS) are ignored; images in subfolders of a class folder count for that class.
-
-Symlinked files are followed. A symlinked folder inside a class folder is followed only when it leads to a folder
-of that class folder's own tree not listed yet: a link loop (`loop -> .`) or a link out (`up -> ..`) is skipped
-with a warning, so no class takes another's images. A training class folder without images is an error (as in
-torchvision's ImageFolder): it would be a class the model can never learn, and it would shift the class indices.
-In a validation split it is only a warning (the split may hold a subset of the classes).
-
-Listing 1.28 million files is slow on network disks, so the listing of a class-folder split is cached in
-~/.cache/mobilenetv3-torch (or $XDG_CACHE_HOME/mobilenetv3-torch), never in the data folder. The cache is
-reused while the modification times of the split folder and of every folder the listing read (class folders and
-their subfolders at any depth) are unchanged: adding, removing or renaming a file anywhere invalidates it.
-
-EXIF orientation: training and validation decode the stored pixels and ignore the EXIF orientation tag, as
-torchvision's ImageFolder does, so that numbers stay comparable with published ImageNet results; prediction on
-single files (evaluate.py --predict) applies it, as an image viewer does.
-
-Decoding: JPEGs by TorchCodec's decoder (libjpeg-turbo; torchvision's decode_jpeg where torchcodec does not
-import), any other file by PIL, whatever its name says (a WebP or AVIF named .JPEG, a PNG named .jpg). Training
-crops use scaled decoding (ImageFiles): a JPEG whose RandomResizedCrop box is at least twice the output size is
-decoded at 1/2, 1/4 or 1/8 size by DCT scaling, with the same box and random stream as a full decode.
-`--resize-copy` makes a copy of a dataset with smaller images (make_resized_copy), which decodes faster still;
-RandomResizedCrop then samples its crops from the smaller images.
+ImageFiles (training, decoded in the loader workers), ValidationImageFiles (an unreadable image left out, never
+replaced) and EncodedImageFiles (--decode-on device: JPEGs decoded on the training device) give uint8 images of
+a layouts.FileIndex; normalize_batch makes the floats on the device; EpochSampler orders an epoch by (seed,
+epoch) alone, so a resume sees the same batches; build_loader batches them. Where the files are: layouts.py; how
+they are decoded: decode.py; bad files, speed and the measurements: docs/data-pipeline.md.
 """
 import atexit
-import colorsys
 import contextlib
-import csv
 import functools
-import hashlib
-import io
 import multiprocessing
 import os
-import random
-import re
-import shutil
 import signal
-import sys
-import tempfile
-import warnings
 import weakref
-import zipfile
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
-from tqdm import tqdm
 
-from utils import UserError, ignore_stop_signals
-
-try:
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # torchvision has announced it will move its decoders to TorchCodec
-    decode_jpeg = None
-try:  # TorchCodec's JPEG decoder (libjpeg-turbo, bundled): the maintained successor of torchvision's
-    from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
-except Exception:  # missing, or built for another torch version (each torchcodec release matches one torch)
-    torchcodec_decode_jpeg = None
+import decode
+from utils import DataError, ignore_stop_signals, warn
 
 NORMS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     # mean and std of the 2021 predecessor of this repository, for models trained with it
     "legacy": ((0.4547857, 0.4349471, 0.40525291), (0.12003352, 0.12323549, 0.1392444)),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-LABEL_FILE_NAMES = ("val_labels.csv", "val_labels.txt", "val.csv", "val.txt", "labels.csv", "labels.txt",
-                    "LOC_val_solution.csv")
-ILSVRC_TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar",
-               "devkit": "ILSVRC2012_devkit_t12.tar.gz"}
-KAGGLE_IMAGES = os.path.join("ILSVRC", "Data", "CLS-LOC")
-INDEX_CACHE_VERSION = 2  # 2: the cache holds the modification time of every folder listed
-# What a broken image file raises: PIL (OSError, SyntaxError, EOFError, DecompressionBombError),
-# libjpeg-turbo through torchvision (RuntimeError), odd headers (ValueError).
-DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-# What is not the file's fault when decoding on a GPU: never reported as a bad image
-DEVICE_FAILURES = tuple(getattr(torch, name) for name in ("OutOfMemoryError", "AcceleratorError") if hasattr(torch, name)) \
-    or (torch.cuda.OutOfMemoryError,)  # torch < 2.5
 MAX_BAD_IN_A_ROW = 50  # then the data is broken, not a file
 SKIP_COUNTER_SLOTS = 256  # one per DataLoader worker process, plus the main process
 
 
-class DataError(UserError):
-    """A problem with the data that the user has to fix; the message is one line."""
-
-
-def warn(message, every_rank=True):
-    """One warning line on stderr. In the main process through tqdm.write, so that a progress bar on screen is
-    cleared first and drawn again below; a loader worker has no bar of its own (it may hold a forked copy of the
-    main process's), so it clears the terminal line itself. every_rank=False: a warning about the data that
-    every rank of a torchrun job finds alike, printed by rank 0 only."""
-    if not every_rank and os.environ.get("RANK", "0") != "0":
-        return
-    if torch.utils.data.get_worker_info() is None:
-        tqdm.write(f"warning: {message}", file=sys.stderr)
-    else:
-        clear_line = "\r\x1b[K" if sys.stderr.isatty() else ""
-        print(f"{clear_line}warning: {message}", file=sys.stderr, flush=True)
-
-
-def plural(count, word):
-    """'1 class', '2 classes', '3 images'."""
-    if count == 1:
-        return f"1 {word}"
-    return f"{count} {word}es" if word.endswith(("s", "x", "ch", "sh")) else f"{count} {word}s"
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Finding the files
-
-
-class FileIndex:
-    """The image files of one split: paths relative to root, and their integer labels.
-
-    Two numpy arrays (fixed-width bytes and int64) rather than Python lists: DataLoader workers are forked,
-    and reading millions of Python objects there updates their reference counts, which copies their memory
-    pages into every worker. A numpy array is one object, so its pages stay shared.
-    """
-
-    def __init__(self, root, paths, labels):
-        self.root = str(root)
-        self.paths = np.asarray(paths, dtype=np.bytes_)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        if len(self.paths) != len(self.labels):
-            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-
-    def __len__(self):
-        return len(self.labels)
-
-    def path(self, i):
-        return os.path.join(self.root, os.fsdecode(self.paths[i]))
-
-    def __repr__(self):
-        return f"FileIndex({self.root!r}, {plural(len(self), 'image')})"
-
-
-@dataclass
-class DataSplits:
-    layout: str  # what find_dataset detected, for the user
-    classes: list  # class ids: the sorted training class-folder names
-    class_names: list  # human-readable names, same order
-    train: FileIndex
-    val: FileIndex | None
-
-
-def find_dataset(data_path, cache_dir=None):
-    """Detect the layout of data_path (see the module docstring) and index its train and val images."""
-    root = existing_folder(data_path, "data folder")
-    kaggle = kaggle_root(root)
-    if kaggle:
-        train_dir = os.path.join(kaggle, KAGGLE_IMAGES, "train")
-        val_dir = os.path.join(kaggle, KAGGLE_IMAGES, "val")
-        train_layout = "Kaggle ILSVRC: ILSVRC/Data/CLS-LOC/train/<synset>/"
-    else:
-        train_dir = os.path.join(root, "train")
-        val_dir = os.path.join(root, "val")
-        train_layout = "class folders: train/<class>/"
-        if not os.path.isdir(train_dir) and has_ilsvrc_tars(root, "train"):
-            extract_ilsvrc_tars(root, [s for s in ("train", "val") if has_ilsvrc_tars(root, s)])
-            train_layout = "ILSVRC2012 tar files, extracted by torchvision into train/<synset>/"
-        if not os.path.isdir(train_dir):
-            raise DataError(f"no train/ folder in {root}: expected train/<class>/<image>, Kaggle's ILSVRC/ "
-                            f"folder or the ILSVRC2012 tar files (layouts: see dataset.py)")
-    classes, train = class_folder_index(train_dir, cache_dir)
-    if len(classes) == 1:
-        warn(f"{train_dir} holds a single class ({classes[0]}): every prediction is that class, so accuracy "
-             f"is 100% whatever the model learns", every_rank=False)
-
-    if os.path.isdir(val_dir):
-        val, val_layout = find_val_split(root, classes, cache_dir)
-    else:
-        val, val_layout = None, "no val/ folder"
-
-    synset_names = read_synset_mapping(kaggle or root)
-    if synset_names:
-        class_names = [synset_names.get(name, name) for name in classes]
-    else:
-        class_names = imagenet_class_names(classes)
-    return DataSplits(f"{train_layout}; {val_layout}", classes, class_names, train, val)
-
-
-def split_validation(index, fraction, seed=0):
-    """(train, val) FileIndex from one split with no validation folder: `fraction` of each class's images held
-    out (at least one, and at least one kept for training, when a class has two or more), chosen by a generator
-    seeded with `seed` alone, so train.py and evaluate.py draw the same split."""
-    rng = np.random.default_rng(seed)
-    held_out = np.zeros(len(index), dtype=bool)
-    for label in np.unique(index.labels):
-        members = np.flatnonzero(index.labels == label)
-        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
-        held_out[rng.permutation(members)[:count]] = True
-    keep = lambda mask: FileIndex(index.root, index.paths[mask], index.labels[mask])  # noqa: E731
-    return keep(~held_out), keep(held_out)
-
-
-def find_val_split(data_path, classes, cache_dir=None):
-    """Index the validation images under data_path, labelled by name with the given class list.
-
-    data_path may be the dataset root or the validation folder itself, in any layout of the module docstring.
-    Returns (FileIndex, layout description).
-    """
-    root = existing_folder(data_path, "validation folder")
-    kaggle = kaggle_root(root)
-    if kaggle:
-        val_dir = os.path.join(kaggle, KAGGLE_IMAGES, "val")
-        label_dirs = [val_dir, kaggle]
-    elif os.path.isdir(os.path.join(root, "val")):
-        val_dir = os.path.join(root, "val")
-        label_dirs = [val_dir, root]
-    elif has_ilsvrc_tars(root, "val"):
-        extract_ilsvrc_tars(root, ["val"])
-        val_dir = os.path.join(root, "val")
-        label_dirs = [val_dir]
-    elif os.path.isdir(os.path.join(root, "train")):
-        raise DataError(f"no val/ folder in {root}")
-    else:  # the validation folder itself
-        val_dir = root
-        label_dirs = [root, os.path.dirname(root)]
-
-    visible = [entry for entry in folder_entries(val_dir) if not entry.name.startswith(".")]
-    loose_images = any(is_image_name(entry.name) and entry.is_file() for entry in visible)
-    label_file = find_label_file(label_dirs) if loose_images else None
-    if label_file:
-        index = flat_folder_index(val_dir, label_file, classes)
-        return index, f"flat val/ labelled by {os.path.basename(label_file)}"
-    if any(entry.is_dir() for entry in visible):
-        _, index = class_folder_index(val_dir, cache_dir, classes)
-        return index, "val/<class>/"
-    if loose_images:
-        raise DataError(f"{val_dir} holds images directly but no label file was found "
-                        f"(looked for {', '.join(LABEL_FILE_NAMES)} in {' and '.join(label_dirs)})")
-    raise DataError(f"no images in {val_dir}")
-
-
-def existing_folder(path, what):
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.exists(path):
-        raise DataError(f"{what} {path} does not exist")
-    if not os.path.isdir(path):
-        raise DataError(f"{what} {path} is not a folder")
-    if not any(not entry.name.startswith(".") for entry in folder_entries(path)):
-        raise DataError(f"{what} {path} is empty")
-    return path
-
-
-def kaggle_root(folder):
-    """The top folder of Kaggle's download if folder is it or lies inside its ILSVRC/ tree, else None."""
-    folder = os.path.abspath(folder)
-    candidate = folder
-    for _ in range(5):
-        inside = folder == candidate or (folder + os.sep).startswith(os.path.join(candidate, "ILSVRC") + os.sep)
-        if inside and os.path.isdir(os.path.join(candidate, KAGGLE_IMAGES)):
-            return candidate
-        candidate = os.path.dirname(candidate)
-    return None
-
-
-def folder_entries(folder):
-    try:
-        return list(os.scandir(folder))
-    except OSError as error:  # missing, not a folder, no permission
-        raise DataError(f"cannot list folder {folder}: {error.strerror}") from None
-
-
-def is_image_name(name):
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def list_images(folder, prefix="", folder_times=None):
-    """Paths of the image files under folder, relative to it and sorted; subfolders are searched too.
-
-    Symlinked files are followed. A symlinked folder is followed only when its real path lies inside folder's own
-    tree and was not listed yet, so that a link loop ends and a link such as `up -> ..` does not pull in other
-    classes; such a link is skipped with a warning. folder_times, a list, receives (path, mtime_ns) of every
-    folder listed: the listing cache is valid while they are unchanged.
-    """
-    top = os.path.realpath(folder)
-    listed = set()  # real paths of the folders listed so far
-    links = []  # symlinked folders met, followed once the plain folders are all listed
-    found = []
-
-    def walk(path, real_path, prefix):
-        listed.add(real_path)
-        if folder_times is not None:  # taken before the listing, so that a change during it is seen next time
-            folder_times.append((path, folder_mtime(path)))
-        for entry in folder_entries(path):
-            if entry.name.startswith("."):  # .DS_Store, macOS's ._name.jpg, .ipynb_checkpoints
-                continue
-            try:
-                is_folder = entry.is_dir()
-                is_file = not is_folder and entry.is_file()
-            except OSError as error:  # links that lead to each other (a -> b -> a), no permission
-                warn(f"skipping {entry.path}: {error.strerror or error}")
-                continue
-            if is_folder and entry.is_symlink():
-                links.append((entry.path, prefix + entry.name + "/"))
-            elif is_folder:  # the real path of a plain subfolder is its parent's plus its name
-                walk(entry.path, os.path.join(real_path, entry.name), prefix + entry.name + "/")
-            elif is_file and is_image_name(entry.name):
-                found.append(prefix + entry.name)
-
-    walk(folder, top, prefix)
-    while links:  # the plain tree first, so that a link to one of its folders is the one skipped
-        path, link_prefix = links.pop(0)
-        real_path = os.path.realpath(path)
-        if real_path in listed:
-            warn(f"skipping the link {path}: it leads to a folder already listed ({real_path})")
-        elif real_path != top and not real_path.startswith(top + os.sep):
-            warn(f"skipping the link {path}: it leads out of {folder} (to {real_path})")
-        else:
-            walk(path, real_path, link_prefix)
-    return sorted(found, key=lambda path: path.split("/"))  # the order of a walk with sorted folder entries
-
-
-def folder_mtime(path):
-    """Modification time of a folder in ns, -1 when it is gone: adding, removing or renaming a file changes it."""
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return -1
-
-
-def class_folder_names(split_dir):
-    entries = folder_entries(split_dir)
-    archives = [entry.name for entry in entries if entry.name.endswith(".tar")]
-    if archives:  # torchvision extracts train/<synset>.tar files one by one: an interrupted extraction
-        raise DataError(f"{split_dir} still holds .tar archives ({archives[0]}...): finish extracting them into "
-                        f"class folders, or delete the folder and extract again")
-    return sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
-
-
-def scan_class_folders(split_dir, classes):
-    """(paths relative to split_dir, labels, folder times) of the images in split_dir/<class>/ for each class;
-    folder times: (path relative to split_dir, mtime_ns) of every folder listed."""
-    paths, labels, folder_times = [], [], []
-    for label, name in enumerate(classes):
-        found = list_images(os.path.join(split_dir, name), name + "/", folder_times)
-        paths += [os.fsencode(path) for path in found]
-        labels += [label] * len(found)
-    folders = [os.fsencode(os.path.relpath(path, split_dir)) for path, _ in folder_times]
-    times = [mtime for _, mtime in folder_times]
-    return (np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64),
-            (np.array(folders, dtype=np.bytes_), np.array(times, dtype=np.int64)))
-
-
-def class_folder_index(split_dir, cache_dir=None, classes=None):
-    """(folder classes, FileIndex) of split_dir/<class>/<image>, using the listing cache.
-
-    With classes given (a validation split), labels are mapped onto that list by name instead of the folder's own
-    order, and a class folder without images is a warning; without (a training split), it is an error.
-    """
-    folder_classes, paths, labels = cached_class_folder_scan(split_dir, cache_dir)
-    if not folder_classes:
-        raise DataError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>")
-    if len(paths) == 0:
-        raise DataError(f"no image files in the class folders of {split_dir} "
-                        f"(looked for {' '.join(IMAGE_EXTENSIONS)})")
-    counts = np.bincount(labels, minlength=len(folder_classes))
-    empty = [name for name, count in zip(folder_classes, counts) if count == 0]
-    if empty:
-        more = f" (and {plural(len(empty) - 1, 'other')})" if len(empty) > 1 else ""
-        where = os.path.join(split_dir, empty[0])
-        if classes is None:
-            raise DataError(f"class folder {where}{more} holds no images: a class without training images "
-                            f"cannot be learnt; add images or remove the folder")
-        warn(f"class folder {where}{more} holds no images", every_rank=False)
-    if classes is not None:
-        class_ids = {name: i for i, name in enumerate(classes)}
-        unknown = [name for name in folder_classes if name not in class_ids]
-        if unknown:
-            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise DataError(f"class '{unknown[0]}'{more} in {split_dir} is not one of the "
-                            f"{plural(len(classes), 'training class')}")
-        labels = np.array([class_ids[name] for name in folder_classes], dtype=np.int64)[labels]
-    return folder_classes, FileIndex(split_dir, paths, labels)
-
-
-def find_label_file(folders):
-    for folder in folders:
-        for name in LABEL_FILE_NAMES:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def read_label_file(label_file):
-    """(image name, class name) pairs from lines "name,class,..." or "name class ..."."""
-    pairs = []
-    with open(label_file, newline="", encoding="utf-8", errors="replace") as f:
-        for line_number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = next(csv.reader([line])) if "," in line else line.split()
-            if len(fields) < 2 or not fields[1].split():
-                raise DataError(f"line {line_number} of {label_file} is not 'image,class' or 'image class': "
-                                f"{line[:80]!r}")
-            pairs.append((fields[0].strip(), fields[1].split()[0]))
-    return pairs
-
-
-def flat_folder_index(val_dir, label_file, classes):
-    """FileIndex of the images directly in val_dir, labelled by label_file."""
-    names = sorted(entry.name for entry in folder_entries(val_dir) if is_image_name(entry.name) and entry.is_file())
-    file_of = {}  # file name, and file name without extension -> file name
-    for name in names:
-        file_of[name] = name
-        file_of.setdefault(os.path.splitext(name)[0], name)
-    class_ids = {name: i for i, name in enumerate(classes)}
-
-    label_of = {}
-    for number, (image, class_name) in enumerate(read_label_file(label_file)):
-        image = os.path.basename(image)
-        name = file_of.get(image) or file_of.get(os.path.splitext(image)[0])
-        if class_name not in class_ids:
-            if number == 0 and name is None:  # a header such as "ImageId,PredictionString"
-                continue
-            raise DataError(f"class '{class_name}' of {image} in {label_file} is not one of the "
-                            f"{plural(len(classes), 'training class')}")
-        if name is not None:  # a line for an image that is not there is fine: a subset of the split
-            label_of[name] = class_ids[class_name]
-
-    unlabelled = [name for name in names if name not in label_of]
-    if unlabelled:
-        raise DataError(f"{plural(len(unlabelled), 'image')} in {val_dir} without a line in {label_file} "
-                        f"(the first: {unlabelled[0]})")
-    return FileIndex(val_dir, [os.fsencode(name) for name in names], [label_of[name] for name in names])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The listing cache
-
-
-def default_cache_dir():
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mobilenetv3-torch")
-
-
-def cached_class_folder_scan(split_dir, cache_dir=None):
-    """(classes, paths, labels) of split_dir, from the cache while none of the folders it listed has changed."""
-    split_dir = os.path.abspath(split_dir)
-    classes = class_folder_names(split_dir)
-    # The split folder's time covers added or removed class folders; the cache holds the time of every folder
-    # the listing read (class folders and their subfolders), which are checked one by one when it is loaded.
-    stamps = [f"{INDEX_CACHE_VERSION} {split_dir} {os.stat(split_dir).st_mtime_ns}", *classes]
-    fingerprint = hashlib.sha256("\n".join(stamps).encode("utf-8", "surrogateescape")).hexdigest()
-    folder_key = hashlib.sha256(split_dir.encode("utf-8", "surrogateescape")).hexdigest()[:20]
-    cache_file = os.path.join(cache_dir or default_cache_dir(), f"index-{folder_key}.npz")
-
-    cached = load_index_cache(cache_file, fingerprint, split_dir)
-    if cached is not None:
-        return cached
-    paths, labels, (folders, times) = scan_class_folders(split_dir, classes)
-    save_index_cache(cache_file, fingerprint, classes, paths, labels, folders, times)
-    return classes, paths, labels
-
-
-def load_index_cache(cache_file, fingerprint, split_dir):
-    try:
-        with np.load(cache_file, allow_pickle=False) as saved:
-            if str(saved["fingerprint"]) != fingerprint:
-                return None
-            for folder, mtime in zip(saved["folders"], saved["folder_times"]):
-                if folder_mtime(os.path.join(split_dir, os.fsdecode(folder))) != mtime:
-                    return None  # a file was added, removed or renamed there
-            return [str(name) for name in saved["classes"]], saved["paths"], saved["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # missing, unreadable or corrupt: scan the folders again
-
-
-def save_index_cache(cache_file, fingerprint, classes, paths, labels, folders, times):
-    partial = f"{cache_file}.{os.getpid()}.partial"
-    try:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        with open(partial, "wb") as f:
-            np.savez(f, fingerprint=np.array(fingerprint), classes=np.array(classes, dtype=np.str_),
-                     paths=paths, labels=labels, folders=folders, folder_times=times)
-        os.replace(partial, cache_file)  # atomic, so parallel ranks never read half a file
-    except OSError:
-        if os.path.exists(partial):
-            os.remove(partial)
-        # no cache: the next run lists the folders again
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Class names and the ILSVRC2012 tar files
-
-
-def read_synset_mapping(folder):
-    """{synset: names} from Kaggle's LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca"), or {}."""
-    path = os.path.join(folder, "LOC_synset_mapping.txt")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        pairs = [line.strip().split(maxsplit=1) for line in f if line.strip()]
-    return {pair[0]: pair[1] if len(pair) > 1 else pair[0] for pair in pairs}
-
-
-def imagenet_class_names(classes):
-    """Human-readable names for class ids: torchvision's ImageNet categories for the ILSVRC-2012 synsets.
-
-    torchvision lists its 1000 categories in the order of the sorted ILSVRC-2012 synsets but does not ship the
-    synsets. So the categories are used only for exactly 1000 sorted synset-like ids (n + 8 digits) that start
-    and end with the first and last ILSVRC-2012 synsets; any other class list keeps its ids as names.
-    """
-    classes = list(classes)
-    is_ilsvrc = (len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", name) for name in classes)
-                 and classes == sorted(classes) and classes[0] == "n01440764" and classes[-1] == "n15075141")
-    if not is_ilsvrc:
-        return classes
-    from torchvision.models import MobileNet_V3_Large_Weights
-    return list(MobileNet_V3_Large_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def has_ilsvrc_tars(root, split):
-    return all(os.path.isfile(os.path.join(root, ILSVRC_TARS[name])) for name in (split, "devkit"))
-
-
-def extract_ilsvrc_tars(root, splits):
-    """Extract the official tar files into root/<split>/<synset>/ with torchvision.datasets.ImageNet."""
-    try:
-        import scipy.io  # noqa: F401  torchvision reads the devkit's meta.mat with it
-    except ImportError:
-        raise DataError(f"{root} holds the ILSVRC2012 tar files: pip install scipy so that "
-                        f"torchvision.datasets.ImageNet can extract them, or extract them yourself into "
-                        f"train/<synset>/ and val/<synset>/") from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DataError(f"{root} holds the ILSVRC2012 tar files: extract them with one process first: "
-                        f"python dataset.py {root}")
-    from torchvision.datasets import ImageNet
-    for split in splits:
-        print(f"extracting {ILSVRC_TARS[split]} into {os.path.join(root, split)} (once; this takes a while)",
-              file=sys.stderr, flush=True)
-        try:
-            ImageNet(root, split=split)
-        except RuntimeError as error:  # a missing or corrupt archive
-            raise DataError(" ".join(str(error).split())) from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Decoding
-
-
-@contextlib.contextmanager
-def torchvision_decoding():
-    """Silences, around a call of torchvision's decoders, their notice that torchvision 0.29 deprecates them in
-    favour of TorchCodec: they still decode on the device (--decode-on device) and on the CPU when torchcodec
-    cannot be imported. Around our calls only, not for the whole process. Costs ~5 us a call (measured: 1,000
-    calls), next to ~1.7 ms for decoding a 500x375 ImageNet JPEG."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)
-        yield
-
-
-def decode_jpeg_cpu(data, exif_orientation=False):
-    """JPEG bytes (a 1-D uint8 tensor) -> uint8 RGB (3, H, W), laid out height-width-channel in memory (which the
-    uint8 resize of RandomResizedCrop is fastest on): the stored pixels, or (exif_orientation=True) turned
-    upright by the EXIF orientation tag. TorchCodec's decoder where it imports, else torchvision's: the same
-    libjpeg-turbo, identical pixels and speed (measured on 400 ImageNet JPEGs)."""
-    if torchcodec_decode_jpeg is None:
-        with torchvision_decoding():
-            image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
-    else:  # torchcodec 0.17 always turns a JPEG by its orientation tag
-        image = torchcodec_decode_jpeg(data if exif_orientation else with_stored_orientation(data), mode="RGB")
-    if not image.permute(1, 2, 0).is_contiguous():  # turned: height-width-channel in memory again
-        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    return image
-
-
-def with_stored_orientation(data):
-    """JPEG bytes that TorchCodec decodes to the pixels as stored: data itself, or a copy of it whose EXIF
-    orientation tags all say 1 (TorchCodec always turns a JPEG by its tag, and its CPU and CUDA decoders read
-    the tag from different segments when an XMP segment comes first: with every tag at 1 neither turns)."""
-    places = [place for place in exif_orientation_places(data) if place[2] != 1]
-    if not places:
-        return data
-    data = data.clone()
-    for offset, order, _ in places:
-        data[offset:offset + 2] = torch.tensor(list((1).to_bytes(2, order)), dtype=torch.uint8)
-    return data
-
-
-def exif_orientation_places(data):
-    """[(offset, byte order, value)] of every EXIF orientation tag's value in JPEG bytes (the first directory of
-    each APP1 segment before the image data): a few reads of the segments' headers, no decoding. Walks the
-    markers as libjpeg does (stray bytes between segments skipped, markers without a length), and reads the
-    directory as TorchCodec does (big-endian unless "II"), so that no tag TorchCodec would obey is missed."""
-    header = memoryview(data.numpy())  # indexing gives plain ints: fast
-    places, position = [], 2  # after the start-of-image marker
-    while position + 4 <= len(header):
-        if header[position] != 0xFF or header[position + 1] == 0xFF:  # stray byte, or fill byte before a marker
-            position += 1
-            continue
-        marker = header[position + 1]
-        if marker in (0xDA, 0xD9):  # start of scan (the image data), end of image
-            break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length field
-            position += 2
-            continue
-        length = header[position + 2] << 8 | header[position + 3]
-        if marker == 0xE1:
-            start = position + 10  # the TIFF header, after "Exif\0\0"
-            tiff = header[start:position + 2 + length].tobytes()
-            order = "little" if tiff[:2] == b"II" else "big"
-            if len(tiff) >= 8 and int.from_bytes(tiff[2:4], order) == 0x2A:  # else XMP, say
-                directory = int.from_bytes(tiff[4:8], order)
-                count = int.from_bytes(tiff[directory:directory + 2], order)
-                for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 9), 12):
-                    if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:  # orientation, a 2-byte value
-                        places.append((start + entry + 8, order, int.from_bytes(tiff[entry + 8:entry + 10], order)))
-        position += 2 + max(length, 2)
-    return places
-
-
-# --decode-on device: a batch of JPEGs (1-D uint8 CPU tensors) decoded in one call on the device (nvjpeg on
-# CUDA) to their stored pixels, uint8 RGB (3, H, W) each; RuntimeError when one of them can't be.
-
-def decode_with_torchcodec(device, jpegs):
-    """TorchCodec decodes on the current CUDA stream and returns when it is done."""
-    return torchcodec_decode_jpeg([with_stored_orientation(data) for data in jpegs], mode="RGB", device=device)
-
-
-def decode_with_torchvision(device, jpegs):
-    """torchvision's nvjpeg decoder writes from its own stream without waiting for ours (pytorch/vision#9606):
-    the current stream is synchronized first, or it could overwrite memory that queued kernels are about to read."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    with torchvision_decoding():
-        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-
-
-def decode_jpegs_on(device, jpegs):
-    """The batch decoded by the decoder that works on device (device_jpeg_decoder)."""
-    return DEVICE_DECODERS[device_jpeg_decoder(device)](device, jpegs)
-
-
-DEVICE_DECODERS = {"TorchCodec": decode_with_torchcodec, "torchvision": decode_with_torchvision}
-
-
-def device_jpeg_decoder(device):
-    """'TorchCodec' or 'torchvision': TorchCodec where it imports and decodes on device, else torchvision."""
-    if device.type == "cpu":
-        return "TorchCodec" if torchcodec_decode_jpeg is not None else "torchvision"
-    return first_decoder_that_works_on(device)
-
-
-@functools.lru_cache(maxsize=None)
-def first_decoder_that_works_on(device):
-    """Tried once per device on a small JPEG: a CPU-only torchcodec wheel (Windows, macOS, the /whl/cpu index)
-    imports but has no nvjpeg, and torchvision quietly decodes on the CPU for a device it has no decoder for.
-    DataError, with each decoder's reason, when neither works."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    probe = [torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)]
-    reasons = []
-    for name, available in (("TorchCodec", torchcodec_decode_jpeg), ("torchvision", decode_jpeg)):
-        if available is None:
-            reasons.append(f"{name}: not installed")
-            continue
-        try:
-            if DEVICE_DECODERS[name](device, probe)[0].device.type == device.type:
-                return name
-            reasons.append(f"{name}: decodes on the CPU instead")
-        except (RuntimeError, NotImplementedError, ValueError) as error:
-            if is_device_failure(error):  # the device's fault, not the decoder's: never cached as a choice
-                raise
-            reasons.append(f"{name}: {bad_file_reason(error).split('. ')[0]}")
-    raise DataError(f"--decode-on device: no JPEG decoder here works on {device} ({'; '.join(reasons)}); "
-                    "use --decode-on workers")
-
-
-def is_device_failure(error):
-    """Not the file's fault: out of GPU memory, a broken CUDA context. Decoders raise these as plain RuntimeError
-    too (TorchCodec passes every C++ error through torch's stable ABI as one; torchvision wraps them)."""
-    return isinstance(error, DEVICE_FAILURES) or any(text in str(error) for text in (
-        "out of memory", "CUDA error", "Failed to synchronize CUDA stream"))
-
-
-def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=False):
-    """(data, size): a JPEG in one of jpeg_modes (what decode_jpeg decodes) as its bytes in a 1-D uint8 tensor
-    and its (height, width) as stored; any other image decoded by PIL, as a uint8 RGB tensor (3, H, W), and None.
-
-    Image.open reads only the header: it tells the real format (a PNG named .JPEG goes through PIL), and it
-    applies PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) to every file, the JPEGs included.
-    exif_orientation: turn PIL-decoded images upright by their EXIF orientation tag (see decode_image_file).
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:  # its message names our BytesIO object, not the file
-        raise Image.UnidentifiedImageError("not an image format Pillow can read") from None
-    with image:
-        has_decoder = torchcodec_decode_jpeg is not None or decode_jpeg is not None
-        if has_decoder and image.format == "JPEG" and image.mode in jpeg_modes:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), (image.height, image.width)
-        if exif_orientation:
-            image = ImageOps.exif_transpose(image)
-        pixels = np.array(image.convert("RGB"))
-    return torch.from_numpy(pixels).permute(2, 0, 1), None
-
-
-def decode_image_file(path, exif_orientation=False):
-    """The image at path as a uint8 RGB tensor (3, H, W).
-
-    JPEGs are decoded by libjpeg-turbo through TorchCodec (decode_jpeg_cpu: faster than PIL, and laid out
-    height-width-channel in memory); other files (PNG, WebP, AVIF..., whatever their name) by PIL.
-    exif_orientation=False gives the pixels as stored, as torchvision's ImageFolder does (training, validation);
-    True turns the image as its EXIF orientation tag says, as image viewers show it (a phone photo, --predict).
-    """
-    data, size = read_image_file(path, exif_orientation=exif_orientation)
-    if size is None:
-        return data
-    return decode_jpeg_cpu(data, exif_orientation)
-
-
-def draw_crop_box(crop, image_size):
-    """RandomResizedCrop's box (top, left, height, width) for an image of image_size (height, width), drawn with
-    the same random calls as crop(image) makes: the box depends on the image's size only, not on its pixels."""
-    make_params = getattr(crop, "make_params", None) or crop._get_params  # torchvision < 0.21
-    box = make_params([torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, *image_size)])
-    return box["top"], box["left"], box["height"], box["width"]
-
-
-def dct_scale(box_height, box_width, out_height, out_width):
-    """The denominator of the smallest JPEG DCT scale (1/8, 1/4, 1/2 or 1) at which a box_height x box_width crop
-    still holds at least out_height x out_width pixels, so that the crop is still shrunk, never enlarged."""
-    for scale in (8, 4, 2):
-        if box_height >= scale * out_height and box_width >= scale * out_width:
-            return scale
-    return 1
-
-
-def decode_jpeg_crop_reduced(data, scale, box, out_size):
-    """A crop of JPEG bytes (a 1-D uint8 tensor) decoded at 1/scale of their size by libjpeg-turbo's DCT scaling
-    (PIL's draft), resized to out_size (height, width): uint8 RGB (3, *out_size); None if the decoder did not
-    reduce by exactly scale.
-
-    box (top, left, height, width) is in full-size pixels. Reduced pixel (y, x) stands for the full-size pixels
-    [y*scale, (y+1)*scale) x [x*scale, (x+1)*scale), so the box's edges divided by scale are the same edges on the
-    reduced image; PIL's resize takes them as fractions, so the geometry is the full-size crop's exactly (edges
-    rounded to whole reduced pixels would shift it by up to half an output pixel: 2x the pixel difference)."""
-    top, left, height, width = box
-    with Image.open(io.BytesIO(data.numpy())) as image:
-        full_width, full_height = image.size
-        image.draft("RGB", (full_width // scale, full_height // scale))
-        if image.size != (-(-full_width // scale), -(-full_height // scale)):
-            return None
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        edges = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-        image = image.resize(out_size[::-1], Image.Resampling.BILINEAR, box=edges)  # antialiased, like v2's
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # height-width-channel in memory, like decode_jpeg's
-
-
-def bad_file_reason(error):
-    """What a decoding error says about the file, in one line."""
-    reason = " ".join(str(error).split()) or type(error).__name__
-    return re.sub(r"^\w+, \S+:\d+, ", "", reason)  # the decoder's C++ source location says nothing here
+# Datasets: decoded and augmented samples
 
 
 @contextlib.contextmanager
 def sample_rng(seed):
-    """torch's CPU generator seeded with a sample's seed inside the block and put back as it was after (with
-    workers=0 this runs in the training process); seed None leaves the generator alone."""
+    """torch's CPU generator seeded with a sample's seed inside the block, put back as it was after (with workers=0
+    this runs in the training process); seed None leaves it alone."""
     if seed is None:
         yield
         return
@@ -815,23 +56,15 @@ def worker_slot():
 class ImageFiles(torch.utils.data.Dataset):
     """The images of a FileIndex, decoded and transformed: (uint8 tensor (3, H, W), label).
 
-    An item is an index, or (index, sample seed) from EpochSampler: the transform then runs on torch's CPU
-    random generator seeded with it, so augmentation does not depend on which worker loads the sample, and a
-    resumed epoch sees exactly the images it would have seen.
+    An item is an index, or (index, sample seed) from EpochSampler: the transform then runs seeded with it, so
+    augmentation does not depend on the worker, and a resumed epoch sees the same images. A file that can't be
+    decoded raises DataError when strict; else it is warned about, counted in `skipped` (each time it is read)
+    and replaced by the next readable file, so the batch keeps its size.
 
-    A file that can't be decoded raises DataError when strict; otherwise it is reported on stderr, counted in
-    `skipped`, and replaced by the next readable file so that the batch keeps its size (right for training; for
-    validation, ValidationImageFiles leaves it out instead). A bad file is counted each time it is read (once per
-    epoch).
-
-    Scaled decoding (scaled_decoding=True, used when the transform starts with a RandomResizedCrop, as
-    train_transform's does): the crop box is drawn first, from the file's full size and with the same random
-    calls as the transform makes, and a JPEG whose box is at least twice the output size in both directions is
-    decoded at 1/2, 1/4 or 1/8 of its size by DCT scaling (decode_jpeg_crop_reduced), the smallest scale that
-    keeps at least the output's resolution in the box, and the box (its edges divided by the scale) resized by PIL.
-    Same box, same flip and same later augmentation as a full decode; such a crop's pixels differ from the full
-    decode's by about 1-2 grey levels on average (tested). Smaller boxes are decoded at full size, exactly as
-    with scaled_decoding=False.
+    scaled_decoding, when the transform starts with a bilinear RandomResizedCrop (train_transform's does): the
+    crop box is drawn first, with the transform's own random calls, and a JPEG whose box is at least twice the
+    output is decoded at a DCT scale (decode.decode_jpeg_crop_reduced). Same box, flip and later steps as a full
+    decode.
     """
 
     def __init__(self, index, transform, strict=False, scaled_decoding=True):
@@ -842,10 +75,9 @@ class ImageFiles(torch.utils.data.Dataset):
         self.crop = None  # the RandomResizedCrop that scaled decoding does itself, then the steps after it
         if (scaled_decoding and steps and isinstance(steps[0], v2.RandomResizedCrop) and steps[0].antialias
                 and getattr(steps[0].interpolation, "value", steps[0].interpolation) == "bilinear"
-                and (torchcodec_decode_jpeg is not None or decode_jpeg is not None)):
+                and (decode.torchcodec_decode_jpeg is not None or decode.decode_jpeg is not None)):
             self.crop, self.after_crop = steps[0], v2.Compose(steps[1:])
-        # In shared memory so that counts made in DataLoader workers are seen by the main process; one slot per
-        # process, so no two processes ever write the same number.
+        # shared memory, so the main process sees the workers' counts; one slot per process, never written by two
         self.skip_counts = torch.zeros(SKIP_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
 
     def __len__(self):
@@ -875,31 +107,31 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def read_cropped(self, path):
         """The file at path, decoded and put through RandomResizedCrop, with scaled decoding where it applies."""
-        data, size = read_image_file(path)
+        data, size = decode.read_image_file(path)
         if size is None:  # decoded by PIL already
             return self.crop(data)
-        box = draw_crop_box(self.crop, size)
-        scale = dct_scale(box[2], box[3], *self.crop.size)
+        box = decode.draw_crop_box(self.crop, size)
+        scale = decode.dct_scale(box[2], box[3], *self.crop.size)
         if scale > 1:
-            image = decode_jpeg_crop_reduced(data, scale, box, self.crop.size)
+            image = decode.decode_jpeg_crop_reduced(data, scale, box, self.crop.size)
             if image is not None:
                 return image
-        return v2.functional.resized_crop(decode_jpeg_cpu(data), *box, self.crop.size, antialias=True)
+        return v2.functional.resized_crop(decode.decode_jpeg_cpu(data), *box, self.crop.size, antialias=True)
 
-    def load(self, position, read=decode_image_file):
+    def load(self, position, read=decode.decode_image_file):
         """(read(path), label, position read) for the file at position, or for the next readable one after it."""
         for offset in range(min(MAX_BAD_IN_A_ROW, len(self.index))):
             i = (position + offset) % len(self.index)
             try:
                 return read(self.index.path(i)), int(self.index.labels[i]), i
-            except DECODE_ERRORS as error:
+            except decode.DECODE_ERRORS as error:
                 self.report_bad_file(self.index.path(i), error)
         raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row, from {self.index.path(position)}")
 
     def report_bad_file(self, path, error):
         if self.strict:
-            raise DataError(f"cannot read image {path}: {bad_file_reason(error)}") from None
-        warn(f"skipping unreadable image {path}: {bad_file_reason(error)}")
+            raise DataError(f"cannot read image {path}: {decode.bad_file_reason(error)}") from None
+        warn(f"skipping unreadable image {path}: {decode.bad_file_reason(error)}")
         self.skip_counts[worker_slot()] += 1
 
     def batch_to(self, device, images, labels):
@@ -908,14 +140,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class ValidationImageFiles(ImageFiles):
-    """Validation images: an unreadable file is left out of its batch, never replaced, so that every image is
-    scored once and with its own label. Use it with EpochSampler(shuffle=False) and build_loader, which takes
-    its collate: a batch may come out smaller, or empty (images and labels of length 0).
-
-    A left-out file is warned about once however many passes read it (raw and EMA weights, every epoch), and is
-    marked in `unreadable`, one flag per index position in shared memory, set by whichever loader worker read it:
-    after a pass the main process names them with unreadable_files().
-    """
+    """Validation images: an unreadable file is left out of its batch, never replaced, so every image is scored
+    once with its own label (a batch may come out smaller, or empty; build_loader takes the collate). It is warned
+    about once however many passes read it, and marked in `unreadable` (shared memory) for unreadable_files()."""
 
     def __init__(self, index, transform, strict=False):
         super().__init__(index, transform, strict)
@@ -934,12 +161,12 @@ class ValidationImageFiles(ImageFiles):
         position = item[0] if isinstance(item, tuple) else item
         path = self.index.path(position)
         try:
-            image = decode_image_file(path)
-        except DECODE_ERRORS as error:
+            image = decode.decode_image_file(path)
+        except decode.DECODE_ERRORS as error:
             if self.strict:
-                raise DataError(f"cannot read image {path}: {bad_file_reason(error)}") from None
+                raise DataError(f"cannot read image {path}: {decode.bad_file_reason(error)}") from None
             if not self.unreadable[position]:
-                warn(f"leaving out unreadable validation image {path}: {bad_file_reason(error)}")
+                warn(f"leaving out unreadable validation image {path}: {decode.bad_file_reason(error)}")
             self.unreadable[position] = 1
             return None
         if self.transform is not None:
@@ -956,9 +183,9 @@ class ValidationImageFiles(ImageFiles):
 
 @dataclass
 class EncodedBatch:
-    """A batch of EncodedImageFiles, as few tensors as possible (each tensor a worker sends is a file descriptor
-    in the training process): the JPEG files' bytes end to end, their lengths (0 for an image the worker
-    finished itself), those finished images, and each sample's plan [position, top, left, height, width, flip]."""
+    """A batch of EncodedImageFiles in few tensors (each tensor a worker sends costs a file descriptor): the JPEGs'
+    bytes end to end, their lengths (0 for an image the worker finished), the finished images, and each sample's
+    plan [position, top, left, height, width, flip]."""
     jpeg_bytes: torch.Tensor
     lengths: torch.Tensor
     finished: torch.Tensor
@@ -966,22 +193,17 @@ class EncodedBatch:
 
 
 class EncodedImageFiles(ImageFiles):
-    """Training samples for decoding on the training device (train.py --decode-on device).
-
-    The loader workers only read each file and draw its RandomResizedCrop box and flip, with the same random
-    calls as train_transform, so a sample seed gives the same crop either way; batch_to then decodes the
-    batch's JPEGs in one call on the device (decode_jpegs_on: nvjpeg on CUDA) and crops, resizes and flips them
-    there. This frees the CPU cores for machines with many GPUs and few cores each. The device decodes every JPEG at
-    full size (nvjpeg has no DCT scaling here), so on the CPU the images are identical to ImageFiles' with
-    train_transform and scaled_decoding=False; on CUDA nvjpeg and the float resize differ from them by about 1
-    level. Files nvjpeg can't take (PNGs, CMYK JPEGs) are decoded and cropped in the worker as usual.
-    """
+    """Training samples decoded on the training device (train.py --decode-on device), for machines with few CPU
+    cores per GPU. The workers only read each file and draw its crop box and flip with train_transform's random
+    calls; batch_to decodes the batch's JPEGs in one call on the device and crops, resizes and flips them there.
+    At full size, so on the CPU the images equal ImageFiles' with train_transform and scaled_decoding=False. Files
+    nvjpeg can't take (not JPEG, CMYK) are decoded and cropped in the worker."""
 
     DEVICE_JPEG_MODES = ("RGB", "L")  # nvjpeg, through torchvision at least, does not take CMYK
 
     def __init__(self, index, img_size, min_scale=0.08, strict=False):
         super().__init__(index, transform=None, strict=strict)
-        if torchcodec_decode_jpeg is None and decode_jpeg is None:
+        if decode.torchcodec_decode_jpeg is None and decode.decode_jpeg is None:
             raise DataError("decoding on the device needs torchcodec or torchvision.io.decode_jpeg; neither imports")
         self.img_size = img_size
         # train_transform's own steps, so that the crop and flip are drawn exactly as there
@@ -990,12 +212,11 @@ class EncodedImageFiles(ImageFiles):
     def __getitem__(self, item):
         """(file bytes, 1-D, or the finished image (3, S, S); plan; label)."""
         position, seed = item if isinstance(item, tuple) else (item, None)
-        read = functools.partial(read_image_file, jpeg_modes=self.DEVICE_JPEG_MODES)
+        read = functools.partial(decode.read_image_file, jpeg_modes=self.DEVICE_JPEG_MODES)
         (data, size), label, position = self.load(position, read=read)
         image_size = size or tuple(data.shape[-2:])
-        with sample_rng(seed):
-            # the random calls of train_transform, in its order: RandomResizedCrop's box, then the flip's draw
-            box = draw_crop_box(self.crop, image_size)
+        with sample_rng(seed):  # train_transform's random calls, in its order: the crop box, then the flip
+            box = decode.draw_crop_box(self.crop, image_size)
             flip = bool(torch.rand(1) < self.flip.p)
         plan = torch.tensor([position, *box, flip])
         if size is None:  # already decoded by PIL: finish it here
@@ -1021,9 +242,7 @@ class EncodedImageFiles(ImageFiles):
 
     def batch_to(self, device, batch, labels):
         """Decode the batch's JPEGs on the device, then crop, resize and flip each: (uint8 (N, 3, S, S), labels).
-
-        An image that fails to decode is reported like a bad file in a worker, and replaced by the batch's
-        previous good image (and label), so the batch keeps its size."""
+        An image that fails to decode is reported like a bad file and replaced by the batch's previous good one."""
         rows = batch.lengths.nonzero().flatten().tolist()
         jpegs = torch.split(batch.jpeg_bytes, batch.lengths[rows].tolist())
         decoded = dict(zip(rows, self.decode_jpegs(list(jpegs), batch.plans[rows, 0].tolist(), device)))
@@ -1049,26 +268,26 @@ class EncodedImageFiles(ImageFiles):
         return images, labels.to(device, non_blocking=True)
 
     def decode_jpegs(self, jpegs, positions, device):
-        """Decoded images on device (None for a file that can't be decoded): the whole list in one call, and
-        one by one only when that call fails (a batched decode stops at its first broken file)."""
+        """Decoded images on device (None for a file that can't be decoded): the whole list in one call, and one
+        by one only when that call fails (a batched decode stops at its first broken file)."""
         if not jpegs:
             return []
         try:
-            return decode_jpegs_on(device, jpegs)
+            return decode.decode_jpegs_on(device, jpegs)
         except RuntimeError as error:
-            if is_device_failure(error):
+            if decode.is_device_failure(error):
                 raise
         images = []
         for data, position in zip(jpegs, positions):
             try:
-                images.append(decode_jpegs_on(device, [data])[0])
+                images.append(decode.decode_jpegs_on(device, [data])[0])
                 continue
             except RuntimeError as error:
-                if is_device_failure(error):
+                if decode.is_device_failure(error):
                     raise
                 reason = error
             try:  # libjpeg-turbo reads some files nvjpeg refuses
-                image = decode_jpeg_cpu(data)
+                image = decode.decode_jpeg_cpu(data)
             except RuntimeError:
                 images.append(None)
                 self.report_bad_file(self.index.path(position), reason)
@@ -1079,7 +298,7 @@ class EncodedImageFiles(ImageFiles):
     @staticmethod
     def check_device(device):
         """Raise DataError unless JPEGs can be decoded on device here (nvjpeg on CUDA)."""
-        device_jpeg_decoder(device)
+        decode.device_jpeg_decoder(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1099,8 +318,7 @@ def train_transform(img_size, auto_augment=None, random_erase=0.0, norm="imagene
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     elif auto_augment:
         raise ValueError(f"unknown auto_augment {auto_augment!r}: use 'ra', 'ta_wide' or 'imagenet'")
-    if random_erase > 0:
-        # Erase with the mean colour, which normalize_batch turns into (almost exactly) zero.
+    if random_erase > 0:  # with the mean colour, which normalize_batch turns into (almost exactly) zero
         mean_colour = [round(255 * value) for value in NORMS[norm][0]]
         steps.append(v2.RandomErasing(p=random_erase, value=mean_colour))
     return v2.Compose(steps)
@@ -1113,8 +331,7 @@ def val_transform(resize_size, crop_size):
 
 @functools.lru_cache(maxsize=8)
 def normalization_constants(mean, std, device):
-    """255 * mean and 1 / (255 * std), made once per device: a new GPU tensor every batch would be a host-to-device
-    copy that waits for the GPU."""
+    """255 * mean and 1 / (255 * std), made once per device (a new GPU tensor per batch is a copy that waits)."""
     mean_255 = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
     scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
     return mean_255, scale
@@ -1130,10 +347,8 @@ def normalize_batch(images, mean, std, channels_last=False):
 
 
 def make_mixup_cutmix(mixup_alpha, cutmix_alpha, num_classes):
-    """A callable (float images, int labels) -> (images, soft labels), or None when both alphas are 0.
-
-    With both, each batch gets either MixUp or CutMix, chosen at random. Apply it to normalized float images.
-    """
+    """A callable (normalized float images, int labels) -> (images, soft labels), or None when both alphas are 0.
+    With both, each batch gets MixUp or CutMix, chosen at random."""
     choices = []
     if mixup_alpha > 0:
         choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
@@ -1151,28 +366,19 @@ def make_mixup_cutmix(mixup_alpha, cutmix_alpha, num_classes):
 class EpochSampler(torch.utils.data.Sampler):
     """The order of one rank's samples in an epoch, a function of (seed, epoch) only.
 
-    shuffle=True (training): one permutation per epoch, from a generator seeded with seed + epoch; rank r takes
-    positions r, r + num_replicas, ...; the permutation is padded by wrapping around so that every rank gets
-    the same number of samples (or cut, with drop_last), as DistributedSampler does. Each sample comes with a
-    seed for its augmentation: items are (index, sample seed).
-    shuffle=False (validation): rank r takes indices r, r + num_replicas, ... with no padding, so that every
-    image is counted exactly once; items are plain indices.
-
-    set_epoch(epoch, skip_batches, batch_size) skips the first skip_batches * batch_size samples of this rank
-    without loading them, to resume in the middle of an epoch.
+    shuffle=True (training): a permutation seeded with seed + epoch, rank r taking positions r, r + num_replicas,
+    ..., padded by wrapping around (or cut, with drop_last) so every rank gets as many, as DistributedSampler does;
+    items are (index, sample seed), the seed for the sample's augmentation. shuffle=False (validation): rank r
+    takes indices r, r + num_replicas, ... unpadded, so every image counts once; items are plain indices.
+    set_epoch(epoch, skip_batches, batch_size) skips the rank's first batches unloaded, to resume mid-epoch.
     """
 
     def __init__(self, num_samples, shuffle, seed=0, num_replicas=1, rank=0, drop_last=False):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.skip = 0
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        self.epoch = self.skip = 0
 
     def set_epoch(self, epoch, skip_batches=0, batch_size=1):
         self.epoch = epoch
@@ -1217,9 +423,8 @@ class Loader(DataLoader):
 
 
 def end_loader_workers():
-    """End the loader workers still alive, at exit. They ignore SIGTERM (start_worker), which is how
-    multiprocessing's exit handler ends daemon children before it waits for them: it would wait forever.
-    Other child processes are left alone."""
+    """At exit, kill the loader workers still alive (only them): they ignore SIGTERM (start_worker), with which
+    multiprocessing's exit handler ends daemon children before it waits for them, forever."""
     workers = [child for child in multiprocessing.active_children() if child in loader_workers]
     if workers and hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would call their end an error
@@ -1230,11 +435,8 @@ def end_loader_workers():
 
 
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False, worker_nice=0):
-    """The DataLoader for training (train=True: incomplete last batch dropped) or validation.
-
-    worker_nice > 0 lowers the workers' CPU priority. train.py and evaluate.py leave it at 0: with the model on
-    the same 2 cores, nice 10 was as fast as nice 0 on a quiet machine and fell behind next to two busy processes
-    (full pipeline / model-only 0.74-0.87 against 0.87-0.99; docs/performance.md); benchmark.py compares both."""
+    """The DataLoader for training (train=True: incomplete last batch dropped) or validation. worker_nice > 0
+    lowers the workers' priority; train.py and evaluate.py keep 0 (docs/data-pipeline.md, run E)."""
     global ending_loader_workers_at_exit
     worker_options = {}
     if workers > 0:
@@ -1254,310 +456,9 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False,
 
 
 def start_worker(nice, worker_id):
-    """DataLoader worker start: Ctrl-C / SIGTERM go to the whole process group, and only the training process
+    """DataLoader worker start: Ctrl-C and SIGTERM reach the whole process group, and only the training process
     acts on them (it saves, then ends the workers); then the worker's priority."""
     ignore_stop_signals()
     if nice and hasattr(os, "nice"):
         with contextlib.suppress(OSError):  # a sandbox may forbid it: then the workers keep the default
             os.nice(nice)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A pre-resized copy of a dataset
-
-
-RESIZED_MARKER = "RESIZED_COPY"  # written last: its presence says the copy is complete
-RESIZED_SETTINGS = ".resized-copy-settings"  # written first: a rerun must use the same settings
-LAYOUT_FILES = (*LABEL_FILE_NAMES, "LOC_synset_mapping.txt")  # what find_dataset reads besides the images
-
-
-def make_resized_copy(source, destination, short_side=320, workers=None, quality=90):
-    """Copy every image of every split of the dataset at source to the same path under destination, resized so
-    that its shorter side is at most short_side pixels (never enlarged) and written as JPEG; the label and
-    mapping files of the layout come along, so destination reads as the same layout with the same classes.
-
-    Run in parallel (a multiprocessing Pool of workers processes), each file written under a temporary name and
-    renamed when complete; a rerun skips the files already there, so an interrupted copy is resumed. An unreadable
-    image is reported, counted and left out. Returns {"resized", "unchanged", "done before", "unreadable"} counts.
-    """
-    if short_side < 1:
-        raise DataError(f"--short-side must be at least 1 pixel, not {short_side}")
-    if not 1 <= quality <= 100:
-        raise DataError(f"--quality must be in 1..100, not {quality}")
-    source = existing_folder(source, "source folder")
-    destination = os.path.abspath(os.path.expanduser(str(destination)))
-    if destination == source or destination.startswith(source + os.sep):
-        raise DataError(f"the copy {destination} must not be inside the source folder {source}")
-    if os.path.isfile(destination):
-        raise DataError(f"{destination} is a file: give a folder for the copy")
-    settings = f"short side {short_side}, quality {quality}, from {source}"
-    settings_file = os.path.join(destination, RESIZED_SETTINGS)
-    if os.path.isdir(destination) and os.listdir(destination):
-        try:
-            with open(settings_file) as f:
-                earlier = f.read()
-        except OSError:
-            raise DataError(f"{destination} exists and is not a resized copy: move it away or choose another "
-                            f"folder") from None
-        if earlier != settings:
-            raise DataError(f"{destination} is a resized copy with other settings ({earlier}): choose another "
-                            f"folder to copy with {settings}")
-    splits = find_dataset(source, cache_dir=None)
-    marker = os.path.join(destination, RESIZED_MARKER)
-    os.makedirs(destination, exist_ok=True)
-    with open(settings_file, "w") as f:
-        f.write(settings)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(marker)  # complete again only when this run has seen every file
-
-    tasks, folders = [], set()
-    for index in (splits.train, splits.val):
-        for i in range(len(index) if index is not None else 0):
-            relative = os.path.relpath(index.path(i), source)
-            tasks.append((index.path(i), os.path.join(destination, relative), short_side, quality))
-            folders.add(os.path.dirname(tasks[-1][1]))
-    for folder in folders:  # every class folder, even one whose images all turn out unreadable
-        os.makedirs(folder, exist_ok=True)
-    copy_layout_files(source, destination, splits)
-
-    counts = {"resized": 0, "unchanged": 0, "done before": 0, "unreadable": 0}
-    if not workers:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pool = multiprocessing.Pool(workers, initializer=start_copy_worker)
-    try:
-        results = pool.imap_unordered(resize_image_file, tasks, chunksize=8)
-        for outcome, message in tqdm(results, total=len(tasks), desc="resized copy", unit="img",
-                                     disable=not sys.stderr.isatty()):
-            counts[outcome] += 1
-            if message:
-                warn(message)
-        pool.close()  # the workers end on their own: no signal needed
-    except BaseException:
-        pool.terminate()  # an error or Ctrl-C: SIGTERM, at its default action in the workers (start_copy_worker)
-        raise
-    finally:
-        pool.join()
-    with open(marker, "w") as f:
-        f.write(f"{settings}\n" + "".join(f"{name}: {count}\n" for name, count in counts.items()))
-    return counts
-
-
-def start_copy_worker():
-    """Pool initializer of make_resized_copy: Ctrl-C is the parent's to handle (it ends the pool), and SIGTERM
-    ends a worker even when it was forked from a process with a Python handler for it (a test suite that ran
-    train.main, before StopRequest put its handlers back, hung so): with such a handler inherited,
-    Pool.terminate's SIGTERM would leave the worker alive and the pool's join waiting forever."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def copy_layout_files(source, destination, splits):
-    """The label and mapping files find_dataset reads (LAYOUT_FILES), from the dataset root and the split folders."""
-    folders = {source, os.path.dirname(splits.train.root), splits.train.root}
-    if splits.val is not None:
-        folders |= {splits.val.root, os.path.dirname(splits.val.root)}
-    for folder in folders:
-        for name in LAYOUT_FILES:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and (folder + os.sep).startswith(source + os.sep):
-                target = os.path.join(destination, os.path.relpath(path, source))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                partial = f"{target}.partial-{os.getpid()}"
-                shutil.copyfile(path, partial)
-                os.replace(partial, target)
-
-
-def resize_image_file(task):
-    """One image of make_resized_copy, in a Pool worker: (outcome, warning or None). The file is written under a
-    temporary name and renamed, so a file with the final name is complete."""
-    path, target, short_side, quality = task
-    if os.path.exists(target):
-        return "done before", None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if not data:
-            raise ValueError("empty file (0 bytes)")
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if min(width, height) <= short_side and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                resized = None  # small enough already: the same bytes, no second JPEG loss
-            else:
-                scale = min(1.0, short_side / min(width, height))
-                size = (max(1, round(width * scale)), max(1, round(height * scale)))
-                # DCT-scaled decoding down to at least twice the size, then Lanczos, as PIL's thumbnail() does
-                image.draft("RGB", (2 * size[0], 2 * size[1]))
-                resized = image.convert("L" if image.mode == "L" else "RGB")
-                if resized.size != size:
-                    resized = resized.resize(size, Image.Resampling.LANCZOS)
-    except DECODE_ERRORS as error:
-        return "unreadable", f"leaving out unreadable image {path}: {bad_file_reason(error)}"
-    partial = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{os.getpid()}")
-    try:
-        if resized is None:
-            with open(partial, "wb") as f:
-                f.write(data)
-        else:
-            resized.save(partial, format="JPEG", quality=quality)
-        os.replace(partial, target)
-    except OSError as error:  # disk full, no permission: the copy cannot go on
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise DataError(f"cannot write {target}: {error.strerror or error}") from None
-    return ("unchanged" if resized is None else "resized"), None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The demo dataset
-
-
-DEMO_SHAPES = ("circle", "square", "triangle", "cross", "star")
-DEMO_HUES = (0, 72, 144, 216, 288)  # degrees: red, yellow-green, green-cyan, blue, magenta
-DEMO_VERSION = "demo v2"  # change it when the drawing changes, so that old demo folders are regenerated
-DEMO_MARKER = "COMPLETE"
-
-
-def make_demo_dataset(root="data/demo"):
-    """A small dataset of drawn shapes in root/{train,val}/<shape>/*.jpg, made once; returns its path.
-
-    Five classes, 200 training and 50 validation images each, 64x64 px. The same bytes every time (fixed
-    seed), and easy enough that a small MobileNetV3 learns it in about a minute on a CPU.
-    """
-    root = os.path.abspath(root)
-    if demo_is_complete(root):
-        return root
-    if os.path.exists(root) and not set(os.listdir(root)) <= {"train", "val", DEMO_MARKER}:
-        raise DataError(f"{root} exists and is not a demo dataset: move it away or choose another folder")
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    # Written in a temporary folder and renamed when complete, so that an interrupted run leaves no half demo.
-    partial = tempfile.mkdtemp(prefix=".demo-partial-", dir=os.path.dirname(root))
-    try:
-        rng = random.Random(0)
-        for split, per_class in (("train", 200), ("val", 50)):
-            for shape in DEMO_SHAPES:
-                folder = os.path.join(partial, split, shape)
-                os.makedirs(folder)
-                for i in range(per_class):
-                    draw_demo_image(shape, rng).save(os.path.join(folder, f"{shape}_{i:03d}.jpg"), quality=90)
-        with open(os.path.join(partial, DEMO_MARKER), "w") as f:
-            f.write(DEMO_VERSION)
-        if demo_is_complete(root):  # another process (a parallel rank) finished first
-            return root
-        shutil.rmtree(root, ignore_errors=True)  # an incomplete or older demo
-        try:
-            os.rename(partial, root)
-        except OSError:
-            if not demo_is_complete(root):
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return root
-
-
-def demo_is_complete(root):
-    try:
-        with open(os.path.join(root, DEMO_MARKER)) as f:
-            return f.read() == DEMO_VERSION
-    except OSError:
-        return False
-
-
-def draw_demo_image(shape, rng, size=64):
-    """One filled shape of random size, position and rotation on a noisy greyish gradient background.
-
-    Each shape has its own hue range (a colour shift of up to 20 degrees around DEMO_HUES) besides its outline:
-    a cue that survives small random crops, so that a MobileNetV3 learns the demo in about a minute on a CPU.
-    """
-    # Background: a gradient between two random low-saturation colours along a random direction, plus noise.
-    start, end = np.array(pale_colour(rng)), np.array(pale_colour(rng))
-    angle = rng.uniform(0, 2 * np.pi)
-    y, x = np.mgrid[0:size, 0:size] / (size - 1)
-    along = (x * np.cos(angle) + y * np.sin(angle) + 1.5) / 3
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 10, (size, size, 3))
-    background = start + along[..., None] * (end - start) + noise
-    image = Image.fromarray(background.clip(0, 255).astype(np.uint8))
-
-    hue = DEMO_HUES[DEMO_SHAPES.index(shape)] + rng.uniform(-20, 20)
-    red, green, blue = colorsys.hsv_to_rgb((hue % 360) / 360, rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0))
-    colour = (round(255 * red), round(255 * green), round(255 * blue))
-    radius = rng.uniform(0.3, 0.45) * size
-    centre_x = size / 2 + rng.uniform(-0.12, 0.12) * size
-    centre_y = size / 2 + rng.uniform(-0.12, 0.12) * size
-    turn = rng.uniform(0, 2 * np.pi)
-
-    def polygon(radii, corners):
-        points = []
-        for k in range(corners):
-            a = turn + 2 * np.pi * k / corners
-            r = radii[k % len(radii)]
-            points.append((centre_x + r * np.cos(a), centre_y + r * np.sin(a)))
-        return points
-
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        r = radius * 0.85
-        draw.ellipse((centre_x - r, centre_y - r, centre_x + r, centre_y + r), fill=colour)
-    elif shape == "square":
-        draw.polygon(polygon([radius], 4), fill=colour)
-    elif shape == "triangle":
-        draw.polygon(polygon([radius], 3), fill=colour)
-    elif shape == "star":
-        draw.polygon(polygon([radius, radius * 0.4], 10), fill=colour)
-    elif shape == "cross":
-        # two long thin bars at right angles
-        centre = np.array([centre_x, centre_y])
-        for bar in (turn, turn + np.pi / 2):
-            along, across = np.array([np.cos(bar), np.sin(bar)]), np.array([-np.sin(bar), np.cos(bar)])
-            corners = [centre + radius * (a * along + 0.3 * b * across)
-                       for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
-            draw.polygon([tuple(corner) for corner in corners], fill=colour)
-    else:
-        raise ValueError(f"unknown demo shape {shape!r}")
-    return image
-
-
-def pale_colour(rng):
-    grey = rng.uniform(60, 200)
-    return tuple(grey + rng.uniform(-25, 25) for _ in range(3))
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Show what dataset.py finds in a data folder (extracting the "
-                                                 "ILSVRC2012 tar files first if that is what it holds), or make a "
-                                                 "pre-resized copy of a dataset.")
-    parser.add_argument("data_path", nargs="?", help="dataset folder (default: make or reuse data/demo)")
-    parser.add_argument("--cache-dir", default=None, help="where to cache file listings (default: "
-                                                          "$XDG_CACHE_HOME or ~/.cache, /mobilenetv3-torch)")
-    group = parser.add_argument_group("pre-resized copy")
-    group.add_argument("--resize-copy", nargs=2, metavar=("SRC", "DST"), default=None,
-                       help="copy the dataset at SRC to DST, every image's shorter side at most --short-side "
-                            "pixels, as JPEG, with its label files; resumes an interrupted copy")
-    group.add_argument("--short-side", type=int, default=320, help="shorter side of the copied images, in pixels")
-    group.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
-    group.add_argument("--quality", type=int, default=90, help="JPEG quality of the resized images")
-    args = parser.parse_args()
-    try:
-        if args.resize_copy:
-            if args.data_path:
-                parser.error("give either a data folder to show or --resize-copy SRC DST, not both")
-            if args.workers is not None and args.workers < 1:
-                raise DataError(f"--workers must be at least 1, not {args.workers}")
-            counts = make_resized_copy(*args.resize_copy, short_side=args.short_side, workers=args.workers,
-                                       quality=args.quality)
-            destination = os.path.abspath(args.resize_copy[1])
-            print(f"{destination}: {plural(counts['resized'], 'image')} resized to a shorter side of "
-                  f"{args.short_side} px, {counts['unchanged']} small enough already (copied), "
-                  f"{counts['done before']} done by an earlier run, {counts['unreadable']} unreadable (left out)")
-            print(f"train on it with: python train.py --data-path {destination}")
-            sys.exit(0)
-        splits = find_dataset(args.data_path or make_demo_dataset(), args.cache_dir)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(f"layout: {splits.layout}")
-    print(f"classes: {len(splits.classes)}, e.g. " +
-          ", ".join(f"{c} ({n})" for c, n in list(zip(splits.classes, splits.class_names))[:3]))
-    print(f"train: {plural(len(splits.train), 'image')} in {splits.train.root}")
-    print(f"val: {plural(len(splits.val), 'image')} in {splits.val.root}" if splits.val else "val: none")

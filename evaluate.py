@@ -1,16 +1,14 @@
-"""Evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion matrix, and predictions for images.
+"""Score a checkpoint, a torchvision state dict or an .onnx file of export.py: top-1/top-5, loss, per-class
+accuracy and a confusion matrix on a validation split, or the top-5 classes of single images.
 
-    python evaluate.py checkpoints/latest/best.pth                       # the demo validation split
-    python evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet --json metrics.json --per-class classes.csv
-    python evaluate.py checkpoints/latest/best.pth --confusion confusion.png --log-dir runs/eval
+    python evaluate.py checkpoints/latest/best.pth                       # the split it was validated on
+    python evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet --json m.json --per-class c.csv
+    python evaluate.py checkpoints/latest/best.onnx --confusion confusion.png --log-dir runs/eval
     python evaluate.py checkpoints/latest/best.pth --predict cat.jpg dog.jpg
-    python evaluate.py mobilenet_v3_large-8738ca79.pth --data-path /data/imagenet   # a torchvision state dict
-    torchrun --nproc_per_node=4 evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet  # same numbers, faster
+    torchrun --nproc_per_node=4 evaluate.py checkpoints/latest/best.pth --data-path /data/imagenet  # same numbers
 
-The model is rebuilt from the checkpoint alone; classes are matched by name, so a validation folder holding a
-subset of the classes, or ordered differently, is scored correctly. An unreadable validation image is left out
-(never scored as another image) and named: `skipped_images` and `skipped_files` in --json, over all processes.
---predict turns each image upright by its EXIF orientation first, as an image viewer shows it.
+Inside: evaluate() (train.py validates with it), load_model_for_eval, the onnxruntime runner export.py checks its
+files with, the confusion summary and its picture, --predict, and main. README "Evaluating" has the rest.
 """
 import os
 
@@ -18,23 +16,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: sleeping, no
 
 import argparse
 import csv
-import dataclasses
 import json
-import math
-import os
 import sys
 import time
+import typing
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import dataset
-import model as model_lib
 import checkpoint
+import dataset
+import decode
+import layouts
+import model as model_lib
 import utils
 from utils import CheckpointError, UserError
+
+EXPORT_FORMAT = "mobilenetv3-torch-onnx/1"  # metadata "format" of export.py's files: tells them from other ONNX models
 
 
 def get_args_parser():
@@ -67,10 +68,8 @@ def get_args_parser():
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, norm, channels_last=False, num_classes=None, desc="val",
              show_progress=True):
-    """Loss, top-1, top-5 over the whole loader, summed over ranks so each image counts exactly once.
-
-    With num_classes, also the confusion matrix (rows: true class, columns: predicted class).
-    """
+    """Loss, top-1, top-5 over the whole loader, summed over ranks so each image counts exactly once; with
+    num_classes, also the confusion matrix (rows: true class, columns: predicted class)."""
     model.eval()
     mean, std = dataset.NORMS[norm]
     totals = torch.zeros(4, dtype=utils.sum_dtype(device), device=device)  # loss sum, top-1 hits, top-5 hits, images
@@ -88,8 +87,8 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
         totals[1:3] += utils.correct_topk(logits, targets, (1, 5)).to(totals.dtype)
         totals[3] += targets.numel()
         if confusion is not None:
-            pred = logits.argmax(dim=1)
-            confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes ** 2).view_as(confusion)
+            cells = targets * num_classes + logits.argmax(dim=1)
+            confusion += torch.bincount(cells, minlength=num_classes ** 2).view_as(confusion)
     utils.all_reduce_sum(totals)
     if confusion is not None:
         utils.all_reduce_sum(confusion)
@@ -102,10 +101,10 @@ def evaluate(model, loader, device, autocast, norm, channels_last=False, num_cla
 
 
 def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_classes=None):
-    """Rebuild the model from a checkpoint alone. Returns (model, info) with classes, names and settings."""
+    """(model, info) from the file alone: a checkpoint or weights file of train.py, a torchvision state dict, or an
+    .onnx file of export.py; info holds the classes, their names and the validation settings."""
     if str(path).lower().endswith(".onnx"):  # an exported model, run by onnxruntime (export.py)
-        import export
-        net, info = export.load_onnx_for_eval(path)
+        net, info = load_onnx_for_eval(path)
         check_model_flags(info["config"], arch, width_mult, num_classes)
         check_weights_held(path, info["weights"], weights)
         return net, info
@@ -139,6 +138,68 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
     return net, info
 
 
+# ---------------------------------------------------------------- ONNX files of export.py, run like a model
+
+def read_metadata(path, props):
+    """The metadata of one of our files back as Python values; CheckpointError when it is not one."""
+    if json.loads(props.get("format", "null")) != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is an ONNX model but not one written by export.py (no {EXPORT_FORMAT} "
+                              "metadata: classes and preprocessing unknown)")
+    try:
+        return {key: json.loads(value) for key, value in props.items()}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has unreadable metadata ({e})") from None
+
+
+def onnx_session(path, threads=None):
+    """An onnxruntime CPU session; threads default to torch's (the tests and benchmark set them)."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # errors only: its warnings about unused initializers say nothing to a user
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file as a module: forward(normalized float NCHW batch) -> float logits, by onnxruntime on the CPU.
+    A file exported with a fixed batch size gets its batches in chunks of that size, the last one padded."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        batch = session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None
+
+    def forward(self, images):
+        array = images.detach().float().cpu().contiguous().numpy()  # channels_last arrives as a strided view
+        if self.fixed_batch is None:
+            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0]).to(images.device)
+        chunks = []
+        for start in range(0, len(array), self.fixed_batch):
+            chunk = array[start:start + self.fixed_batch]
+            padded = np.pad(chunk, [(0, self.fixed_batch - len(chunk)), (0, 0), (0, 0), (0, 0)])
+            chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(chunk)])
+        return torch.from_numpy(np.concatenate(chunks)).to(images.device)
+
+
+def load_onnx_for_eval(path):
+    """An ONNX file of export.py as (module, info), info as load_model_for_eval gives for a checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"ONNX file not found: {path}")
+    try:
+        session = onnx_session(path)
+    except Exception as e:  # onnxruntime's errors have no common base class beyond Exception
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable ONNX model ({reason})") from None
+    meta = read_metadata(path, session.get_modelmeta().custom_metadata_map)
+    keys = ("classes", "class_names", "weights", "norm", "val_resize_size", "val_crop_size", "data_path", "epoch",
+            "config")
+    info = {**{key: meta[key] for key in keys}, "amp": False, "amp_dtype": "auto",
+            "val_split": tuple(meta.get("val_split", (0, 0)))}
+    return OnnxModel(session), info
+
+
 def check_model_flags(config, arch, width_mult, num_classes):
     """--arch, --width-mult and --num-classes, where given, must be what the file holds."""
     for flag, key, value in (("--arch", "arch", arch), ("--width-mult", "width_mult", width_mult),
@@ -170,8 +231,7 @@ def _load_torchvision(path, state, arch, width_mult, num_classes):
     # torchvision's output i is the i-th class in sorted folder order; the classes come from the data folder.
     info = {"classes": None, "class_names": None, "weights": "torchvision state dict", "norm": "imagenet",
             "val_resize_size": 256, "val_crop_size": 224, "amp": False, "amp_dtype": "auto", "data_path": None,
-            "epoch": None,
-            "config": net.config.as_dict()}
+            "epoch": None, "config": net.config.as_dict()}
     return net, info
 
 
@@ -179,10 +239,10 @@ def classes_for_torchvision(data_path, num_outputs):
     """A torchvision state dict carries no class list: its outputs follow the sorted class folders of ImageNet."""
     if data_path is None:
         raise UserError("a torchvision state dict holds no class list: pass --data-path (the ImageNet root)")
-    splits = dataset.find_dataset(data_path)
+    splits = layouts.find_dataset(data_path)
     if len(splits.classes) != num_outputs:
         raise UserError(f"a torchvision state dict needs the full {num_outputs}-class dataset to name its outputs "
-                        f"(found {dataset.plural(len(splits.classes), 'class')} under {data_path})")
+                        f"(found {utils.plural(len(splits.classes), 'class')} under {data_path})")
     return splits.classes, splits.class_names
 
 
@@ -202,36 +262,99 @@ def output_names(info, num_outputs):
 
 def per_class_rows(confusion, classes, class_names):
     """(class, name, images, correct, accuracy %) for every class that has validation images."""
-    totals = confusion.sum(dim=1)
-    correct = confusion.diagonal()
-    rows = []
-    for i in torch.nonzero(totals).flatten().tolist():
-        rows.append((classes[i], class_names[i], int(totals[i]), int(correct[i]), 100.0 * int(correct[i]) / int(totals[i])))
-    return rows
+    totals, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
+    return [(classes[i], class_names[i], totals[i], correct[i], 100.0 * correct[i] / totals[i])
+            for i in range(len(totals)) if totals[i]]
 
 
-# Colour scale of the confusion matrix: white (0) through yellow and orange to dark red and near-black (1).
-COLOUR_STOPS = ((0.0, (255, 255, 255)), (0.1, (255, 228, 140)), (0.35, (253, 141, 60)),
-                (0.65, (189, 0, 38)), (1.0, (40, 0, 20)))
+class ConfusionSummary(typing.NamedTuple):
+    """What the confusion picture shows, over the classes that appear as a label or as a prediction."""
+    classes: list  # their output indices, in order
+    counts: np.ndarray  # images: rows are true classes, columns predicted classes
+    shares: np.ndarray  # each row's counts over its images
+    pairs: list  # (true class, predicted class, images, share of the row): the most confused first
 
 
-def colour_of(values):
-    """RGB uint8 (..., 3) for values in [0, 1], shown on a square-root scale: a 2% confusion (1 image in 50)
-    is then a visible tint instead of almost white."""
-    import numpy as np
-    shade = np.sqrt(np.clip(values, 0, 1))
-    stops = np.array([stop for stop, _ in COLOUR_STOPS])
-    colours = np.array([colour for _, colour in COLOUR_STOPS], dtype=np.float64)
-    channels = [np.interp(shade, stops, colours[:, c]) for c in range(3)]
-    return np.stack(channels, axis=-1).round().astype(np.uint8)
+def summarise_confusion(confusion, pairs=25):
+    """The confusion matrix without the classes that appear nowhere, row-normalised, and its most confused
+    (true, predicted) pairs: most images first, then the largest share of the row."""
+    classes = torch.nonzero(confusion.sum(dim=1) + confusion.sum(dim=0)).flatten().tolist()
+    counts = confusion[classes][:, classes].numpy().astype(np.int64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    off_diagonal = zip(*np.nonzero(counts - np.diag(np.diag(counts))))
+    worst = sorted(off_diagonal, key=lambda cell: (-counts[cell], -shares[cell], cell))[:pairs]
+    return ConfusionSummary(classes, counts, shares,
+                            [(classes[r], classes[c], int(counts[r, c]), float(shares[r, c])) for r, c in worst])
 
 
-def font_of(size):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: any size
-    except (TypeError, OSError):
-        return ImageFont.load_default()  # the fixed bitmap font (about 11 px)
+CONFUSION_DPI = 140
+SHARE_TICKS = (0, 0.01, 0.05, 0.2, 0.5, 1)
+
+
+def draw_confusion(confusion, class_names, path, pairs=25):
+    """The confusion matrix as a PNG, readable from 2 to 1,000 classes (examples: docs/images/confusion_*.png).
+
+    Each cell is its share of the true class's images (rows: true, columns: predicted), on a square-root colour
+    scale so that rare confusions stay visible. Class names label the axes up to 100 classes (else every k-th
+    class index), counts are written in the cells up to 30 classes, the most confused pairs are listed beside."""
+    import matplotlib
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no display needed
+    from matplotlib.ticker import PercentFormatter
+
+    summary = summarise_confusion(confusion, pairs)
+    n = len(summary.classes)
+    side = min(max(0.4 * n, 4.0), 8.5)  # the matrix, in inches
+    cell_points, cell_pixels = side * 72 / n, side * CONFUSION_DPI / n
+    with matplotlib.rc_context({"text.parse_math": False}):  # a "$" in a class name is text, not TeX
+        figure = Figure(figsize=(side, side))
+        axes = figure.add_axes((0, 0, 1, 1))
+        colours = {"cmap": "magma_r", "norm": PowerNorm(0.5, vmin=0, vmax=1)}
+        if cell_pixels >= 3:
+            scale = axes.imshow(np.ma.masked_equal(summary.shares, 0), interpolation="nearest", **colours)
+        else:  # each cell with images as a 3-pixel square, darkest on top: a lone confusion stays visible
+            rows, columns = np.nonzero(summary.counts)
+            order = np.argsort(summary.shares[rows, columns], kind="stable")
+            rows, columns = rows[order], columns[order]
+            scale = axes.scatter(columns, rows, c=summary.shares[rows, columns], marker="s", linewidths=0,
+                                 s=(3 * 72 / CONFUSION_DPI) ** 2, **colours)
+            axes.set(xlim=(-0.5, n - 0.5), ylim=(n - 0.5, -0.5), aspect="equal")
+        label_confusion_axes(axes, summary.classes, [short_name(class_names[i]) for i in summary.classes],
+                             cell_points, cell_pixels)
+        if n <= 30:
+            for r, c in zip(*np.nonzero(summary.counts)):
+                axes.text(c, r, str(summary.counts[r, c]), ha="center", va="center",
+                          fontsize=min(9, cell_points / 2.5), color="white" if summary.shares[r, c] > 0.3 else "black")
+        bar = figure.add_axes((1 + 0.15 / side, 1 - min(1, 4 / side), 0.2 / side, min(1, 4 / side)))
+        figure.colorbar(scale, cax=bar, ticks=SHARE_TICKS, format=PercentFormatter(1, decimals=None))
+        bar.set_ylabel("share of the row")
+        figure.text(1 + 1.2 / side, 1, confusion_pair_list(summary, class_names), va="top", fontsize=8)
+        figure.savefig(path, format="png", dpi=CONFUSION_DPI, bbox_inches="tight", pad_inches=0.2,
+                       facecolor="white", pil_kwargs={"optimize": True})
+
+
+def label_confusion_axes(axes, classes, names, cell_points, cell_pixels):
+    """Title, axis titles, and a name per row and column, or, for many classes, the class index every k-th."""
+    n = len(classes)
+    axes.set_title(f"confusion matrix: {utils.plural(n, 'class')}, each row normalised to its true class's "
+                   "images", loc="left", fontsize=10)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    if n <= 100:
+        size = min(10, max(cell_points * 0.85, 4))
+        axes.set_xticks(range(n), names, rotation=90, fontsize=size)
+        axes.set_yticks(range(n), names, fontsize=size)
+        if cell_pixels >= 6:  # a thin grid, so neighbouring cells of one colour stay apart
+            axes.set_xticks(np.arange(n + 1) - 0.5, minor=True)
+            axes.set_yticks(np.arange(n + 1) - 0.5, minor=True)
+            axes.grid(which="minor", color="#e4e4e4", linewidth=72 / CONFUSION_DPI, antialiased=False)  # 1 px
+            axes.tick_params(which="minor", length=0)
+    else:  # a round step giving at most about 10 ticks
+        step = next(k for k in (2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 10**9) if n / k <= 10)
+        ticks = range(0, n, step)
+        axes.set_xticks(ticks, [str(classes[k]) for k in ticks], fontsize=8)
+        axes.set_yticks(ticks, [str(classes[k]) for k in ticks], fontsize=8)
+        axes.set_xlabel("predicted class (class indices in sorted class order, as in the per-class CSV)")
 
 
 def short_name(name, limit=28):
@@ -239,216 +362,10 @@ def short_name(name, limit=28):
     return name if len(name) <= limit else name[:limit - 1] + "~"
 
 
-def draw_confusion(confusion, class_names, path, max_size=1200, pairs=25):
-    """The confusion matrix as a PNG drawn with Pillow, useful from 2 to 1,000 classes; returns the image.
-
-    Rows are the true classes, columns the predictions, each row normalised to the share of its images, shown
-    on a colour scale (square root, so rare confusions stay visible). Classes that appear neither as a label
-    nor as a prediction are left out. Names are drawn when a cell is tall enough for them (up to about 100
-    classes), otherwise every k-th class index; counts are written in the cells when there are few classes; the
-    most confused (true, predicted) pairs are listed beside the matrix with their counts and row shares.
-    """
-    from PIL import Image
-    present, counts, shares = classes_to_show(confusion)
-    names = [short_name(class_names[i]) for i in present]
-    pair_lines = most_confused_pairs(counts, shares, names, pairs)
-    layout = confusion_layout(present, names, pair_lines, max_size)
-    image = Image.new("RGB", (layout.width, layout.height), "white")
-    draw_cells(image, shares, layout)
-    draw_axis_labels(image, present, names, layout)
-    write_counts_in_cells(image, counts, shares, layout)
-    draw_colour_scale(image, layout)
-    draw_pair_list(image, pair_lines, layout)
-    image.save(path)
-    return image
-
-
-def classes_to_show(confusion):
-    """(classes, counts, shares) of the classes that appear as a label or as a prediction; shares are each row's
-    counts over its images."""
-    import numpy as np
-    present = torch.nonzero(confusion.sum(dim=1) + confusion.sum(dim=0)).flatten().tolist()
-    counts = confusion[present][:, present].numpy().astype(np.int64)
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    return present, counts, shares
-
-
-PAIR_LIST_TITLE = "most confused (true -> predicted):"
-
-
-def most_confused_pairs(counts, shares, names, pairs):
-    """A line "true -> predicted: count (share)" for each of the most confused pairs: largest off-diagonal counts,
-    then largest shares."""
-    import numpy as np
-    off = [(int(counts[r, c]), float(shares[r, c]), r, c) for r, c in zip(*np.nonzero(counts)) if r != c]
-    off.sort(key=lambda pair: (-pair[0], -pair[1], pair[2], pair[3]))
-    lines = [f"{names[r]} -> {names[c]}: {count} ({100 * share:.0f}%)" for count, share, r, c in off[:pairs]]
-    return lines or ["none: every image got its own class"]
-
-
-def text_width(label, font):
-    return math.ceil(font.getlength(label))
-
-
-@dataclasses.dataclass(frozen=True)
-class ConfusionLayout:
-    """Where the parts of the confusion picture go, in pixels: the matrix of n x n cells has its top left corner
-    at (left, top); the colour scale and the list of pairs are to its right."""
-    n: int
-    cell: int
-    labelled: bool  # else the class index at each of the ticks
-    ticks: list
-    text: object  # fonts: the names, everything else, the title
-    small: object
-    title_font: object
-    title: str
-    left: int
-    top: int
-    width: int
-    height: int
-    pad: int
-    title_height: int
-    scale_width: int
-
-    @property
-    def side(self):
-        return self.cell * self.n
-
-    @property
-    def scale_left(self):
-        return self.left + self.side + self.pad
-
-    @property
-    def list_left(self):
-        return self.scale_left + self.scale_width + self.pad
-
-
-def confusion_layout(present, names, pair_lines, max_size):
-    """Cells as large as fit in max_size (48 px at most), with room around them for the labels, the colour scale
-    and the list of pairs."""
-    n = len(present)
-    cell = max(1, min(48, max_size // max(n, 1)))
-    side = cell * n
-    text, small, title_font = font_of(min(13, max(cell - 2, 9))), font_of(11), font_of(15)
-    labelled = cell >= 10  # a name per row and column
-    pad, ticks = 8, []
-    if labelled:
-        label_room = max(text_width(name, text) for name in names) + pad
-    else:  # every k-th class index, k a round number giving at most about 10 ticks
-        step = next(k for k in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 10**9) if n / k <= 10)
-        ticks = list(range(0, n, step))
-        label_room = max(text_width(str(present[i]), small) for i in ticks) + pad + 4
-    list_width = max(text_width(line, small) for line in pair_lines + [PAIR_LIST_TITLE]) + 2 * pad
-
-    title_height, axis_title = 24, 18
-    left = axis_title + label_room
-    top = title_height + axis_title + label_room
-    scale_width = 70
-    title = f"confusion matrix: {dataset.plural(n, 'class')}, each row normalised to its true class's images"
-    width = max(left + side + pad + scale_width + pad + list_width, left + text_width(title, title_font) + pad)
-    height = max(top + side + pad, top + 16 * (len(pair_lines) + 2)) + 20
-    return ConfusionLayout(n=n, cell=cell, labelled=labelled, ticks=ticks, text=text, small=small,
-                           title_font=title_font, title=title, left=left, top=top, width=width, height=height,
-                           pad=pad, title_height=title_height, scale_width=scale_width)
-
-
-def draw_cells(image, shares, layout):
-    """Each cell in the colour of its row share, a thin grid between them, a frame around."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    left, top, side, cell = layout.left, layout.top, layout.side, layout.cell
-    draw = ImageDraw.Draw(image)
-    grid = shares.repeat(cell, 0).repeat(cell, 1)
-    if cell < 3:  # (hundreds of classes) a cell of 1-2 px is invisible alone: draw each as a 3 px dot
-        padded = np.pad(grid, 1)
-        grid = np.max([padded[dy:dy + side, dx:dx + side] for dy in range(3) for dx in range(3)], axis=0)
-    image.paste(Image.fromarray(colour_of(grid)), (left, top))
-    if cell >= 4:  # a thin grid, so neighbouring cells of one colour stay apart
-        for k in range(layout.n + 1):
-            draw.line([(left + k * cell, top), (left + k * cell, top + side)], fill=(225, 225, 225))
-            draw.line([(left, top + k * cell), (left + side, top + k * cell)], fill=(225, 225, 225))
-    draw.rectangle([left - 1, top - 1, left + side, top + side], outline=(120, 120, 120))
-
-
-def vertical_text(image, label, x, y_bottom, font, fill=(0, 0, 0)):
-    """label written bottom to top, its bottom end at (x, y_bottom)."""
-    from PIL import Image, ImageDraw
-    box = Image.new("L", (text_width(label, font) + 2, font.size + 4 if hasattr(font, "size") else 14), 0)
-    ImageDraw.Draw(box).text((1, 1), label, fill=255, font=font)
-    turned = box.rotate(90, expand=True)
-    image.paste(Image.new("RGB", turned.size, fill), (x, y_bottom - turned.size[1]), turned)
-
-
-def draw_axis_labels(image, present, names, layout):
-    """The title, the axis titles, and a name per row and column (or the class index at every tick)."""
-    from PIL import ImageDraw
-    left, top, side, cell, pad = layout.left, layout.top, layout.side, layout.cell, layout.pad
-    text, small = layout.text, layout.small
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 4), layout.title, fill=(0, 0, 0), font=layout.title_font)
-    draw.text((left + side // 2 - text_width("predicted class", small) // 2, layout.title_height),
-              "predicted class", fill=(0, 0, 0), font=small)
-    vertical_text(image, "true class", 2, top + side // 2 + text_width("true class", small) // 2, small)
-    line_height = text.getbbox("Ag")[3]
-    if layout.labelled:
-        for k, name in enumerate(names):
-            y = top + k * cell + (cell - line_height) // 2
-            draw.text((left - pad // 2 - text_width(name, text), y), name, fill=(0, 0, 0), font=text)
-            vertical_text(image, name, left + k * cell + (cell - line_height) // 2 - 1, top - pad // 2, text)
-    else:
-        for k in layout.ticks:
-            label = str(present[k])
-            centre = k * cell + cell // 2
-            draw.line([(left - 4, top + centre), (left - 1, top + centre)], fill=(0, 0, 0))
-            draw.text((left - 6 - text_width(label, small), top + centre - 6), label, fill=(0, 0, 0), font=small)
-            draw.line([(left + centre, top - 4), (left + centre, top - 1)], fill=(0, 0, 0))
-            vertical_text(image, label, left + centre - 6, top - 6, small)
-        dots = "; each cell drawn as a 3 px dot" if cell < 3 else ""
-        draw.text((left, top + side + 4), f"(class indices in sorted class order, as in the per-class CSV{dots})",
-                  fill=(90, 90, 90), font=small)
-
-
-def write_counts_in_cells(image, counts, shares, layout):
-    """The image count in each non-empty cell, when there are few classes (30 or fewer) and cells fit them."""
-    from PIL import ImageDraw
-    if layout.n > 30 or layout.cell < 24:
-        return
-    cell = layout.cell
-    draw = ImageDraw.Draw(image)
-    number = font_of(min(12, cell // 2))
-    for r in range(layout.n):
-        for c in range(layout.n):
-            if counts[r, c]:
-                label = str(counts[r, c])
-                ink = (255, 255, 255) if shares[r, c] > 0.3 else (0, 0, 0)
-                x = layout.left + c * cell + (cell - text_width(label, number)) // 2
-                y = layout.top + r * cell + (cell - number.getbbox("0")[3]) // 2
-                draw.text((x, y), label, fill=ink, font=number)
-
-
-def draw_colour_scale(image, layout):
-    """The colour scale: share of the row, 0% at the bottom to 100% at the top."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    bar_left, top, small = layout.scale_left, layout.top, layout.small
-    bar_height = max(min(layout.side, 400), 120)
-    draw = ImageDraw.Draw(image)
-    ramp = colour_of(np.linspace(1, 0, bar_height))[:, None, :].repeat(16, axis=1)
-    image.paste(Image.fromarray(ramp), (bar_left, top))
-    draw.rectangle([bar_left - 1, top - 1, bar_left + 16, top + bar_height], outline=(120, 120, 120))
-    for share in (0, 0.01, 0.05, 0.2, 0.5, 1):
-        y = top + round((1 - np.sqrt(share)) * (bar_height - 1))
-        draw.line([(bar_left + 16, y), (bar_left + 20, y)], fill=(0, 0, 0))
-        draw.text((bar_left + 22, y - 6), f"{100 * share:g}%", fill=(0, 0, 0), font=small)
-    draw.text((bar_left, top + bar_height + 4), "of the row", fill=(0, 0, 0), font=small)
-
-
-def draw_pair_list(image, pair_lines, layout):
-    from PIL import ImageDraw
-    draw = ImageDraw.Draw(image)
-    draw.text((layout.list_left, layout.top), PAIR_LIST_TITLE, fill=(0, 0, 0), font=layout.small)
-    for k, line in enumerate(pair_lines):
-        draw.text((layout.list_left, layout.top + 16 * (k + 1)), line, fill=(0, 0, 0), font=layout.small)
+def confusion_pair_list(summary, class_names):
+    lines = [f"{short_name(class_names[t])} -> {short_name(class_names[p])}: {count} ({100 * share:.0f}%)"
+             for t, p, count, share in summary.pairs]
+    return "\n".join(["most confused (true -> predicted):"] + (lines or ["none: every image got its own class"]))
 
 
 @torch.no_grad()
@@ -463,9 +380,9 @@ def predict(net, paths, crop, resize, norm, device, class_names, topk=5):
     results = []
     for path in paths:
         try:
-            image = transform(dataset.decode_image_file(path, exif_orientation=True))
-        except dataset.DECODE_ERRORS as error:  # reported; the other files still get predictions
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else dataset.bad_file_reason(error)
+            image = transform(decode.decode_image_file(path, exif_orientation=True))
+        except decode.DECODE_ERRORS as error:  # reported; the other files still get predictions
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else decode.bad_file_reason(error)
             results.append((path, None, f"cannot read image: {reason}"))
             continue
         logits = net(dataset.normalize_batch(image[None].to(device), mean, std)).float()
@@ -483,7 +400,7 @@ def write_predictions(results, json_path):
         for name, probability in top or []:
             print(f"  {probability:7.2%}  {name}")
     if unreadable:
-        print(f"{dataset.plural(len(unreadable), 'unreadable image')} not scored: {', '.join(unreadable)}")
+        print(f"{utils.plural(len(unreadable), 'unreadable image')} not scored: {', '.join(unreadable)}")
     if json_path:
         scored = {printable(path): [[name, probability] for name, probability in top]
                   for path, top, _ in results if top is not None}
@@ -502,10 +419,10 @@ def held_out_split(data_path, info):
     fraction, seed = info.get("val_split", (0, 0))
     if not fraction:
         return None
-    splits = dataset.find_dataset(data_path)
+    splits = layouts.find_dataset(data_path)
     if splits.val is not None or list(splits.classes) != list(info["classes"]):
         return None  # a real validation split, or other data: scored as usual
-    _, index = dataset.split_validation(splits.train, fraction, seed)
+    _, index = layouts.split_validation(splits.train, fraction, seed)
     return index, f"the {fraction:g} of each training class held out by --val-split-fraction (seed {seed})"
 
 
@@ -552,7 +469,7 @@ def build_val_loader(settings, info, device, world_size, rank):
         raise UserError("no --data-path given and the checkpoint does not say where its data was")
     if not os.path.isdir(data_path):
         raise UserError(f"--data-path {data_path} is not a folder")
-    index, layout = held_out_split(data_path, info) or dataset.find_val_split(data_path, info["classes"])
+    index, layout = held_out_split(data_path, info) or layouts.find_val_split(data_path, info["classes"])
     val_set = dataset.ValidationImageFiles(index, dataset.val_transform(settings.val_resize_size,
                                                                         settings.val_crop_size))
     sampler = dataset.EpochSampler(len(val_set), shuffle=False, num_replicas=world_size, rank=rank)
@@ -585,14 +502,14 @@ def metrics_of_run(result, rows, elapsed, num_images, skipped_files, settings, i
 
 def print_summary(metrics, rows, num_classes):
     # with 5 outputs or fewer every label is in the top 5: 100% says nothing
-    top5 = f"top-5 {metrics['top5']:.2f}%" if num_classes > 5 else f"top-5 trivial ({dataset.plural(num_classes, 'output')})"
+    top5 = f"top-5 {metrics['top5']:.2f}%" if num_classes > 5 else f"top-5 trivial ({utils.plural(num_classes, 'output')})"
     print(f"top-1 {metrics['top1']:.2f}%  {top5}  loss {metrics['loss']:.4f}  "
-          f"({dataset.plural(metrics['images'], 'image')}, {dataset.plural(metrics['classes'], 'class')}, "
+          f"({utils.plural(metrics['images'], 'image')}, {utils.plural(metrics['classes'], 'class')}, "
           f"{metrics['images_per_sec']:.0f} img/s, {metrics['batch_latency_ms']:.1f} ms/batch)")
     skipped_files = metrics["skipped_files"]
     if skipped_files:
         shown = ", ".join(skipped_files[:5]) + (f" and {len(skipped_files) - 5} more" if len(skipped_files) > 5 else "")
-        print(f"left out {dataset.plural(len(skipped_files), 'unreadable image')} (not scored): {shown}")
+        print(f"left out {utils.plural(len(skipped_files), 'unreadable image')} (not scored): {shown}")
     worst = sorted(rows, key=lambda r: (r[4], r[0]))[:10]
     print("worst classes: " + ", ".join(f"{name} {acc:.1f}%" for _, name, _, _, acc in worst))
 
@@ -613,20 +530,18 @@ def write_outputs(settings, metrics, rows, confusion, names):
     if settings.per_class:
         write_per_class_csv(rows, settings.per_class)
         print(f"wrote per-class accuracy to {printable(settings.per_class)}")
-    picture = None
-    if settings.confusion:
-        picture = draw_confusion(confusion, names, settings.confusion)
-        print(f"wrote the confusion matrix to {printable(settings.confusion)}")
+    png = settings.confusion or (os.path.join(settings.log_dir, "confusion.png") if settings.log_dir else None)
+    if png:
+        draw_confusion(confusion, names, png)
+        print(f"wrote the confusion matrix to {printable(png)}")
     if settings.log_dir:
+        from PIL import Image
         from torch.utils.tensorboard import SummaryWriter
-        import numpy as np
         with SummaryWriter(settings.log_dir) as writer:
             for key in ("top1", "top5", "loss", "images_per_sec"):
                 writer.add_scalar(f"eval/{key}", metrics[key], 0)
-            if picture is None:
-                picture = draw_confusion(confusion, names, os.path.join(settings.log_dir, "confusion.png"))
-                print(f"wrote the confusion matrix to {printable(os.path.join(settings.log_dir, 'confusion.png'))}")
-            writer.add_image("eval/confusion", np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
+            with Image.open(png) as picture:
+                writer.add_image("eval/confusion", np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
         print(f"wrote TensorBoard events to {printable(settings.log_dir)}")
 
 
@@ -643,7 +558,7 @@ def main(args):
     crop, resize, norm = settings.val_crop_size, settings.val_resize_size, settings.norm
     autocast, _, precision = utils.precision_for(device, settings.amp, settings.amp_dtype)
     say(f"model: MobileNetV3-{config['arch'].capitalize()} {config['width_mult']:g}, "
-        f"{dataset.plural(config['num_classes'], 'class')}, "
+        f"{utils.plural(config['num_classes'], 'class')}, "
         f"{info['weights']} weights | device {device} x{world_size} | {precision} | "
         f"resize {resize}, crop {crop}, norm {norm}")
 
@@ -655,7 +570,7 @@ def main(args):
         return 0
 
     val_set, loader, layout = build_val_loader(settings, info, device, world_size, rank)
-    say(f"data: {printable(settings.data_path)} ({layout}), {dataset.plural(len(val_set), 'image')}")
+    say(f"data: {printable(settings.data_path)} ({layout}), {utils.plural(len(val_set), 'image')}")
     start = time.perf_counter()
     result = evaluate(net, loader, device, autocast, norm, num_classes=num_classes, show_progress=rank == 0)
     elapsed = time.perf_counter() - start

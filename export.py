@@ -1,22 +1,13 @@
-"""Export a checkpoint for deployment, then prove the file scores what the checkpoint scores.
+"""Export a checkpoint for deployment (ONNX fp32 or int8, or torch.export's pt2), then prove that the file scores
+what the checkpoint scores; or average several checkpoints' weights into one file.
 
-    python export.py checkpoints/latest/best.pth                         # -> best.onnx beside it (fp32)
-    python export.py checkpoints/latest/best.pth --int8 --calib-data /data/imagenet   # -> best.int8.onnx
-    python export.py checkpoints/latest/best.pth --format pt2            # -> best.pt2 (torch.export)
-    python export.py checkpoints/latest/best.pth --opset 14 --batch-size 1 --img-size 224 --output mnv3.onnx
-    python export.py checkpoints/latest/epoch_*.pth --format average     # -> averaged_weights.pth (train.py
-                                                                         #    --keep-checkpoints K keeps them)
-    python evaluate.py checkpoints/latest/best.onnx --data-path /data/imagenet   # score the exported file
+    python export.py checkpoints/latest/best.pth                                     # -> best.onnx beside it
+    python export.py checkpoints/latest/best.pth --int8 --calib-data /data/imagenet  # -> best.int8.onnx
+    python export.py checkpoints/latest/best.pth --format pt2                        # -> best.pt2
+    python export.py checkpoints/latest/epoch_*.pth --format average                 # -> averaged_weights.pth
 
-The ONNX file takes the normalized float batch "images" (N, 3, H, W) and returns "logits" (N, classes). Its
-metadata (JSON strings) holds everything needed to use it: classes, class names, mean/std, the resize and crop,
-the model config and where it came from. After writing, the file is run by onnxruntime against PyTorch on real
-images (from --calib-data, else the checkpoint's data folder) and the differences are printed; a file that does
-not match is never left at --output.
-
-int8 is onnxruntime's static quantization of the fp32 ONNX file (QDQ, per-channel int8 weights, symmetric int8
-activations with percentile calibration; measured choices, see quantize_onnx). It needs no package beyond
-onnxruntime; torch 2.14 no longer ships the PT2E quantizers (they moved to torchao).
+Inside: the metadata written into each file, real images for calibration and the check, the writers, main.
+evaluate.py runs the .onnx files (OnnxModel); README "Deploying" and docs/deploying.md say what was measured.
 """
 import argparse
 import contextlib
@@ -30,15 +21,15 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
 
+import checkpoint
 import dataset
 import evaluate
-import checkpoint
+import layouts
 import utils
+from evaluate import EXPORT_FORMAT, OnnxModel, onnx_session  # onnx_session: benchmark.py uses export.onnx_session
 from utils import CheckpointError, UserError
 
-EXPORT_FORMAT = "mobilenetv3-torch-onnx/1"  # metadata "format": tells our files from other ONNX models
 MIN_OPSET = 14  # HardSwish became an ONNX operator in opset 14; HardSigmoid is older
 MAX_OPSET = 20  # the TorchScript exporter's newest (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
 DEFAULT_OPSET = 17  # has native HardSwish and HardSigmoid; read by TensorRT 8.6+, OpenVINO and ORT Mobile
@@ -116,86 +107,18 @@ def make_metadata(info, img_size, batch_size, precision, checkpoint, calibration
     return {key: json.dumps(value) for key, value in metadata.items()}
 
 
-def read_metadata(path, props):
-    """The metadata of one of our files back as Python values; CheckpointError when it is not one."""
-    if json.loads(props.get("format", "null")) != EXPORT_FORMAT:
-        raise CheckpointError(f"{path} is an ONNX model but not one written by export.py (no {EXPORT_FORMAT} "
-                              "metadata: classes and preprocessing unknown)")
-    try:
-        return {key: json.loads(value) for key, value in props.items()}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} has unreadable metadata ({e})") from None
-
-
-# ---------------------------------------------------------------- running an ONNX file like a model
-
-def onnx_session(path, threads=None):
-    """An onnxruntime CPU session; threads default to torch's (the tests and benchmark set them)."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3  # errors only: its warnings about unused initializers say nothing to a user
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class OnnxModel(nn.Module):
-    """An ONNX file as a module: forward(normalized float NCHW batch) -> float logits, by onnxruntime on the CPU.
-
-    A file exported with a fixed batch size gets its batches in chunks of that size, the last one padded."""
-
-    def __init__(self, session):
-        super().__init__()
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-        batch = session.get_inputs()[0].shape[0]
-        self.fixed_batch = batch if isinstance(batch, int) else None
-
-    def forward(self, images):
-        array = images.detach().float().cpu().contiguous().numpy()  # channels_last arrives as a strided view
-        if self.fixed_batch is None:
-            logits = self.session.run(None, {self.input_name: array})[0]
-        else:
-            chunks = []
-            for start in range(0, len(array), self.fixed_batch):
-                chunk = array[start:start + self.fixed_batch]
-                padded = np.zeros((self.fixed_batch, *chunk.shape[1:]), dtype=np.float32)
-                padded[:len(chunk)] = chunk
-                chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(chunk)])
-            logits = np.concatenate(chunks)
-        return torch.from_numpy(logits).to(images.device)
-
-
-def load_onnx_for_eval(path):
-    """An ONNX file of export.py as (module, info), info as evaluate.load_model_for_eval gives for a checkpoint."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"ONNX file not found: {path}")
-    try:
-        session = onnx_session(path)
-    except Exception as e:  # onnxruntime's errors have no common base class beyond Exception
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable ONNX model ({reason})") from None
-    meta = read_metadata(path, session.get_modelmeta().custom_metadata_map)
-    info = {"classes": meta["classes"], "class_names": meta["class_names"], "weights": meta["weights"],
-            "norm": meta["norm"], "val_resize_size": meta["val_resize_size"], "val_crop_size": meta["val_crop_size"],
-            "amp": False, "amp_dtype": "auto", "data_path": meta["data_path"], "epoch": meta["epoch"],
-            "config": meta["config"], "val_split": tuple(meta.get("val_split", (0, 0)))}
-    return OnnxModel(session), info
-
-
 # ---------------------------------------------------------------- real images: calibration and the check
 
 def image_index(folder, split="train"):
     """A FileIndex of a dataset's train (or val) images, or of the images in a plain folder."""
     try:
-        splits = dataset.find_dataset(folder)
+        splits = layouts.find_dataset(folder)
         index = splits.val if split == "val" and splits.val is not None and len(splits.val) else splits.train
     except dataset.DataError:
-        if not os.path.isdir(folder):
+        if not os.path.isdir(folder) or os.path.isdir(os.path.join(folder, "train")):
             raise
-        if os.path.isdir(os.path.join(folder, "train")):
-            raise
-        files = dataset.list_images(folder)  # a plain folder of images (no train/): labels unknown, unused here
-        index = dataset.FileIndex(folder, files, [0] * len(files))
+        files = layouts.list_images(folder)  # a plain folder of images (no train/): labels unknown, unused here
+        index = layouts.FileIndex(folder, files, [0] * len(files))
     if len(index) == 0:
         raise UserError(f"no images in {folder}")
     return index
@@ -205,7 +128,7 @@ def load_images(index, count, resize, crop, norm):
     """`count` images spread over the whole index (it is sorted by class), as evaluate.py feeds them: the
     validation resize and centre crop, then normalize_batch. A float (count, 3, crop, crop) tensor."""
     picks = np.unique(np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(int))
-    subset = dataset.FileIndex(index.root, index.paths[picks], index.labels[picks])
+    subset = layouts.FileIndex(index.root, index.paths[picks], index.labels[picks])
     images = dataset.ImageFiles(subset, dataset.val_transform(resize, crop))
     batch = torch.stack([images[i][0] for i in range(len(images))])
     mean, std = dataset.NORMS[norm]
@@ -238,9 +161,8 @@ def compare_with_pytorch(net, run, images, batch_size):
 # ---------------------------------------------------------------- writing the files
 
 def export_onnx_graph(net, path, opset, img_size, batch_size):
-    """The fp32 graph. The TorchScript exporter, not dynamo's: for this static graph both give identical logits,
-    but dynamo's is ~5x slower here (10 s against 2 s), writes opset 18 only (its down-conversion fails on
-    ReduceMean), and gives ReduceMean where this gives GlobalAveragePool, which int8 runtimes quantize."""
+    """The fp32 graph, by the TorchScript exporter: dynamo's writes opset 18 only and ReduceMean where this one
+    writes GlobalAveragePool, which int8 runtimes quantize (docs/deploying.md)."""
     example = torch.zeros(batch_size or 2, 3, img_size, img_size)
     dynamic = None if batch_size else {"images": {0: "batch"}, "logits": {0: "batch"}}
     # torch < 2.5 has only this exporter and no `dynamo` argument; 2.9 and later default to dynamo
@@ -252,19 +174,10 @@ def export_onnx_graph(net, path, opset, img_size, batch_size):
 
 
 def quantize_onnx(fp32_path, int8_path, batches, folder):
-    """Static int8 with onnxruntime: QDQ nodes, per-channel int8 weights, symmetric int8 activations whose ranges
-    are the 99.999th percentile of their values on the calibration batches. Measured on a 4-class ImageNet task
-    (Small 0.5, 64 px, 400 images; fp32 64.5% top-1): onnxruntime's defaults (uint8 activations, MinMax) gave
-    57.0% and agreed with fp32 on 69% of the images; symmetric int8 with MinMax 62.5% (90%); with the percentile
-    64.0% (92%). quant_pre_process folds BatchNorm into the convolutions and infers shapes for the quantizer.
-
-    Weights are quantized to 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only) onnxruntime's int8
-    kernels add pairs of 8-bit products in saturating 16-bit sums, and onnxruntime recommends 7-bit weights
-    there. Measured on a 2-core AVX2 EPYC, 7 against 8 bits: top-1 agreement with fp32 93.9% against 89.8% on
-    the 4-class ImageNet task above (98 held-out images; top-1 59.2% against 61.2%, fp32 61.2%), largest logit
-    error 11.1 against 24.2 on the demo model; the tests' 3-class model fell from fp32's 100% to 77.8% top-1
-    with 8 bits. A file is exported once and may run on any CPU, so the safe choice is the default (its cost on
-    VNNI CPUs, where 8 bits cannot saturate, was not measured here)."""
+    """Static int8 by onnxruntime, as measured best in docs/deploying.md: QDQ nodes, per-channel weights, symmetric
+    int8 activations ranged at the 99.999th percentile of the calibration batches (MinMax where a tensor has one
+    value throughout, as in an untrained network). Weights get 7 bits (reduce_range): on CPUs without VNNI the
+    8-bit kernels saturate. quant_pre_process folds BatchNorm into the convolutions and infers shapes."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -381,12 +294,8 @@ def average_checkpoints(paths, weights=None):
             raise CheckpointError(f"{path} holds no EMA weights")
         else:
             states.append(ckpt["ema_model"] if weights == "ema" else ckpt["model"])
-    average = {}
-    for key, last in states[-1].items():
-        if last.is_floating_point():
-            average[key] = (sum(state[key].double() for state in states) / len(states)).to(last.dtype)
-        else:
-            average[key] = last.clone()
+    average = {key: (sum(state[key].double() for state in states) / len(states)).to(last.dtype)
+               if last.is_floating_point() else last.clone() for key, last in states[-1].items()}
     keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "data_path")
     return {"format": checkpoint.WEIGHTS_FORMAT, "weights": f"average of {len(paths)}", "model": average,
             "best_top1": -1.0, "epoch": files[-1].get("epoch"), "averaged": [os.path.abspath(p) for p in paths],

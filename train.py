@@ -33,12 +33,12 @@ from tqdm import tqdm
 import checkpoint
 import dataset
 import flags
+import layouts
 import model as model_lib
 import utils
 from checkpoint import TrainState
-from dataset import plural
 from evaluate import evaluate
-from utils import UserError, print0
+from utils import UserError, plural, print0
 
 MAX_NONFINITE_STREAK = 20
 # A GradScaler halves its scale at each overflow while it calibrates; below 1 the gradients overflow fp16 even
@@ -48,11 +48,11 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dem
 
 
 class Outcome(enum.Enum):
-    DONE = "done"              # every epoch trained and validated
-    STOPPED = "stopped"        # a signal or --max-steps; last.pth holds where it stopped
-    NOT_SAVED = "not saved"    # stopped, but the weights were not finite, so nothing was written
-    DIVERGED = "diverged"      # MAX_NONFINITE_STREAK non-finite steps in a row
-    COMPLETE = "complete"      # resumed a run that had no epoch left
+    DONE = "done"            # every epoch trained and validated
+    STOPPED = "stopped"      # a signal or --max-steps; last.pth holds where it stopped
+    NOT_SAVED = "not saved"  # stopped, but the weights were not finite, so nothing was written
+    DIVERGED = "diverged"    # MAX_NONFINITE_STREAK non-finite steps in a row
+    COMPLETE = "complete"    # resumed a run that had no epoch left
 
 
 # ---------------------------------------------------------------- the recipe's parts
@@ -317,7 +317,7 @@ def validate(run):
     cfg, net = run.config, run.net
     # DDP syncs BN statistics only at each forward: give every rank rank 0's (the ones saved) before scoring
     utils.broadcast_tensors(list(net.buffers()) + (list(run.ema.shadow_params) if run.ema else []))
-    loader = UntilStopped(run.data.val_loader, run.stop)
+    loader = utils.UntilStopped(run.data.val_loader, run.stop)
     results = {"raw": evaluate(net, loader, run.device, run.autocast, cfg.norm, cfg.channels_last,
                                show_progress=run.show_progress)}
     if run.ema is not None and not utils.any_rank(run.stop):
@@ -355,23 +355,6 @@ def validate_and_track_best(run, state):
     return saved
 
 
-class UntilStopped:
-    """A validation loader that ends early once a stop is requested (that pass is then discarded): a preempted
-    job saves within one batch of validation. Every rank agrees on the stop after the pass (any_rank)."""
-
-    def __init__(self, loader, stop):
-        self.loader, self.stop = loader, stop
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield batch
-            if self.stop:
-                return
-
-
 # ---------------------------------------------------------------- logging
 
 def log_training(run, state, window, progress, bar):
@@ -401,8 +384,7 @@ def log_training(run, state, window, progress, bar):
 
 def log_augmented_images(writer, images, mean, std):
     import torchvision
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
     grid = torchvision.utils.make_grid((images[:32].float() * std + mean).clamp(0, 1), nrow=8)
     writer.add_image("train/augmented_batch", grid.cpu(), 0)
 
@@ -466,11 +448,10 @@ def announce_run(run):
 
 
 def open_tensorboard(run, state):
-    if run.rank != 0:
-        return None
     from torch.utils.tensorboard import SummaryWriter
     # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps on resume
-    return SummaryWriter(os.path.join(run.config.log_dir, run.config.run_name), purge_step=state.step + 1)
+    return SummaryWriter(os.path.join(run.config.log_dir, run.config.run_name), purge_step=state.step + 1) \
+        if run.rank == 0 else None
 
 
 def close_tensorboard(run, state, outcome):
@@ -513,7 +494,7 @@ def report_outcome(run, state, outcome):
 class Data:
     """A run's dataset, as this rank reads it."""
     path: str                        # the data folder (the demo's when --data-path is omitted)
-    splits: dataset.DataSplits       # layout, classes and the train/val file indexes
+    splits: layouts.DataSplits       # layout, classes and the train/val file indexes
     train_set: torch.utils.data.Dataset
     val_set: dataset.ValidationImageFiles
     train_loader: torch.utils.data.DataLoader
@@ -522,7 +503,7 @@ class Data:
 
 @dataclasses.dataclass
 class Run:
-    """What the loop uses, built once by main (benchmark.py builds one around a bare model with build_trainer).
+    """What the loop uses, built once by main (tools/benchmark.py builds one around a bare model with build_trainer).
     Only `writer` is set later. The run's progress is not here: it is the TrainState, which a checkpoint saves."""
     config: object                   # the flags with every default resolved (flags.resolve_config); never changed
     device: torch.device
@@ -540,7 +521,7 @@ class Run:
     ddp: DistributedDataParallel | None = None
     teacher: nn.Module | None = None
     mixup: object = None             # dataset.make_mixup_cutmix, or None
-    data: Data | None = None         # None for benchmark.py's model-only step
+    data: Data | None = None         # None for the benchmark's model-only step
     rank: int = 0
     world_size: int = 1
     stop: utils.StopRequest | None = None
@@ -551,11 +532,11 @@ class Run:
 def build_data(config, rank, world_size, device):
     """The datasets and loaders of this rank."""
     path = config.data_path or DEMO_DIR
-    splits = dataset.find_dataset(path)
+    splits = layouts.find_dataset(path)
     if splits.val is not None and config.val_split_fraction:
         raise UserError(f"--val-split-fraction: {path} has a validation split already ({splits.layout})")
     if splits.val is None and config.val_split_fraction:
-        train, val = dataset.split_validation(splits.train, config.val_split_fraction, config.seed)
+        train, val = layouts.split_validation(splits.train, config.val_split_fraction, config.seed)
         splits = dataclasses.replace(splits, train=train, val=val, layout=splits.layout + (
             f"; validation: {config.val_split_fraction:g} of each training class, held out"))
     if splits.val is None:
@@ -597,9 +578,9 @@ def build_model(config, num_classes, device, world_size):
         except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
             reason = "not a readable state dict" if isinstance(e, pickle.UnpicklingError) else e
             raise UserError(f"--pretrained {config.pretrained}: {reason}") from None
-    if config.sync_bn and world_size > 1 and device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     if config.sync_bn and world_size > 1:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     return place_model(net, config, device)
 
@@ -629,7 +610,7 @@ def load_teacher(config, classes, num_classes, device):
 def build_trainer(config, net, device, steps_per_epoch, world_size=None, **parts):
     """A Run around a network already on its device: optimizer, EMA, precision, loss, and the DDP and
     torch.compile wrappers; `parts` are the other fields of Run (data, teacher, mixup, rank, stop, ...).
-    benchmark.py times the real update step on a Run built here."""
+    tools/benchmark.py times the real update step on a Run built here."""
     if world_size is None:  # the process group's, when there is one: DDP, the lr and the EMA decay agree
         world_size = torch.distributed.get_world_size() if utils.is_distributed() else 1
     lr, ema_decay = flags.scaled_to_global_batch(config, world_size)
@@ -678,8 +659,9 @@ def prepare_folders(config, rank):
     """The run's checkpoint and TensorBoard folders, and the demo data when no --data-path is given (rank 0)."""
     if rank == 0:
         checkpoint.prepare_run_folders(config)
-    if config.data_path is None and rank == 0:
-        dataset.make_demo_dataset(DEMO_DIR)
+        if config.data_path is None:
+            from tools.demo_data import make_demo_dataset  # the demo run alone needs it
+            make_demo_dataset(DEMO_DIR)
 
 
 # ---------------------------------------------------------------- main: the recipe

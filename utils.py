@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 class UserError(Exception):
     """A problem with what the user gave us (flags, files). Shown as one line, no traceback."""
@@ -22,8 +23,31 @@ class CheckpointError(UserError):
     pass
 
 
+class DataError(UserError):
+    """A problem with the data that the user has to fix; the message is one line."""
+
+
 # what a collective raises when another rank of the run has gone (Gloo, NCCL)
 PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker|communicator was aborted")
+
+
+def warn(message, every_rank=True):
+    """One 'warning: ...' line on stderr; every_rank=False: on rank 0 only (what every rank finds alike). The main
+    process writes through tqdm.write, which redraws a progress bar below it; a loader worker clears the line."""
+    if not every_rank and os.environ.get("RANK", "0") != "0":
+        return
+    if torch.utils.data.get_worker_info() is None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        clear_line = "\r\x1b[K" if sys.stderr.isatty() else ""
+        print(f"{clear_line}warning: {message}", file=sys.stderr, flush=True)
+
+
+def plural(count, word):
+    """'1 class', '2 classes', '3 images', '2 epochs'."""
+    if count == 1:
+        return f"1 {word}"
+    return f"{count} {word}es" if word.endswith(("s", "x", "sh")) else f"{count} {word}s"
 
 
 def run_cli(main, args):
@@ -248,7 +272,7 @@ def broadcast_object(obj, src=0):
 
 class MetricMeter:
     """Running sums of training figures, kept on the device (reading them is a host sync): loss x images, top-1
-    hits, images and distillation term x images, as train.train_update returns them; with the seconds since
+    hits, images and distillation term x images, as train.train_step returns them; with the seconds since
     the last reset and the time spent waiting for data in them."""
 
     def __init__(self, device):
@@ -368,13 +392,24 @@ class StopRequest:
         return self.signal_name is not None
 
 
+class UntilStopped:
+    """A validation loader that ends early once a stop is requested (that pass is then discarded): a preempted
+    job saves within one batch of validation. Every rank agrees on the stop after the pass (any_rank)."""
+
+    def __init__(self, loader, stop):
+        self.loader, self.stop = loader, stop
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            if self.stop:
+                return
+
+
 def ignore_stop_signals(worker_id=None):
     """DataLoader worker init: let only the main process handle Ctrl-C/SIGTERM, so it can save cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return None

@@ -101,7 +101,7 @@ part_compile() {
 }
 
 crossover() {  # the data pipeline (issue 16): CPU-decode workers against nvjpeg, original against pre-resized JPEGs
-    python dataset.py --resize-copy "$WORK/data" "$WORK/data320" --short-side 320 --workers 8 > "$WORK/resize.out" \
+    python -m tools.resize_copy "$WORK/data" "$WORK/data320" --short-side 320 --workers 8 > "$WORK/resize.out" \
         2>&1 || { tail -5 "$WORK/resize.out"; return 1; }
     for run in data:workers:1 data:workers:2 data:workers:4 data:workers:8 data:workers:16 data:device:1 \
                data:device:4 data320:workers:1 data320:workers:4 data320:workers:16 data320:device:4; do
@@ -125,12 +125,12 @@ part_crossover() {
 decoders() {  # --decode-on device: TorchCodec's batched nvjpeg against torchvision's, 256 JPEGs a call
     python - "$WORK/data" <<'EOF'
 import sys, time, torch
-import dataset
-index = dataset.find_dataset(sys.argv[1]).train
-jpegs = [dataset.read_image_file(index.path(i))[0] for i in range(min(256, len(index)))]
+import dataset, decode
+index = layouts.find_dataset(sys.argv[1]).train
+jpegs = [decode.read_image_file(index.path(i))[0] for i in range(min(256, len(index)))]
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU in a dry run
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-decoders = {"torchcodec": dataset.decode_with_torchcodec, "torchvision": dataset.decode_with_torchvision}
+decoders = {"torchcodec": decode.decode_with_torchcodec, "torchvision": decode.decode_with_torchvision}
 rates = {name: [] for name in decoders}
 for round in range(6):
     for name, decode in decoders.items():

@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 
-import dataset
+import decode
 from tools import benchmark
 
 FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
@@ -54,7 +54,7 @@ def tiny_run(tiny_data, tmp_path_factory):
 def test_benchmark_writes_every_figure(tiny_run):
     result = tiny_run[0]
     expected = [key for key in FIGURES  # torchvision's decoder is the default where torchcodec does not import
-                if key != "loader_torchvision_decoder" or dataset.torchcodec_decode_jpeg is not None]
+                if key != "loader_torchvision_decoder" or decode.torchcodec_decode_jpeg is not None]
     missing = [key for key in expected if key not in result["figures"]]
     assert not missing, missing
     figures = result["figures"]

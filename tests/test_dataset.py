@@ -1,5 +1,5 @@
-"""Tests for dataset.py: the layouts it reads, odd and broken files, sampling, the listing cache, transforms and
-the demo dataset. Every dataset here is a few tiny images generated in tmp_path."""
+"""Tests for dataset.py: the layouts it reads, odd and broken files, sampling, the listing cache and transforms
+(the tools' tests are in test_tools.py). Every dataset here is a few tiny images generated in tmp_path."""
 import csv
 import inspect
 import os
@@ -17,8 +17,11 @@ from PIL import Image, ImageDraw, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-from conftest import REPO, assert_clean_error, run_script  # noqa: E402
-from dataset import DataError  # noqa: E402
+import decode  # noqa: E402
+import layouts  # noqa: E402
+import utils  # noqa: E402
+from conftest import REPO  # noqa: E402
+from utils import DataError  # noqa: E402
 
 # torchvision 0.29 deprecates its decoders: tests here call them directly, to compare (dataset.py silences only
 # its own calls)
@@ -81,7 +84,7 @@ def labelled_paths(index):
 
 
 def test_class_folder_layout(class_folder_data, cache_dir):
-    splits = dataset.find_dataset(class_folder_data, cache_dir)
+    splits = layouts.find_dataset(class_folder_data, cache_dir)
     assert "class folders" in splits.layout
     assert splits.classes == ["a", "b", "c"]
     assert splits.classes == torchvision.datasets.ImageFolder(class_folder_data / "train").classes
@@ -95,14 +98,14 @@ def test_class_folder_layout(class_folder_data, cache_dir):
 
 def test_missing_val_folder_gives_no_val_split(tmp_path, cache_dir):
     make_class_folders(tmp_path / "train", ["a", "b"])
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert splits.val is None and len(splits.train) == 4
 
 
 def test_val_with_a_subset_of_classes_uses_the_training_mapping(tmp_path, cache_dir):
     make_class_folders(tmp_path / "train", ["a", "b", "c"])
     make_class_folders(tmp_path / "val", ["c"])
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert labelled_paths(splits.val) == [("c/c_0.jpg", 2), ("c/c_1.jpg", 2)]
 
 
@@ -110,16 +113,16 @@ def test_val_class_unknown_to_training_is_named(tmp_path, cache_dir):
     make_class_folders(tmp_path / "train", ["a", "b"])
     make_class_folders(tmp_path / "val", ["a", "zebra"])
     with pytest.raises(DataError, match="zebra"):
-        dataset.find_dataset(tmp_path, cache_dir)
+        layouts.find_dataset(tmp_path, cache_dir)
 
 
 def test_find_val_split_maps_by_name_onto_a_given_class_list(class_folder_data, cache_dir):
     classes = ["c", "x", "a", "b"]  # another order, and a class the folder does not have
     for path in (class_folder_data, class_folder_data / "val"):  # dataset root or the val folder itself
-        index, layout = dataset.find_val_split(path, classes, cache_dir)
+        index, layout = layouts.find_val_split(path, classes, cache_dir)
         assert labelled_paths(index) == [("a/a_0.jpg", 2), ("b/b_0.jpg", 3), ("c/c_0.jpg", 0)]
     with pytest.raises(DataError, match="'b'"):
-        dataset.find_val_split(class_folder_data, ["a", "c"], cache_dir)
+        layouts.find_val_split(class_folder_data, ["a", "c"], cache_dir)
 
 
 def make_kaggle_layout(root):
@@ -141,7 +144,7 @@ def make_kaggle_layout(root):
 
 def test_kaggle_layout(tmp_path, cache_dir):
     images = make_kaggle_layout(tmp_path)
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert "Kaggle" in splits.layout and "LOC_val_solution.csv" in splits.layout
     assert splits.classes == ["n01440764", "n01443537"]
     assert splits.class_names == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
@@ -149,7 +152,7 @@ def test_kaggle_layout(tmp_path, cache_dir):
     expected = [("ILSVRC2012_val_00000001.JPEG", 0), ("ILSVRC2012_val_00000002.JPEG", 1),
                 ("ILSVRC2012_val_00000003.JPEG", 0)]
     assert labelled_paths(splits.val) == expected
-    index, _ = dataset.find_val_split(images / "val", splits.classes, cache_dir)  # the val folder itself
+    index, _ = layouts.find_val_split(images / "val", splits.classes, cache_dir)  # the val folder itself
     assert labelled_paths(index) == expected
 
 
@@ -162,7 +165,7 @@ def test_flat_val_folder_with_a_label_file(tmp_path, cache_dir, label_file, line
     for i in range(3):
         save_image(tmp_path / "val" / f"v{i}.jpg", seed=i)
     (tmp_path / ("val" if where == "val" else "") / label_file).write_text("\n".join(lines) + "\n")
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert label_file in splits.layout
     assert labelled_paths(splits.val) == [("v0.jpg", 1), ("v1.jpg", 0), ("v2.jpg", 1)]
 
@@ -172,28 +175,28 @@ def test_flat_val_folder_errors(tmp_path, cache_dir):
     save_image(tmp_path / "val" / "v0.jpg")
     save_image(tmp_path / "val" / "v1.jpg")
     with pytest.raises(DataError, match="no label file"):
-        dataset.find_dataset(tmp_path, cache_dir)
+        layouts.find_dataset(tmp_path, cache_dir)
     (tmp_path / "labels.csv").write_text("v0.jpg,a\n")
     with pytest.raises(DataError, match="v1.jpg"):  # an image without a label
-        dataset.find_dataset(tmp_path, cache_dir)
+        layouts.find_dataset(tmp_path, cache_dir)
     for lines in ["v0.jpg,a\nv1.jpg,walrus\n", "v0.jpg,a\nv1.jpg,b\ngone.jpg,walrus\n"]:
         (tmp_path / "labels.csv").write_text(lines)
         with pytest.raises(DataError, match="walrus"):  # a label that is not a training class
-            dataset.find_dataset(tmp_path, cache_dir)
+            layouts.find_dataset(tmp_path, cache_dir)
 
 
 def test_ilsvrc_tars_without_scipy_say_how_to_prepare_them(tmp_path, cache_dir, monkeypatch):
-    for name in dataset.ILSVRC_TARS.values():
+    for name in layouts.ILSVRC_TARS.values():
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setitem(sys.modules, "scipy", None)  # makes `import scipy` fail
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(DataError, match=r"pip install scipy.*train/<synset>/ and val/<synset>/") as error:
-        dataset.find_dataset(tmp_path, cache_dir)
+        layouts.find_dataset(tmp_path, cache_dir)
     assert "\n" not in str(error.value)
 
 
 def test_ilsvrc_tars_are_extracted_with_torchvision(tmp_path, cache_dir, monkeypatch):
-    for name in dataset.ILSVRC_TARS.values():
+    for name in layouts.ILSVRC_TARS.values():
         (tmp_path / name).write_bytes(b"")
     extracted = []
 
@@ -206,7 +209,7 @@ def test_ilsvrc_tars_are_extracted_with_torchvision(tmp_path, cache_dir, monkeyp
     monkeypatch.setitem(sys.modules, "scipy", types.ModuleType("scipy"))
     monkeypatch.setitem(sys.modules, "scipy.io", types.ModuleType("scipy.io"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert extracted == ["train", "val"]
     assert "tar" in splits.layout and len(splits.train) == 2 and len(splits.val) == 2
 
@@ -223,7 +226,7 @@ def test_missing_or_empty_folders_are_one_line_errors(tmp_path, cache_dir):
     (tmp_path / "no_images" / "train" / "a" / "notes.txt").write_text("hello")
     for path, message in cases:
         with pytest.raises(DataError, match=message) as error:
-            dataset.find_dataset(path, cache_dir)
+            layouts.find_dataset(path, cache_dir)
         assert "\n" not in str(error.value)
 
 
@@ -239,7 +242,7 @@ def test_non_image_and_hidden_files_are_ignored(tmp_path, cache_dir):
     (train / "a" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     (train / "a" / "notes.txt").write_text("not an image")
     save_image(train / ".ipynb_checkpoints" / "x.jpg")  # a hidden folder is not a class
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert splits.classes == ["a"]
     assert [path for path, _ in labelled_paths(splits.train)] == ["a/Y.JPEG", "a/nested/w.jpeg", "a/x.jpg",
                                                                   "a/z.PNG"]
@@ -247,10 +250,10 @@ def test_non_image_and_hidden_files_are_ignored(tmp_path, cache_dir):
 
 def test_imagenet_class_names():
     synsets = [f"n{number:08d}" for number in range(1440764, 1440764 + 999)] + ["n15075141"]
-    names = dataset.imagenet_class_names(synsets)
+    names = layouts.imagenet_class_names(synsets)
     assert names[0] == "tench" and names[-1] == "toilet tissue" and len(names) == 1000
-    assert dataset.imagenet_class_names(synsets[:999]) == synsets[:999]  # not the 1000 ILSVRC classes
-    assert dataset.imagenet_class_names(["cat", "dog"]) == ["cat", "dog"]
+    assert layouts.imagenet_class_names(synsets[:999]) == synsets[:999]  # not the 1000 ILSVRC classes
+    assert layouts.imagenet_class_names(["cat", "dog"]) == ["cat", "dog"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +267,7 @@ def test_imagenet_class_names():
 ])
 def test_odd_files_decode_to_rgb(tmp_path, mode, format, name):
     path = save_image(tmp_path / name, mode=mode, format=format)
-    image = dataset.decode_image_file(path)
+    image = decode.decode_image_file(path)
     expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 40)
     assert (image.int() - expected.int()).abs().float().mean() < 1.0
@@ -279,7 +282,7 @@ def test_real_imagenet_jpegs_decode_like_pil():
     grayscale = [path for path in files if Image.open(path).mode == "L"]
     for path in files[:10] + grayscale:
         expected = np.array(Image.open(path).convert("RGB"))
-        assert np.array_equal(dataset.decode_image_file(path).permute(1, 2, 0).numpy(), expected)
+        assert np.array_equal(decode.decode_image_file(path).permute(1, 2, 0).numpy(), expected)
 
 
 @pytest.mark.parametrize("format, name", [("WEBP", "scraped.JPEG"), ("WEBP", "scraped.jpg"), ("AVIF", "scraped.JPEG"),
@@ -293,39 +296,39 @@ def test_webp_and_avif_named_jpeg_decode_to_rgb(tmp_path, format, name):
     with Image.open(path) as image:
         assert image.format == format  # really a WebP/AVIF file, whatever its name says
         expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    decoded = dataset.decode_image_file(path)
+    decoded = decode.decode_image_file(path)
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 32, 40)
     assert torch.equal(decoded, expected)
     assert (decoded.int() - torch.from_numpy(image_pixels()).permute(2, 0, 1).int()).abs().float().mean() < 4
-    train = dataset.ImageFiles(dataset.FileIndex(tmp_path, [name.encode()], [0]), dataset.train_transform(16))
+    train = dataset.ImageFiles(layouts.FileIndex(tmp_path, [name.encode()], [0]), dataset.train_transform(16))
     assert train[(0, 1)][0].shape == (3, 16, 16)  # the training path (scaled decoding) takes it too
 
 
-@pytest.mark.skipif(dataset.torchcodec_decode_jpeg is None, reason="torchcodec is not installed")
+@pytest.mark.skipif(decode.torchcodec_decode_jpeg is None, reason="torchcodec is not installed")
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="needs ../shared/data/imagenet-sample")
 def test_torchcodec_decodes_real_jpegs_as_torchvision_does():
     files = sorted(SAMPLE.glob("*.JPEG"))
     odd = [path for path in files if Image.open(path).mode == "L" or "exif" in Image.open(path).info]
     for path in files[:10] + odd:  # grayscale, and EXIF blocks (one after a Photoshop block, with an XMP block)
-        data, _ = dataset.read_image_file(path)
-        image = dataset.decode_jpeg_cpu(data)
+        data, _ = decode.read_image_file(path)
+        image = decode.decode_jpeg_cpu(data)
         assert torch.equal(image, torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB))
         assert image.permute(1, 2, 0).is_contiguous()  # height-width-channel in memory, for the fast resize
 
 
 def test_without_torchcodec_torchvision_decodes(tmp_path, monkeypatch):
     path = save_image(tmp_path / "x.jpg")
-    expected = dataset.decode_image_file(path)
-    monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)
-    assert torch.equal(dataset.decode_image_file(path), expected)
+    expected = decode.decode_image_file(path)
+    monkeypatch.setattr(decode, "torchcodec_decode_jpeg", None)
+    assert torch.equal(decode.decode_image_file(path), expected)
 
 
 def test_torchvision_decoders_run_without_their_deprecation_warning(tmp_path, monkeypatch, recwarn):
     # recwarn records every warning, whatever filters pytest or this file set: only dataset.py's silencing counts
     path = save_image(tmp_path / "x.jpg")
-    monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)  # the CPU fallback: torchvision's decoder
-    assert dataset.decode_image_file(path).shape == (3, 32, 40)
-    index = dataset.FileIndex(tmp_path, [b"x.jpg"], [0])
+    monkeypatch.setattr(decode, "torchcodec_decode_jpeg", None)  # the CPU fallback: torchvision's decoder
+    assert decode.decode_image_file(path).shape == (3, 32, 40)
+    index = layouts.FileIndex(tmp_path, [b"x.jpg"], [0])
     images = dataset.EncodedImageFiles(index, 16)  # decoding on the device: torchvision's, on the CPU here
     dataset.EncodedImageFiles.check_device(torch.device("cpu"))
     decoded, _ = images.batch_to(torch.device("cpu"), *images.collate([images[0]]))
@@ -333,7 +336,7 @@ def test_torchvision_decoders_run_without_their_deprecation_warning(tmp_path, mo
     assert not [str(w.message) for w in recwarn if issubclass(w.category, DeprecationWarning)]
     if hasattr(torchvision.io.image, "_warn_deprecated"):  # torchvision >= 0.29: the warning exists to be silenced
         with pytest.warns(DeprecationWarning, match="decoding and encoding capabilities of TorchVision"):
-            torchvision.io.decode_jpeg(dataset.read_image_file(path)[0])
+            torchvision.io.decode_jpeg(decode.read_image_file(path)[0])
 
 
 def test_a_device_no_decoder_works_on_is_one_line_naming_each_reason():
@@ -352,21 +355,21 @@ def test_a_torchcodec_without_nvjpeg_hands_the_device_to_torchvision(monkeypatch
     def torchvision_decoder(jpegs, mode, device):
         calls.append(device.type)
         return [torch.zeros(3, 8, 8, dtype=torch.uint8, device="meta") for _ in jpegs]
-    monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", torchcodec_without_nvjpeg)
-    monkeypatch.setattr(dataset, "decode_jpeg", torchvision_decoder)
-    dataset.first_decoder_that_works_on.cache_clear()
+    monkeypatch.setattr(decode, "torchcodec_decode_jpeg", torchcodec_without_nvjpeg)
+    monkeypatch.setattr(decode, "decode_jpeg", torchvision_decoder)
+    decode.first_decoder_that_works_on.cache_clear()
     try:
-        assert dataset.device_jpeg_decoder(torch.device("meta")) == "torchvision"
-        assert dataset.decode_jpegs_on(torch.device("meta"), [torch.zeros(4, dtype=torch.uint8)])[0].is_meta
+        assert decode.device_jpeg_decoder(torch.device("meta")) == "torchvision"
+        assert decode.decode_jpegs_on(torch.device("meta"), [torch.zeros(4, dtype=torch.uint8)])[0].is_meta
         assert calls == ["meta", "meta"]  # the probe, then the batch
     finally:
-        dataset.first_decoder_that_works_on.cache_clear()
+        decode.first_decoder_that_works_on.cache_clear()
 
 
 def test_palette_with_transparency_decodes(tmp_path):
     path = tmp_path / "transparent.png"
     Image.fromarray(image_pixels()).convert("P").save(path, transparency=0)
-    assert dataset.decode_image_file(path).shape == (3, 32, 40)
+    assert decode.decode_image_file(path).shape == (3, 32, 40)
 
 
 def index_with_bad_files(tmp_path, count, bad):
@@ -377,14 +380,14 @@ def index_with_bad_files(tmp_path, count, bad):
             path.write_bytes(path.read_bytes()[:300])
         elif bad.get(i) == "empty":
             path.write_bytes(b"")
-    return dataset.find_dataset(tmp_path / "data", cache_dir=str(tmp_path / "cache")).train
+    return layouts.find_dataset(tmp_path / "data", cache_dir=str(tmp_path / "cache")).train
 
 
 def test_bad_files_are_skipped_counted_and_replaced_by_the_next(tmp_path, capsys):
     index = index_with_bad_files(tmp_path, 4, {1: "truncated", 2: "empty"})
     images = dataset.ImageFiles(index, transform=None)
     image, label = images[1]
-    assert torch.equal(image, dataset.decode_image_file(index.path(3)))
+    assert torch.equal(image, decode.decode_image_file(index.path(3)))
     assert images.skipped == 2
     warnings = capsys.readouterr().err
     assert "01.jpg" in warnings and "02.jpg" in warnings
@@ -413,8 +416,8 @@ def test_decompression_bomb_check_stays_on(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x32 pixels is then more than twice the limit
     for path in (jpeg, png):  # the libjpeg-turbo path and the PIL path
         with pytest.raises(Image.DecompressionBombError):
-            dataset.decode_image_file(path)
-    index = dataset.FileIndex(tmp_path, [b"big.jpg"], [0])
+            decode.decode_image_file(path)
+    index = layouts.FileIndex(tmp_path, [b"big.jpg"], [0])
     with pytest.raises(DataError, match="big.jpg"):
         dataset.ImageFiles(index, transform=None, strict=True)[0]
 
@@ -479,7 +482,7 @@ def test_skip_batches_resumes_the_same_sequence(shuffle):
 
 def test_augmentation_is_identical_with_0_and_2_workers_and_after_a_resume(tmp_path):
     make_class_folders(tmp_path / "train", ["a", "b", "c"], per_class=4)
-    splits = dataset.find_dataset(tmp_path, str(tmp_path / "cache"))
+    splits = layouts.find_dataset(tmp_path, str(tmp_path / "cache"))
     images = dataset.ImageFiles(splits.train, dataset.train_transform(16, auto_augment="ta_wide",
                                                                        random_erase=0.5))
 
@@ -546,8 +549,8 @@ def test_exit_ends_the_loader_workers_and_only_them():
 @pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
 def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path, monkeypatch, decoder):
     if decoder == "torchvision":  # what decodes on the device where torchcodec does not import
-        monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)
-    elif dataset.torchcodec_decode_jpeg is None:
+        monkeypatch.setattr(decode, "torchcodec_decode_jpeg", None)
+    elif decode.torchcodec_decode_jpeg is None:
         pytest.skip("torchcodec is not installed")
     make_class_folders(tmp_path / "train", ["a", "b"], per_class=4)
     save_image(tmp_path / "train" / "a" / "gray.jpg", mode="L", size=(50, 30))
@@ -558,7 +561,7 @@ def test_decoding_on_the_device_gives_the_workers_images_exactly(tmp_path, monke
             tmp_path / "train" / "a" / f"turned{orientation}.jpg", exif=exif)
     save_image(tmp_path / "train" / "b" / "cmyk.jpg", mode="CMYK", size=(30, 50))
     save_image(tmp_path / "train" / "b" / "png_named.jpg", format="PNG")  # decoded and cropped in the worker
-    splits = dataset.find_dataset(tmp_path, str(tmp_path / "cache"))
+    splits = layouts.find_dataset(tmp_path, str(tmp_path / "cache"))
     # the device decodes every JPEG at full size: it matches the workers' path without scaled decoding
     on_workers = dataset.ImageFiles(splits.train, dataset.train_transform(16, min_scale=0.3), scaled_decoding=False)
     on_device = dataset.EncodedImageFiles(splits.train, 16, min_scale=0.3)
@@ -602,8 +605,8 @@ def test_device_decoding_replaces_a_broken_jpeg_with_the_batch_neighbour(tmp_pat
                     RuntimeError("Error while decoding JPEG images: CUDA error: an illegal memory access was encountered")):
         def failing_decoder(*args, **kwargs):
             raise failure
-        monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", failing_decoder)
-        monkeypatch.setattr(dataset, "decode_jpeg", failing_decoder)
+        monkeypatch.setattr(decode, "torchcodec_decode_jpeg", failing_decoder)
+        monkeypatch.setattr(decode, "decode_jpeg", failing_decoder)
         with pytest.raises(RuntimeError, match="out of memory|CUDA error"):
             images.batch_to(torch.device("cpu"), *images.collate([images[1], images[3]]))
         assert images.skipped == 2
@@ -644,15 +647,15 @@ def photo_like_index(tmp_path, count=6, size=(400, 300), mode="RGB"):
         path = tmp_path / "train" / "a" / f"{i:02d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(photo_like_pixels(size, seed=i)).convert(mode).save(path, quality=90)
-    return dataset.find_dataset(tmp_path, str(tmp_path / "cache")).train
+    return layouts.find_dataset(tmp_path, str(tmp_path / "cache")).train
 
 
 def test_dct_scale_is_the_smallest_that_keeps_the_output_resolution():
-    assert dataset.dct_scale(512, 600, 64, 64) == 8
-    assert dataset.dct_scale(511, 600, 64, 64) == 4  # 511 / 8 < 64
-    assert dataset.dct_scale(600, 255, 64, 64) == 2  # the narrower side decides
-    assert dataset.dct_scale(127, 400, 64, 64) == 1
-    assert dataset.dct_scale(448, 224, 224, 112) == 2  # a non-square output
+    assert decode.dct_scale(512, 600, 64, 64) == 8
+    assert decode.dct_scale(511, 600, 64, 64) == 4  # 511 / 8 < 64
+    assert decode.dct_scale(600, 255, 64, 64) == 2  # the narrower side decides
+    assert decode.dct_scale(127, 400, 64, 64) == 1
+    assert decode.dct_scale(448, 224, 224, 112) == 2  # a non-square output
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -661,8 +664,8 @@ def test_scaled_decoding_keeps_the_crop_and_flip_and_is_within_a_few_grey_levels
     full = dataset.ImageFiles(index, dataset.train_transform(32), scaled_decoding=False)
     scaled = dataset.ImageFiles(index, dataset.train_transform(32))
     scales = []
-    reduced = dataset.decode_jpeg_crop_reduced
-    monkeypatch.setattr(dataset, "decode_jpeg_crop_reduced",
+    reduced = decode.decode_jpeg_crop_reduced
+    monkeypatch.setattr(decode, "decode_jpeg_crop_reduced",
                         lambda data, scale, *rest: scales.append(scale) or reduced(data, scale, *rest))
     differences = []
     for i in range(len(index)):
@@ -688,11 +691,11 @@ def test_scaled_decoding_gives_small_boxes_the_full_decode_exactly(tmp_path):
 
 def test_reduced_decode_of_the_whole_image_is_close_to_the_full_decode_resized(tmp_path):
     path = photo_like_index(tmp_path, count=1, size=(400, 296)).path(0)  # 296 / 8 = 37: the reduced size
-    data, size = dataset.read_image_file(path)
-    full = dataset.decode_jpeg(data, mode=dataset.ImageReadMode.RGB)
+    data, size = decode.read_image_file(path)
+    full = decode.decode_jpeg(data, mode=decode.ImageReadMode.RGB)
     for scale in (2, 4, 8):
         out = (size[0] // scale, size[1] // scale)
-        reduced = dataset.decode_jpeg_crop_reduced(data, scale, (0, 0, *size), out)
+        reduced = decode.decode_jpeg_crop_reduced(data, scale, (0, 0, *size), out)
         expected = torchvision.transforms.v2.functional.resize(full, list(out), antialias=True)
         assert reduced.shape == (3, *out)
         assert (reduced.int() - expected.int()).abs().float().mean() < 2.0
@@ -715,181 +718,49 @@ def test_scaled_decoding_replaces_a_bad_file_with_the_next_one_and_its_own_crop(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The pre-resized copy (python dataset.py --resize-copy SRC DST)
-
-
-def image_sizes(root):
-    """{path relative to root: (width, height, format)} of every image file under root."""
-    sizes = {}
-    for path in sorted(Path(root).rglob("*")):
-        if dataset.is_image_name(path.name) and path.is_file():
-            with Image.open(path) as image:
-                sizes[str(path.relative_to(root))] = (*image.size, image.format)
-    return sizes
-
-
-def resize_checking_the_sigterm_handler(task):
-    """In place of dataset.resize_image_file, in a forked copy worker (the patch is inherited by the fork)."""
-    import signal
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        raise AssertionError("the copy worker would survive SIGTERM")
-    return "resized", None
-
-
-def test_resized_copy_workers_end_at_sigterm_even_under_a_parent_s_handler(tmp_path, monkeypatch):
-    """Pool.terminate ends its workers with SIGTERM; workers forked from a process with a SIGTERM handler of its
-    own (train.py's StopRequest, left installed by a run before this change) inherited it and could leave the
-    copy waiting forever for a worker that would not end."""
-    import signal
-    source = tmp_path / "source"
-    for name in ("a", "b"):
-        save_image(source / "train" / name / "x.jpg", size=(60, 40))
-
-    monkeypatch.setattr(dataset, "resize_image_file", resize_checking_the_sigterm_handler)
-    previous = signal.signal(signal.SIGTERM, lambda *args: None)  # a parent that handles SIGTERM itself
-    try:
-        counts = dataset.make_resized_copy(source, tmp_path / "copy", short_side=32, workers=2)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert counts["resized"] == 2
-
-
-def test_resized_copy_has_the_shorter_side_the_aspect_ratio_and_the_labels(tmp_path, cache_dir):
-    source = tmp_path / "source"
-    save_image(source / "train" / "a" / "wide.jpg", size=(100, 60))
-    save_image(source / "train" / "a" / "tall_gray.jpg", mode="L", size=(45, 101))
-    save_image(source / "train" / "b" / "small.jpg", size=(30, 24))  # smaller already: copied as it is
-    save_image(source / "train" / "b" / "small.png", format="PNG", size=(20, 28))  # re-encoded, never enlarged
-    save_image(source / "train" / "b" / "cmyk.jpg", mode="CMYK", size=(64, 64))
-    save_image(source / "train" / "b" / "nested" / "png_named.JPEG", format="PNG", size=(90, 70))
-    save_image(source / "val" / "b" / "v.jpg", size=(77, 33))
-    counts = dataset.make_resized_copy(source, tmp_path / "copy", short_side=32, workers=2)
-    assert counts == {"resized": 6, "unchanged": 1, "done before": 0, "unreadable": 0}
-    before, after = image_sizes(source), image_sizes(tmp_path / "copy")
-    assert before.keys() == after.keys()
-    for name, (width, height, _) in before.items():
-        new_width, new_height, format = after[name]
-        scale = min(1.0, 32 / min(width, height))
-        assert min(new_width, new_height) == min(32, width, height), name
-        assert abs(new_width - width * scale) <= 1 and abs(new_height - height * scale) <= 1, name
-        assert format == "JPEG"
-    assert (tmp_path / "copy" / "train" / "b" / "small.jpg").read_bytes() == \
-        (source / "train" / "b" / "small.jpg").read_bytes()
-    assert Image.open(tmp_path / "copy" / "train" / "a" / "tall_gray.jpg").mode == "L"
-    original, copy = dataset.find_dataset(source, cache_dir), dataset.find_dataset(tmp_path / "copy", cache_dir)
-    assert copy.classes == original.classes and copy.layout == original.layout
-    assert labelled_paths(copy.train) == labelled_paths(original.train)
-    assert labelled_paths(copy.val) == labelled_paths(original.val)
-    # the pixels are the original's, smaller: compare with the original resized the same way
-    resized = dataset.decode_image_file(tmp_path / "copy" / "train" / "a" / "wide.jpg")
-    expected = torchvision.transforms.v2.functional.resize(
-        dataset.decode_image_file(source / "train" / "a" / "wide.jpg"), [32, 53], antialias=True)
-    assert resized.shape == (3, 32, 53) and (resized.int() - expected.int()).abs().float().mean() < 3.0
-    assert "short side 32" in (tmp_path / "copy" / dataset.RESIZED_MARKER).read_text()
-
-
-def test_resized_copy_of_the_kaggle_layout_keeps_its_label_and_mapping_files(tmp_path, cache_dir):
-    make_kaggle_layout(tmp_path / "kaggle")
-    dataset.make_resized_copy(tmp_path / "kaggle", tmp_path / "copy", short_side=16, workers=1)
-    original = dataset.find_dataset(tmp_path / "kaggle", cache_dir)
-    copy = dataset.find_dataset(tmp_path / "copy", cache_dir)
-    assert "Kaggle" in copy.layout and copy.layout == original.layout
-    assert copy.class_names == original.class_names == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
-    assert labelled_paths(copy.val) == labelled_paths(original.val)
-    assert labelled_paths(copy.train) == labelled_paths(original.train)
-    assert all(min(width, height) == 16 for width, height, _ in image_sizes(tmp_path / "copy").values())
-
-
-def test_interrupted_resized_copy_resumes_without_redoing_finished_files(tmp_path, cache_dir):
-    make_class_folders(tmp_path / "source" / "train", ["a", "b"], per_class=4)
-    copy = tmp_path / "copy"
-    dataset.make_resized_copy(tmp_path / "source", copy, short_side=20, workers=2)
-    # What an interrupted run leaves: some files written, some not, a temporary file, no completion marker
-    (copy / dataset.RESIZED_MARKER).unlink()
-    for name in ("a/a_1.jpg", "b/b_3.jpg"):
-        (copy / "train" / name).unlink()
-    (copy / "train" / "b" / ".b_3.jpg.partial-12345").write_bytes(b"half a file")
-    finished = {path: path.stat().st_ino for path in (copy / "train").rglob("*.jpg")}
-    counts = dataset.make_resized_copy(tmp_path / "source", copy, short_side=20, workers=2)
-    assert counts == {"resized": 2, "unchanged": 0, "done before": 6, "unreadable": 0}
-    assert all(path.stat().st_ino == inode for path, inode in finished.items())  # not written again
-    assert (copy / dataset.RESIZED_MARKER).exists()
-    assert len(dataset.find_dataset(copy, cache_dir).train) == 8  # the temporary file is no image
-
-
-def test_resized_copy_reports_bad_files_and_refuses_bad_input(tmp_path, capsys):
-    make_class_folders(tmp_path / "source" / "train", ["a"], per_class=3)
-    (tmp_path / "source" / "train" / "a" / "a_1.jpg").write_bytes(b"not a jpeg")
-    counts = dataset.make_resized_copy(tmp_path / "source", tmp_path / "copy", short_side=20, workers=1)
-    assert counts["unreadable"] == 1 and counts["resized"] == 2
-    assert "a_1.jpg" in capsys.readouterr().err
-    assert not (tmp_path / "copy" / "train" / "a" / "a_1.jpg").exists()
-    with pytest.raises(DataError, match="other settings"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "copy", short_side=24)
-    with pytest.raises(DataError, match="inside the source"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "source" / "small")
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("someone's files")
-    with pytest.raises(DataError, match="not a resized copy"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "other")
-    with pytest.raises(DataError, match="short-side"):
-        dataset.make_resized_copy(tmp_path / "source", tmp_path / "new", short_side=0)
-
-
-def test_resized_copy_command_line(tmp_path):
-    make_class_folders(tmp_path / "source" / "train", ["a", "b"])
-    proc = run_script("dataset.py", "--resize-copy", tmp_path / "source", tmp_path / "copy", "--short-side", "20",
-                      "--workers", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert "4 images resized" in proc.stdout and f"--data-path {tmp_path / 'copy'}" in proc.stdout
-    assert_clean_error(run_script("dataset.py", "--resize-copy", tmp_path / "missing", tmp_path / "copy2"),
-                       "does not exist")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The listing cache
 
 
 @pytest.fixture
 def count_scans(monkeypatch):
     scans = []
-    scan = dataset.scan_class_folders
+    scan = layouts.scan_class_folders
 
     def counting_scan(split_dir, classes):
         scans.append(split_dir)
         return scan(split_dir, classes)
 
-    monkeypatch.setattr(dataset, "scan_class_folders", counting_scan)
+    monkeypatch.setattr(layouts, "scan_class_folders", counting_scan)
     return scans
 
 
 def test_index_cache_is_reused_until_a_folder_changes(tmp_path, cache_dir, count_scans):
     make_class_folders(tmp_path / "train", ["a", "b"])
     age_folders(tmp_path)
-    first = dataset.find_dataset(tmp_path, cache_dir)
-    second = dataset.find_dataset(tmp_path, cache_dir)
+    first = layouts.find_dataset(tmp_path, cache_dir)
+    second = layouts.find_dataset(tmp_path, cache_dir)
     assert len(count_scans) == 1
     assert labelled_paths(second.train) == labelled_paths(first.train) and second.classes == first.classes
 
     make_class_folders(tmp_path / "train", ["c"], per_class=1)  # a new class folder
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert len(count_scans) == 2 and splits.classes == ["a", "b", "c"]
 
     age_folders(tmp_path)
-    dataset.find_dataset(tmp_path, cache_dir)
+    layouts.find_dataset(tmp_path, cache_dir)
     save_image(tmp_path / "train" / "a" / "new.jpg")  # a new file in a class folder
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert len(count_scans) == 4 and len(splits.train) == 6
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path, cache_dir, count_scans):
     make_class_folders(tmp_path / "train", ["a", "b"])
-    dataset.find_dataset(tmp_path, cache_dir)
+    layouts.find_dataset(tmp_path, cache_dir)
     for cache_file in Path(cache_dir).iterdir():
         cache_file.write_bytes(b"PK\3\4 not a zip file")
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert len(count_scans) == 2 and len(splits.train) == 4
-    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 4 and len(count_scans) == 2
+    assert len(layouts.find_dataset(tmp_path, cache_dir).train) == 4 and len(count_scans) == 2
 
 
 def test_read_only_data_folder_and_unwritable_cache(tmp_path, cache_dir):
@@ -899,10 +770,10 @@ def test_read_only_data_folder_and_unwritable_cache(tmp_path, cache_dir):
     for folder, _, _ in os.walk(data):
         os.chmod(folder, 0o555)
     try:
-        assert len(dataset.find_dataset(data, cache_dir).train) == 4
+        assert len(layouts.find_dataset(data, cache_dir).train) == 4
         not_a_folder = tmp_path / "file"
         not_a_folder.write_text("a file where the cache folder should be")
-        assert len(dataset.find_dataset(data, str(not_a_folder)).train) == 4
+        assert len(layouts.find_dataset(data, str(not_a_folder)).train) == 4
     finally:
         for folder, _, _ in os.walk(data):
             os.chmod(folder, 0o755)
@@ -963,31 +834,6 @@ def test_mixup_cutmix():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The demo dataset
-
-
-def test_demo_dataset_is_deterministic_complete_and_reused(tmp_path, cache_dir):
-    first = Path(dataset.make_demo_dataset(tmp_path / "one"))
-    second = Path(dataset.make_demo_dataset(tmp_path / "two"))
-    files = sorted(path.relative_to(first) for path in first.rglob("*.jpg"))
-    assert files == sorted(path.relative_to(second) for path in second.rglob("*.jpg"))
-    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in files)
-    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # no partial folders left behind
-
-    splits = dataset.find_dataset(first, cache_dir)
-    assert len(splits.classes) == 5 and len(splits.train) == 1000 and len(splits.val) == 250
-    assert Image.open(splits.train.path(0)).size == (64, 64)
-
-    a_file = first / files[0]
-    stamp = a_file.stat().st_mtime_ns
-    assert dataset.make_demo_dataset(first) == str(first) and a_file.stat().st_mtime_ns == stamp  # reused
-    (first / dataset.DEMO_MARKER).unlink()  # as if an older or interrupted run made it
-    a_file.write_bytes(b"")
-    dataset.make_demo_dataset(first)
-    assert a_file.read_bytes() == (second / files[0]).read_bytes()  # regenerated
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Validation leaves unreadable files out; symlinks, empty class folders, nested folders and the cache; EXIF
 
 
@@ -1021,7 +867,7 @@ def test_symlink_loops_and_links_out_of_a_class_folder_are_not_followed(tmp_path
     os.symlink("ping", train / "a" / "pong")                      # links that lead to each other
     os.symlink("pong", train / "a" / "ping")
     os.symlink(tmp_path / "elsewhere" / "linked.jpg", train / "b" / "linked.jpg")  # a symlinked file: followed
-    splits = dataset.find_dataset(tmp_path, cache_dir)
+    splits = layouts.find_dataset(tmp_path, cache_dir)
     assert labelled_paths(splits.train) == [("a/a_0.jpg", 0), ("a/sub/deep.jpg", 0), ("b/b_0.jpg", 1),
                                             ("b/linked.jpg", 1)]
     err = capsys.readouterr().err
@@ -1034,43 +880,44 @@ def test_cache_sees_changes_in_nested_subfolders(tmp_path, cache_dir, count_scan
     make_class_folders(tmp_path / "train", ["a", "b"])
     save_image(tmp_path / "train" / "a" / "batch2" / "old.jpg")
     age_folders(tmp_path)
-    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 5
-    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 5 and len(count_scans) == 1
+    assert len(layouts.find_dataset(tmp_path, cache_dir).train) == 5
+    assert len(layouts.find_dataset(tmp_path, cache_dir).train) == 5 and len(count_scans) == 1
     for i in range(5):  # five files added two levels down: the class folder's own time does not change
         save_image(tmp_path / "train" / "a" / "batch2" / f"new_{i}.jpg")
-    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 10 and len(count_scans) == 2
+    assert len(layouts.find_dataset(tmp_path, cache_dir).train) == 10 and len(count_scans) == 2
     age_folders(tmp_path)
-    dataset.find_dataset(tmp_path, cache_dir)
+    layouts.find_dataset(tmp_path, cache_dir)
     (tmp_path / "train" / "a" / "batch2" / "old.jpg").unlink()  # a file removed there
-    assert len(dataset.find_dataset(tmp_path, cache_dir).train) == 9 and len(count_scans) == 4
+    assert len(layouts.find_dataset(tmp_path, cache_dir).train) == 9 and len(count_scans) == 4
 
 
 def test_empty_class_folders_are_refused_for_training_and_a_single_class_is_warned(tmp_path, cache_dir, capsys):
     make_class_folders(tmp_path / "data" / "train", ["a", "b"])
     (tmp_path / "data" / "train" / "empty").mkdir()
     with pytest.raises(DataError, match="empty holds no images") as error:
-        dataset.find_dataset(tmp_path / "data", cache_dir)
+        layouts.find_dataset(tmp_path / "data", cache_dir)
     assert "\n" not in str(error.value)
     (tmp_path / "data" / "train" / "empty").rmdir()
     make_class_folders(tmp_path / "data" / "val", ["a"], per_class=1)
     (tmp_path / "data" / "val" / "b").mkdir()  # in validation a subset is fine: only a warning
-    splits = dataset.find_dataset(tmp_path / "data", cache_dir)
+    splits = layouts.find_dataset(tmp_path / "data", cache_dir)
     assert len(splits.val) == 1 and "val/b holds no images" in capsys.readouterr().err
 
     make_class_folders(tmp_path / "one" / "train", ["a"])
-    dataset.find_dataset(tmp_path / "one", cache_dir)
+    layouts.find_dataset(tmp_path / "one", cache_dir)
     err = capsys.readouterr().err
     assert "single class (a)" in err and err.count("\n") == 1
     with pytest.raises(DataError, match="not one of the 1 training class$"):
-        dataset.find_val_split(tmp_path / "data", ["z"], cache_dir)
+        layouts.find_val_split(tmp_path / "data", ["z"], cache_dir)
 
 
 def test_warnings_in_the_main_process_go_through_tqdm_write(monkeypatch):
     written = []
-    monkeypatch.setattr(dataset.tqdm, "write", lambda text, file=None: written.append((text, file)))
-    dataset.warn("a message")
+    monkeypatch.setattr(utils.tqdm, "write", lambda text, file=None: written.append((text, file)))
+    utils.warn("a message")
     assert written == [("warning: a message", sys.stderr)]
-    assert dataset.plural(1, "class") == "1 class" and dataset.plural(2, "image") == "2 images"
+    assert utils.plural(1, "class") == "1 class" and utils.plural(2, "image") == "2 images"
+    assert utils.plural(2, "class") == "2 classes" and utils.plural(3, "epoch") == "3 epochs"
 
 
 @pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
@@ -1078,28 +925,28 @@ def test_warnings_in_the_main_process_go_through_tqdm_write(monkeypatch):
 @pytest.mark.parametrize("format", ["JPEG", "PNG"])
 def test_every_exif_orientation_turns_as_pillow_does(tmp_path, monkeypatch, format, orientation, decoder):
     if decoder == "torchvision":  # what decodes where torchcodec does not import
-        monkeypatch.setattr(dataset, "torchcodec_decode_jpeg", None)
-    elif dataset.torchcodec_decode_jpeg is None:
+        monkeypatch.setattr(decode, "torchcodec_decode_jpeg", None)
+    elif decode.torchcodec_decode_jpeg is None:
         pytest.skip("torchcodec is not installed")
     path = tmp_path / f"turned.{format.lower()}"
     exif = Image.Exif()
     exif[0x0112] = orientation
     Image.fromarray(photo_like_pixels((64, 48), seed=orientation)).save(path, format=format, exif=exif)
-    upright = dataset.decode_image_file(path, exif_orientation=True)
+    upright = decode.decode_image_file(path, exif_orientation=True)
     with Image.open(path) as image:
         expected = np.array(ImageOps.exif_transpose(image).convert("RGB"))
     assert upright.permute(1, 2, 0).shape == expected.shape
     assert np.abs(upright.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 2
     assert upright.permute(1, 2, 0).is_contiguous()
     # training and validation: the stored pixels, whatever the tag says (torchcodec would turn JPEGs by it: the tags are set to 1 first)
-    stored = dataset.decode_image_file(path)
+    stored = decode.decode_image_file(path)
     with Image.open(path) as image:
         assert np.abs(stored.permute(1, 2, 0).numpy().astype(int) - np.array(image.convert("RGB"))).max() <= 2
     assert stored.permute(1, 2, 0).is_contiguous()
     if format == "JPEG":
-        data, _ = dataset.read_image_file(path)
+        data, _ = decode.read_image_file(path)
         assert torch.equal(stored, torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB))
-        train = dataset.ImageFiles(dataset.FileIndex(tmp_path, [path.name.encode()], [0]),
+        train = dataset.ImageFiles(layouts.FileIndex(tmp_path, [path.name.encode()], [0]),
                                    dataset.train_transform(64, min_scale=1.0), scaled_decoding=False)
         assert torch.equal(train[(0, 3)][0], torchvision.transforms.v2.functional.resize(stored, [64, 64]))
 
@@ -1112,7 +959,7 @@ def test_a_tag_behind_odd_bytes_still_gives_the_stored_pixels(tmp_path, extra):
     data = (tmp_path / "plain.jpg").read_bytes()
     app1 = data.index(b"\xff\xe1")  # the EXIF segment: the odd bytes just before it; libjpeg reads past them
     (tmp_path / "odd.jpg").write_bytes(data[:app1] + extra + data[app1:])
-    stored = dataset.decode_image_file(tmp_path / "odd.jpg")
+    stored = decode.decode_image_file(tmp_path / "odd.jpg")
     with Image.open(tmp_path / "plain.jpg") as image:
         assert stored.shape == (3, image.height, image.width)
         assert np.abs(stored.permute(1, 2, 0).numpy().astype(int) - np.array(image.convert("RGB"))).max() <= 2
@@ -1124,8 +971,8 @@ def test_exif_orientation_is_applied_only_when_asked(tmp_path, format):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: a viewer turns it 90 degrees clockwise
     Image.fromarray(image_pixels((40, 32))).save(path, format=format, exif=exif)
-    stored = dataset.decode_image_file(path)
-    upright = dataset.decode_image_file(path, exif_orientation=True)
+    stored = decode.decode_image_file(path)
+    upright = decode.decode_image_file(path, exif_orientation=True)
     assert stored.shape == (3, 32, 40) and upright.shape == (3, 40, 32)
     with Image.open(path) as image:
         expected = np.array(ImageOps.exif_transpose(image).convert("RGB"))
@@ -1147,7 +994,7 @@ try:
 except Exception:
     pass
 filters, exit_handlers = list(warnings.filters), atexit._ncallbacks()
-import dataset, evaluate, export, model
+import dataset, decode, evaluate, export, layouts, model
 assert warnings.filters == filters, [f for f in warnings.filters if f not in filters]
 assert atexit._ncallbacks() == exit_handlers
 """

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -119,6 +120,12 @@ def test_report_files_and_predictions(trained, tiny_data, tmp_path):
     picture = Image.open(out["cm.png"])
     assert picture.size[0] >= 300 and picture.size[1] >= 200
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "eval/confusion" in events.Tags()["images"] and "eval/top1" in events.Tags()["scalars"]
+    logged = events.Images("eval/confusion")[0]
+    assert (logged.width, logged.height) == picture.size  # the PNG written by --confusion
 
     image = os.path.join(tiny_data, "val", "n00000003", "n00000003_0.JPEG")
     proc = run_script("evaluate.py", trained / "ckpt/best.pth", "--predict", image, tmp_path / "missing.jpg")
@@ -215,26 +222,55 @@ def test_a_class_name_that_is_not_utf8_is_written_everywhere(trained, tiny_data,
     assert {row["class"] for row in csv.DictReader(open(files[1], encoding="utf-8"))} == {"n00000001", "caf\\xe9"}
     assert json.load(open(files[0]))["classes"] == 2
     for path in files + [tmp_path / "tb"]:
-        assert f"wrote " in proc.stdout and str(path) in proc.stdout, path
+        assert "wrote " in proc.stdout and str(path) in proc.stdout, path
     assert "top-5 trivial (3 outputs)" in proc.stdout and "2 classes" in proc.stdout
 
 
+def test_confusion_summary_reads_back_a_known_prediction_set():
+    # 5 outputs: class 3 only ever predicted, class 4 neither a label nor a prediction (left out)
+    truth = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    predicted = torch.tensor([0, 0, 0, 3, 1, 0, 0, 2, 2, 2, 2, 1])
+    confusion = torch.bincount(truth * 5 + predicted, minlength=25).view(5, 5)
+    summary = evaluate.summarise_confusion(confusion)
+    assert summary.classes == [0, 1, 2, 3]
+    assert summary.counts.tolist() == [[3, 0, 0, 1],   # rows: true class, columns: predicted class
+                                       [2, 1, 0, 0],
+                                       [0, 1, 4, 0],
+                                       [0, 0, 0, 0]]
+    assert summary.shares[0].tolist() == [0.75, 0, 0, 0.25] and summary.shares[3].tolist() == [0, 0, 0, 0]
+    assert summary.shares[1] == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    # most images first, then the larger share of the row; the diagonal is never a pair
+    assert summary.pairs == [(1, 0, 2, pytest.approx(2 / 3)), (0, 3, 1, 0.25), (2, 1, 1, 0.2)]
+    assert evaluate.summarise_confusion(confusion, pairs=1).pairs == [(1, 0, 2, pytest.approx(2 / 3))]
+    lines = evaluate.confusion_pair_list(summary, ["cat", "dog", "fox", "owl", "yak"]).splitlines()
+    assert lines[1:] == ["dog -> cat: 2 (67%)", "cat -> owl: 1 (25%)", "fox -> dog: 1 (20%)"]
+    right = torch.diag(torch.tensor([3, 0, 2]))
+    assert evaluate.confusion_pair_list(evaluate.summarise_confusion(right), ["a", "b", "c"]).endswith(
+        "none: every image got its own class")
+
+
 @pytest.mark.parametrize("num_classes", [10, 100, 1000])
-def test_confusion_png_stays_readable_from_10_to_1000_classes(tmp_path, num_classes):
-    import numpy as np
+def test_confusion_png_is_written_from_10_to_1000_classes(tmp_path, num_classes):
     truth = torch.arange(num_classes).repeat_interleave(4)
     predicted = truth.clone()
     predicted[truth == 7] = 2  # class 7 always taken for class 2: the top confused pair
     confusion = torch.bincount(truth * num_classes + predicted, minlength=num_classes ** 2).view(num_classes, -1)
-    names = [f"class {i} " + "long name " * (i % 3) for i in range(num_classes)]
-    picture = evaluate.draw_confusion(confusion, names, tmp_path / "cm.png")
-    assert max(picture.size) <= 2200  # one screen, whatever the class count
-    pixels = np.asarray(picture.convert("RGB")).astype(int)
-    dark = (pixels.sum(axis=2) < 200).sum()  # the diagonal (and the 7 -> 2 cell) in the darkest colour
-    assert dark >= num_classes
-    # the colour scale: a vertical run of distinct colours from white to the darkest
-    colours = {tuple(row) for row in pixels.reshape(-1, 3)}
-    assert len(colours) > 50
+    summary = evaluate.summarise_confusion(confusion)
+    assert summary.classes == list(range(num_classes)) and summary.pairs == [(7, 2, 4, 1.0)]
+    assert summary.counts.trace() == 4 * (num_classes - 1) and summary.counts[7, 2] == 4
+    names = [f"class {i} $" + "long name " * (i % 3) for i in range(num_classes)]  # "$" is text, not TeX
+    evaluate.draw_confusion(confusion, names, tmp_path / "cm.png")
+    with Image.open(tmp_path / "cm.png") as picture:
+        assert picture.format == "PNG" and 600 <= max(picture.size) <= 2200  # one screen, whatever the class count
+        colours = {tuple(row) for row in np.asarray(picture.convert("RGB")).reshape(-1, 3)}
+    assert len(colours) > 50  # cells, text and the colour scale, not a blank page
+
+
+def test_imports_neither_export_nor_matplotlib():
+    # one import direction (export.py imports evaluate.py's ONNX runner), and matplotlib only when a picture is drawn
+    code = "import sys, evaluate; print(sorted({'export', 'matplotlib'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_a_validation_split_of_only_unreadable_files_is_an_error(trained, tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 import dataset
 import evaluate
 import export
+import layouts
 import utils
 from conftest import assert_clean_error, run_script
 
@@ -32,7 +33,7 @@ def run_eval_json(path, data, tmp_path, *extra):
 
 
 def val_images(data, info, count=18):
-    index, _ = dataset.find_val_split(data, info["classes"])
+    index, _ = layouts.find_val_split(data, info["classes"])
     return export.load_images(index, count, info["val_resize_size"] or 37, info["val_crop_size"], info["norm"]), index
 
 
@@ -70,7 +71,7 @@ def test_fp32_onnx_gives_pytorchs_logits_and_scores_like_the_checkpoint(exported
 
 def test_metadata_round_trip_and_what_a_consumer_reads(exported, trained):
     _, info = evaluate.load_model_for_eval(str(exported["checkpoint"]))
-    _, onnx_info = export.load_onnx_for_eval(str(exported["fp32"]))
+    _, onnx_info = evaluate.load_onnx_for_eval(str(exported["fp32"]))
     assert sorted(onnx_info) == sorted(info)
     for key in info:
         if key != "amp":  # the file runs in fp32 whatever the training precision was
@@ -100,7 +101,7 @@ def test_int8_is_quantized_smaller_and_scores_close_to_fp32(exported, tiny_data,
     assert os.path.getsize(exported["int8"]) < 0.5 * os.path.getsize(exported["fp32"])
     assert "calibrating on 24 training images" in exported["int8_report"]
     assert "onnxruntime int8 vs PyTorch fp32" in exported["int8_report"]
-    _, info = export.load_onnx_for_eval(str(exported["int8"]))
+    _, info = evaluate.load_onnx_for_eval(str(exported["int8"]))
     fp32 = run_eval_json(exported["fp32"], tiny_data, tmp_path)
     int8 = run_eval_json(exported["int8"], tiny_data, tmp_path)
     assert int8["images"] == 18 and abs(int8["top1"] - fp32["top1"]) <= 100 * 3 / 18, (int8, fp32)
@@ -165,7 +166,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(exported, trained, tiny_data,
         code = utils.run_cli(export.main, export.get_args_parser().parse_args([str(a) for a in argv]))
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
-    held = export.load_onnx_for_eval(str(exported["fp32"]))[1]
+    held = evaluate.load_onnx_for_eval(str(exported["fp32"]))[1]
     other = "raw" if held["weights"] == "ema" else "ema"
     for argv, message in (([tmp_path / "noise.onnx"], "not a readable ONNX model"),
                           ([tmp_path / "foreign.onnx"], "not one written by export.py"),

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import dataset
+import decode
 import evaluate
 import flags
+import layouts
 import train
 import utils
 from conftest import tiny_train_args
@@ -48,7 +50,7 @@ def test_nccl_process_group_and_every_collective(monkeypatch):
 
 
 def test_nvjpeg_batch_decoding_matches_the_cpu_within_a_grey_level(tiny_data):
-    splits = dataset.find_dataset(tiny_data)
+    splits = layouts.find_dataset(tiny_data)
     samples = dataset.EncodedImageFiles(splits.train, 32)
     batch, labels = samples.collate([samples[(i, 1000 + i)] for i in range(8)])
     on_cpu, _ = samples.batch_to(torch.device("cpu"), batch, labels)
@@ -74,23 +76,23 @@ def odd_jpegs(folder):
         image.save(folder / name, quality=90, **options)
     data = (folder / "turned6.jpg").read_bytes()  # an XMP APP1 segment inserted just after the start of image
     (folder / "xmp_first.jpg").write_bytes(data[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + data[2:])
-    return {path.name: dataset.read_image_file(path) for path in sorted(folder.glob("*.jpg"))}
+    return {path.name: decode.read_image_file(path) for path in sorted(folder.glob("*.jpg"))}
 
 
-@pytest.mark.skipif(dataset.torchcodec_decode_jpeg is None, reason="torchcodec is not installed")
+@pytest.mark.skipif(decode.torchcodec_decode_jpeg is None, reason="torchcodec is not installed")
 def test_torchcodec_and_torchvision_nvjpeg_decode_the_stored_pixels(tmp_path):
     files = odd_jpegs(tmp_path)
     jpegs = [data for data, _ in files.values()]
     device = torch.device("cuda")
     # one batched call each: a decoder that refused one of these files would raise here, not fall back quietly
-    torchcodec_images = dataset.decode_with_torchcodec(device, jpegs)
-    torchvision_images = dataset.decode_with_torchvision(device, jpegs)
+    torchcodec_images = decode.decode_with_torchcodec(device, jpegs)
+    torchvision_images = decode.decode_with_torchvision(device, jpegs)
     for (name, (data, size)), ours, theirs in zip(files.items(), torchcodec_images, torchvision_images, strict=True):
-        on_cpu = dataset.decode_jpeg_cpu(data)
+        on_cpu = decode.decode_jpeg_cpu(data)
         assert ours.device.type == "cuda" and tuple(ours.shape[1:]) == size == tuple(theirs.shape[1:]), name
         assert (ours.cpu().int() - on_cpu.int()).abs().float().mean() < 2, name
         assert (theirs.cpu().int() - on_cpu.int()).abs().float().mean() < 2, name
-    assert dataset.device_jpeg_decoder(device) == "TorchCodec"
+    assert decode.device_jpeg_decoder(device) == "TorchCodec"
 
 
 def test_evaluation_on_cuda_equals_the_cpu(trained, tiny_data, tmp_path):

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import checkpoint
 import flags
+import layouts
 import train
 import utils
 from conftest import REPO, make_class_folders, tiny_train_args
@@ -366,7 +367,6 @@ def test_a_dataset_without_validation_holds_out_part_of_training(tmp_path, capsy
     by evaluate.py."""
     import json
     import shutil
-    import dataset
     import evaluate
     data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=1)
     shutil.rmtree(os.path.join(data, "val"))
@@ -375,7 +375,7 @@ def test_a_dataset_without_validation_holds_out_part_of_training(tmp_path, capsy
     run_train(*tiny_train_args(data, tmp_path, "--epochs", "1", "--val-split-fraction", "0.25"))
     best = load(tmp_path / "ckpt/best.pth")
     assert best["metrics"]["val_images"] == 12  # 4 of each class's 16
-    train_split, val_split = dataset.split_validation(dataset.find_dataset(data).train, 0.25, 0)
+    train_split, val_split = layouts.split_validation(layouts.find_dataset(data).train, 0.25, 0)
     assert len(train_split) == 36 and sorted(val_split.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     assert not set(train_split.paths.tolist()) & set(val_split.paths.tolist())
     assert best["steps_per_epoch"] == 36 // 8

@@ -47,18 +47,15 @@ from torch.utils.benchmark import Timer
 from torchvision import transforms as pil_transforms
 
 import dataset
+import decode
 import evaluate
 import flags
+import layouts
 import model as model_lib
 import train
 import utils
-from dataset import plural
-from utils import UserError
-
-try:  # a tool of its own since issue 24; dataset.py held it before
-    from tools.resize_copy import make_resized_copy
-except ImportError:
-    make_resized_copy = dataset.make_resized_copy
+from tools.resize_copy import make_resized_copy
+from utils import DataError, UserError, plural
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "imagenet-sample")
 TARGETS = {"ours_vs_torchvision": 1.0, "full_vs_model": 0.9, "full_vs_model_busy": 0.8, "loader_vs_imagefolder": 1.4,
@@ -354,7 +351,7 @@ def model_only(name, trainer, settings, batch_size=None, img_size=None, **row):
 def repeat_index(index, length):
     """A FileIndex of `length` entries cycling through index's files: long epochs from few files."""
     reps = -(-length // len(index))
-    return dataset.FileIndex(index.root, np.tile(index.paths, reps)[:length], np.tile(index.labels, reps)[:length])
+    return layouts.FileIndex(index.root, np.tile(index.paths, reps)[:length], np.tile(index.labels, reps)[:length])
 
 
 class Pipeline:
@@ -551,7 +548,8 @@ def bench_memory(report, settings, root, folder):
     report.add("6", "PSS, process + workers", [total([main["pss"]] + [w["pss"] for w in workers])], "MB",
                "pss_total", note="shared pages split between them")
     if settings.device.type == "cuda":
-        report.add("6", "peak GPU memory allocated", [utils.peak_memory_mb(settings.device)], "MB", "peak_gpu_memory")
+        report.add("6", "peak GPU memory allocated", [torch.cuda.max_memory_allocated(settings.device) / 2**20], "MB",
+                   "peak_gpu_memory")
     pipe.close()
 
 
@@ -634,7 +632,7 @@ def start_worker_with_torchvision_decoder(nice, worker_id):
     """dataset.start_worker, then torchvision's decode_jpeg in this worker (decode_jpeg_cpu's fallback without
     TorchCodec): set in the worker, so it holds under fork and spawn and the parent keeps TorchCodec."""
     dataset.start_worker(nice, worker_id)
-    dataset.torchcodec_decode_jpeg = None
+    decode.torchcodec_decode_jpeg = None
 
 
 def epochs_of(loader, each_batch=None):
@@ -662,7 +660,7 @@ def bench_loader(report, settings, splits, root, folder):
     resized_root = os.path.join(folder, f"resized-{RESIZED_SHORT_SIDE}")
     copied = sum(make_resized_copy(root, resized_root, RESIZED_SHORT_SIDE).values())
     copy_seconds = time.perf_counter() - start
-    resized = dataset.find_dataset(resized_root, cache_dir=os.path.join(folder, "cache")).train
+    resized = layouts.find_dataset(resized_root, cache_dir=os.path.join(folder, "cache")).train
 
     def ours(index, worker_init=None, **options):
         image_set = dataset.ImageFiles(repeat_index(index, per_step), dataset.train_transform(settings.img_size),
@@ -679,7 +677,7 @@ def bench_loader(report, settings, splits, root, folder):
         image_folder, batch_size=batch, num_workers=1, persistent_workers=True,
         sampler=torch.utils.data.RandomSampler(image_folder, num_samples=per_step))), per_step, "loader_imagefolder",
         note="normalized floats out")
-    decoder = ("TorchCodec" if dataset.torchcodec_decode_jpeg is not None
+    decoder = ("TorchCodec" if decode.torchcodec_decode_jpeg is not None
                else "torchvision's decode_jpeg (torchcodec does not import)")
     default_loader = ours(splits.train)
     default = Variant(f"  dataset.py loader ({decoder}, scaled decoding, v2 on uint8) (default)",
@@ -688,7 +686,7 @@ def bench_loader(report, settings, splits, root, folder):
     normalize = functools.partial(dataset.normalize_batch, mean=mean, std=std)  # as a CPU training process does
     variants = [default, Variant("  same + normalize_batch in this process", epochs_of(default_loader, normalize),
                                  per_step, "loader_ours_normalized", versus=theirs, label="of ImageFolder")]
-    if dataset.torchcodec_decode_jpeg is not None:  # else the default is torchvision's decoder already
+    if decode.torchcodec_decode_jpeg is not None:  # else the default is torchvision's decoder already
         variants.append(Variant("  torchvision's decode_jpeg (the decoder before TorchCodec)", epochs_of(ours(
             splits.train, functools.partial(start_worker_with_torchvision_decoder, 0))), per_step,
             "loader_torchvision_decoder", **row))
@@ -709,7 +707,7 @@ def bench_loader(report, settings, splits, root, folder):
 
 
 def bench_indexing(report, settings, folder):
-    """List a tree of empty files with dataset.py's indexer (a first listing, then from its cache) and with
+    """List a tree of empty files with layouts.py's indexer (a first listing, then from its cache) and with
     ImageFolder. The OS has the folders cached in both cases (they were just written)."""
     classes = min(100, settings.index_files)
     per_class = settings.index_files // classes
@@ -723,13 +721,13 @@ def bench_indexing(report, settings, folder):
         for kind in times:
             start = time.perf_counter()
             found = (torchvision.datasets.ImageFolder(tree) if kind == "imagefolder"
-                     else dataset.class_folder_index(tree, os.path.join(folder, f"index-cache-{round_}"))[1])
+                     else layouts.class_folder_index(tree, os.path.join(folder, f"index-cache-{round_}"))[1])
             times[kind].append(time.perf_counter() - start)
             assert len(found) == classes * per_class
     shutil.rmtree(tree)
     report.add("4", f"index {classes * per_class} files in {classes} class folders")
-    report.add("4", "  dataset.py, first listing", times["cold"], "s", "index_cold")
-    report.add("4", "  dataset.py, from its listing cache", times["cached"], "s", "index_cached")
+    report.add("4", "  layouts.py, first listing", times["cold"], "s", "index_cold")
+    report.add("4", "  layouts.py, from its listing cache", times["cached"], "s", "index_cached")
     report.add("4", "  ImageFolder", times["imagefolder"], "s", "index_imagefolder",
                ratio=paired_ratios(times["imagefolder"], times["cold"]), label="x the first listing's time")
 
@@ -767,7 +765,7 @@ def bench_index_memory(report, settings):
     n, workers = settings.index_entries, settings.memory_workers
     classes = min(1000, n)
     names = [f"n{c:08d}/n{c:08d}_{i:07d}.JPEG" for c in range(classes) for i in range(n // classes)]
-    index = dataset.FileIndex("/nonexistent", [os.fsencode(name) for name in names],
+    index = layouts.FileIndex("/nonexistent", [os.fsencode(name) for name in names],
                               np.arange(len(names)) // (n // classes))
     sizes = {"FileIndex": (index.paths.nbytes + index.labels.nbytes) / 2**20,
              "list of str": (sys.getsizeof(names) + sum(sys.getsizeof(name) for name in names)) / 2**20}
@@ -810,7 +808,7 @@ def bench_inference(report, settings, splits, folder):
     torch.save(net.state_dict(), paths["pytorch"])
     for precision, images in (("fp32", None), ("int8", calibration)):
         export.write_onnx(net, paths[precision], {}, export.DEFAULT_OPSET, img_size, None, images)
-    sessions = {precision: export.onnx_session(paths[precision], threads) for precision in ("fp32", "int8")}
+    sessions = {precision: evaluate.onnx_session(paths[precision], threads) for precision in ("fp32", "int8")}
     report.add("I", f"inference on the CPU, {img_size}px, {plural(threads, 'thread')} (onnxruntime "
                     f"{importlib.metadata.version('onnxruntime')}, opset {export.DEFAULT_OPSET})")
     for batch_size in INFERENCE_BATCHES:
@@ -836,29 +834,29 @@ def bench_inference(report, settings, splits, folder):
 
 
 def bench_gpu_decode(report, settings, splits):
-    """JPEG decoding, libjpeg-turbo on one CPU core against nvjpeg on batches of file bytes, through dataset.py's own
+    """JPEG decoding, libjpeg-turbo on one CPU core against nvjpeg on batches of file bytes, through decode.py's own
     calls (decode_jpeg_cpu, and decode_jpegs_on as --decode-on device uses it)."""
     device = settings.device
-    read = (dataset.read_image_file(splits.train.path(i)) for i in range(min(256, len(splits.train))))
+    read = (decode.read_image_file(splits.train.path(i)) for i in range(min(256, len(splits.train))))
     data = [item for item, size in read if size is not None]  # JPEGs (other files come back decoded)
     try:
-        decoder = dataset.device_jpeg_decoder(device)
-    except dataset.DataError as error:
+        decoder = decode.device_jpeg_decoder(device)
+    except DataError as error:
         return report.add("G", "GPU decoding", note=str(error))
     usable = []
     for item in data:  # nvjpeg refuses some JPEGs (CMYK, progressive on older versions): they are left out
         with contextlib.suppress(RuntimeError):
-            dataset.decode_jpegs_on(device, [item])
+            decode.decode_jpegs_on(device, [item])
             usable.append(item)
     if not usable:
         return report.add("G", "GPU decoding", note="no JPEG nvjpeg can decode")
     cpu_batch = usable[:32]
-    on_cpu = Variant("  CPU, 1 core", repeated(lambda: [dataset.decode_jpeg_cpu(item) for item in cpu_batch]),
+    on_cpu = Variant("  CPU, 1 core", repeated(lambda: [decode.decode_jpeg_cpu(item) for item in cpu_batch]),
                      len(cpu_batch), "decode_cpu", threads=1)
     variants = [on_cpu]
     for size in (1, 8, 32, 128):
         batch = [usable[i % len(usable)] for i in range(size)]  # one nvjpeg call for the whole list
-        variants.append(Variant(f"  GPU, batches of {size}", repeated(functools.partial(dataset.decode_jpegs_on,
+        variants.append(Variant(f"  GPU, batches of {size}", repeated(functools.partial(decode.decode_jpegs_on,
                                 device, batch)), size, f"decode_gpu_{size}", versus=on_cpu, label="cores"))
     rates = compare_with_timer(variants, settings)
     report.add("G", f"JPEG decoding ({len(usable)} files, {decoder}); ratio = CPU cores one GPU replaces")
@@ -875,16 +873,16 @@ def source_images(data_path, folder, limit):
     data_path = os.path.abspath(data_path)
     if not os.path.isdir(data_path):
         raise UserError(f"--data-path {data_path} is not a folder")
-    if os.path.isdir(os.path.join(data_path, "train")) or dataset.kaggle_root(data_path):
+    if os.path.isdir(os.path.join(data_path, "train")) or layouts.kaggle_root(data_path):
         try:
-            splits = dataset.find_dataset(data_path)
-        except dataset.DataError as error:
+            splits = layouts.find_dataset(data_path)
+        except DataError as error:
             raise UserError(str(error)) from None
         index = splits.train
         picks = np.unique(np.linspace(0, len(index) - 1, min(limit, len(index))).round().astype(int))
         images = [(index.path(i), splits.classes[index.labels[i]]) for i in picks]
         return images, f"{data_path} ({len(images)} of its {len(index)} training images)"
-    files = sorted(e.path for e in os.scandir(data_path) if dataset.is_image_name(e.name) and e.is_file())[:limit]
+    files = sorted(e.path for e in os.scandir(data_path) if layouts.is_image_name(e.name) and e.is_file())[:limit]
     if not files:
         raise UserError(f"no images in {data_path} (expected JPEGs, or an ImageNet layout with train/)")
     # <synset>_<name>.JPEG, as in ImageNet's own file names, gives the class; anything else is one class
@@ -1040,10 +1038,10 @@ def main(args):
     utils.seed_everything(0)
     env, report = environment(settings.device), Report()
     with tempfile.TemporaryDirectory(prefix="mobilenetv3-benchmark-") as folder, \
-            mock.patch.dict(os.environ, XDG_CACHE_HOME=os.path.join(folder, "cache")):  # dataset.py's listing cache
+            mock.patch.dict(os.environ, XDG_CACHE_HOME=os.path.join(folder, "cache")):  # layouts.py's listing cache
         images, data_description = source_images(settings.data_path, folder, settings.max_images)
         root = lay_out(images, os.path.join(folder, "images"), min_train=settings.batch_size)
-        splits = dataset.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
+        splits = layouts.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
         print(f"benchmarking on {env['device_name']} ({settings.device}) with {data_description} ...", flush=True)
         if not settings.inference_only:
             bench_memory(report, settings, root, folder)
