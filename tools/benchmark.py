@@ -997,7 +997,7 @@ def summary(settings, env, data_description, wall):
     s, load = settings, (env["load_average_start"][0], env["load_average_end"][0])
     return ["", f"MobileNetV3 benchmark: {env['device_name']} ({s.device}, {env['cpu_cores']} cores, "
                 f"{env['torch_threads']} torch threads) | torch {env['torch']} | {s.arch} {s.width_mult:g} | "
-                f"batch {s.batch_size} | {s.img_size}px | {s.workers} workers",
+                f"batch {s.batch_size} | {s.img_size}px | {plural(s.workers, 'worker')}",
             f"data: {data_description} | median of {s.windows} windows of ~{s.window_seconds:g}s; ratios are medians "
             f"of per-round ratios | load average {load[0]:.2f} -> {load[1]:.2f} | {wall:.0f}s",
             "sections: 1 model-only step, 2 vs torchvision, 3 full pipeline, 4 data, 5 evaluation, 6 memory, "
