@@ -152,13 +152,13 @@ part_decoders() {
 }
 
 part_benchmark() {
-    step "benchmark.py --device cuda --quick" 180 python benchmark.py --device cuda --quick --busy 0 --index-files 0 \
-        --index-entries 0 --json "$OUT/bench_cuda.json"
+    step "tools/benchmark.py --device cuda --quick" 180 python -m tools.benchmark --device cuda --quick --busy 0 \
+        --index-files 0 --index-entries 0 --json "$OUT/bench_cuda.json"
 }
 
 # photo-like 500x375 JPEGs in 10 classes (train/ and val/ link the same files)
 python -c "
-import benchmark
+from tools import benchmark
 images = benchmark.generate_images('$WORK/src', count=$COUNT, classes=10)
 benchmark.lay_out(images, '$WORK/data')" >> "$LOG" 2>&1
 

@@ -1,14 +1,16 @@
-"""benchmark.py runs end to end on tiny settings and writes every figure (speed is not checked here), and its busy
+"""tools/benchmark.py runs end to end on tiny settings and writes every figure (speed is not checked here), and its busy
 processes never outlive the comparison they load."""
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from unittest import mock
 
 import pytest
 
-import benchmark
 import decode
+from tools import benchmark
 
 FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
            "full_pipeline", "full_pipeline_refill_timed", "model_only_busy", "full_pipeline_busy",
@@ -25,7 +27,8 @@ FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data, tmp_path_factory):
-    """One tiny benchmark run: (its JSON, the busy processes it started, whether they all ran while it measured)."""
+    """One tiny benchmark run: (its JSON, the busy processes it started, whether they all ran while it measured,
+    whether its args were left as parsed)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     started, alive = [], []
     original = benchmark.busy_processes
@@ -40,11 +43,12 @@ def tiny_run(tiny_data, tmp_path_factory):
     args = benchmark.get_args_parser().parse_args([
         "--data-path", tiny_data, "--device", "cpu", "--arch", "small", "--width-mult", "0.5", "-b", "4",
         "--img-size", "32", "--workers", "1", "--threads", "1", "--windows", "1", "--steps", "1",
-        "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--gpu-decode", "--calib-images", "8",
-        "--busy", "2", "--busy-seconds", "60", "--json", str(out)])
+        "--index-files", "100", "--index-entries", "2000", "--memory-workers", "1", "--gpu-decode",
+        "--calib-images", "8", "--busy", "2", "--busy-seconds", "60", "--json", str(out)])
+    parsed = vars(args).copy()
     with mock.patch.object(benchmark, "busy_processes", recorded):
         assert benchmark.main(args) == 0
-    return json.loads(out.read_text()), started, alive
+    return json.loads(out.read_text()), started, alive, vars(args) == parsed
 
 
 def test_benchmark_writes_every_figure(tiny_run):
@@ -65,8 +69,12 @@ def test_benchmark_writes_every_figure(tiny_run):
     assert figures["file_mb_int8"]["median"] < figures["file_mb_fp32"]["median"]  # int8 weights
 
 
+def test_the_benchmark_leaves_its_args_as_parsed(tiny_run):
+    assert tiny_run[3]  # --quick, the device's defaults and the rest go to a copy
+
+
 def test_busy_processes_are_gone_after_the_benchmark(tiny_run):
-    _, started, alive = tiny_run
+    _, started, alive, _ = tiny_run
     assert len(started) == 2 and alive == [True, True]  # both loaded the whole comparison
     assert all(process.returncode is not None for process in started)  # ended and waited for
     assert not benchmark.child_pids()  # no busy process, and every loader closed (workers ignore SIGTERM)
@@ -87,6 +95,21 @@ def test_busy_processes_end_themselves_at_their_deadline():
     # the bound that holds even if the benchmark dies without ending them (kill -9)
     with benchmark.busy_processes(1, seconds=0.5) as processes:
         assert processes[0].wait(timeout=30) == 0
+
+
+def test_wait_until_idle_waits_for_a_working_child_and_no_longer(tmp_path):
+    # a child that is not a busy process, as a loader worker: works for 1 s, says so, then sleeps
+    done = tmp_path / "done"
+    work = ("import pathlib, time\nend = time.monotonic() + 1\nwhile time.monotonic() < end:\n    pass\n"
+            f"pathlib.Path({str(done)!r}).touch()\ntime.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", work])
+    try:
+        benchmark.wait_until_idle(timeout=120)
+        assert done.exists()  # it waited for the work
+        assert child.poll() is None  # and saw the child idle, not gone: its sleep ends long before the timeout
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_wait_until_idle_does_not_wait_for_the_busy_processes():
