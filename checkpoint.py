@@ -176,9 +176,18 @@ def choose_run_folder(args):
 
 
 def prepare_run_folders(config):
-    """Make the checkpoint and TensorBoard folders now (failing at start, not after an epoch), refuse to start
-    afresh over another run's files unless --overwrite (which deletes them), remove temp files of killed writes."""
+    """A fresh start never destroys another run's files: refused unless --overwrite, which deletes them. Then the
+    checkpoint and TensorBoard folders are made and probed (failing at start, not after an epoch) and temp files
+    of killed writes removed; a refused start changes nothing (a live run may be writing in that folder)."""
     log_folder = os.path.join(config.log_dir, config.run_name)
+    found = []
+    for folder, is_run_file in ((config.output_dir, RUN_FILES.fullmatch), (log_folder, lambda n: "tfevents" in n)):
+        if config.resume is None and os.path.isdir(folder):
+            found += [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if is_run_file(name)]
+    if found and not config.overwrite:
+        raise UserError(f"{found[0]} belongs to an earlier run: add --resume auto to continue it, --overwrite to "
+                        f"start afresh (deleting {plural(len(found), 'file')} of it), or choose another "
+                        f"--output-dir / --run-name")
     try:
         os.makedirs(config.output_dir, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=config.output_dir, prefix=".tmp-probe-").close()
@@ -186,24 +195,15 @@ def prepare_run_folders(config):
         raise CheckpointError(f"cannot write checkpoints to --output-dir {config.output_dir}: {e.strerror or e}") \
             from None
     utils.prepare_log_dir(log_folder)
-    for name in os.listdir(config.output_dir):
-        if name.startswith(".tmp-"):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(config.output_dir, name))
-    if config.resume is not None:
-        return
-    found = [os.path.join(config.output_dir, name) for name in sorted(os.listdir(config.output_dir))
-             if RUN_FILES.fullmatch(name)]
-    found += [os.path.join(log_folder, name) for name in sorted(os.listdir(log_folder)) if "tfevents" in name]
-    if found and not config.overwrite:
-        raise UserError(f"{found[0]} belongs to an earlier run: add --resume auto to continue it, --overwrite to "
-                        f"start afresh (deleting {plural(len(found), 'file')} of it), or choose another "
-                        f"--output-dir / --run-name")
     for path in found:
         try:
             os.remove(path)
         except OSError as e:
             raise UserError(f"--overwrite: cannot delete {path}: {e.strerror or e}") from None
+    for name in os.listdir(config.output_dir):
+        if name.startswith(".tmp-"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(config.output_dir, name))
 
 
 def point_latest_at(folder):

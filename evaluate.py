@@ -441,6 +441,12 @@ def check_args(args):
             utils.check_writable(path)
     if args.log_dir:
         utils.prepare_log_dir(args.log_dir)  # made now: an impossible --log-dir fails before the evaluation
+    if args.confusion or args.log_dir:
+        try:
+            import matplotlib  # noqa: F401  the confusion picture needs it: say so before the evaluation
+        except ImportError:
+            raise UserError("--confusion and --log-dir draw the confusion matrix with matplotlib: pip install "
+                            "matplotlib (it is in requirements.txt)") from None
 
 
 def resolve_settings(args, info, device):

@@ -27,7 +27,7 @@ import dataset
 import evaluate
 import layouts
 import utils
-from evaluate import EXPORT_FORMAT, OnnxModel, onnx_session  # onnx_session: benchmark.py uses export.onnx_session
+from evaluate import EXPORT_FORMAT, OnnxModel, onnx_session
 from utils import CheckpointError, UserError
 
 MIN_OPSET = 14  # HardSwish became an ONNX operator in opset 14; HardSigmoid is older
@@ -74,7 +74,7 @@ def batch_size_type(text):
 
 # ---------------------------------------------------------------- metadata: what a consumer needs
 
-def make_metadata(info, img_size, batch_size, precision, checkpoint, calibration=None):
+def make_metadata(info, img_size, batch_size, precision, source, calibration=None):
     """Everything a program needs to run the file, as {key: JSON string} (ONNX metadata values are strings)."""
     mean, std = dataset.NORMS[info["norm"]]
     resize = info["val_resize_size"]
@@ -100,7 +100,7 @@ def make_metadata(info, img_size, batch_size, precision, checkpoint, calibration
         "data_path": info["data_path"],
         "val_split": list(info.get("val_split", (0, 0))),  # (fraction, seed) of train.py --val-split-fraction
         "config": info["config"],
-        "source_checkpoint": os.path.abspath(checkpoint),
+        "source_checkpoint": os.path.abspath(source),
         "calibration": calibration,
         "exported_with": {"torch": torch.__version__},
     }
@@ -114,7 +114,7 @@ def image_index(folder, split="train"):
     try:
         splits = layouts.find_dataset(folder)
         index = splits.val if split == "val" and splits.val is not None and len(splits.val) else splits.train
-    except dataset.DataError:
+    except utils.DataError:
         if not os.path.isdir(folder) or os.path.isdir(os.path.join(folder, "train")):
             raise
         files = layouts.list_images(folder)  # a plain folder of images (no train/): labels unknown, unused here
@@ -244,8 +244,8 @@ def temp_file_beside(path):
     return tmp_path
 
 
-def default_output(checkpoint, file_format, int8):
-    stem = os.path.splitext(checkpoint)[0]
+def default_output(source, file_format, int8):
+    stem = os.path.splitext(source)[0]
     return stem + (".pt2" if file_format == "pt2" else ".int8.onnx" if int8 else ".onnx")
 
 
@@ -319,11 +319,11 @@ def write_average(args):
 
 def resolve_settings(args):
     """A new namespace: args with its one checkpoint and the output path filled in. args itself stays as parsed."""
-    checkpoint = args.checkpoint[0]
+    source = args.checkpoint[0]
     return argparse.Namespace(**{
         **vars(args),
-        "checkpoint": checkpoint,
-        "output": args.output or default_output(checkpoint, args.format, args.int8),
+        "checkpoint": source,
+        "output": args.output or default_output(source, args.format, args.int8),
     })
 
 

@@ -50,7 +50,7 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dem
 class Outcome(enum.Enum):
     DONE = "done"            # every epoch trained and validated
     STOPPED = "stopped"      # a signal or --max-steps; last.pth holds where it stopped
-    NOT_SAVED = "not saved"  # stopped, but the weights were not finite, so nothing was written
+    NOT_SAVED = "not saved"  # stopped, but in a non-finite streak or with non-finite weights: nothing written
     DIVERGED = "diverged"    # MAX_NONFINITE_STREAK non-finite steps in a row
     COMPLETE = "complete"    # resumed a run that had no epoch left
 
@@ -136,10 +136,11 @@ def distillation_loss(loss, logits, teacher_logits, alpha, temperature):
 
 # ---------------------------------------------------------------- the update step
 
-def train_step(model, micro_batches, lr, optimizer, scaler, autocast, criterion, skips, accum_steps=1, ema=None,
-               teacher=None, kd_alpha=0.5, kd_temperature=1.0, clip_grad_norm=0.0, no_sync=None):
-    """One optimizer step from `accum_steps` micro-batches (images, targets), normalized and on the device.
-    Returns its figures as one device tensor: loss x images, top-1 hits, images, KD term x images."""
+def train_step(model, params, micro_batches, lr, optimizer, scaler, autocast, criterion, skips, accum_steps=1,
+               ema=None, teacher=None, kd_alpha=0.5, kd_temperature=1.0, clip_grad_norm=0.0, no_sync=None):
+    """One optimizer step of model (its parameters: params) from `accum_steps` micro-batches (images, targets),
+    normalized and on the device. Returns its figures as one device tensor: loss x images, top-1 hits, images,
+    KD term x images."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     skips.before_step()  # keeps the BN statistics, to take back after a non-finite step
@@ -148,18 +149,17 @@ def train_step(model, micro_batches, lr, optimizer, scaler, autocast, criterion,
         # DDP all-reduces the gradients once, in the backward of the last micro-batch
         with no_sync() if no_sync and count < accum_steps else contextlib.nullcontext():
             with autocast():
+                with torch.no_grad():  # the teacher first: its activations are freed before the student's exist
+                    teacher_logits = teacher(images) if teacher is not None else None
                 logits = model(images)
                 loss, kd_term = criterion(logits, targets), None
                 if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
                     loss, kd_term = distillation_loss(loss, logits, teacher_logits, kd_alpha, kd_temperature)
             scaler.scale(loss / accum_steps).backward()
         figures = add_figures(figures, loss, logits, targets, kd_term)
     if count != accum_steps:  # a short step would use partial gradients (and skip DDP's all-reduce)
         raise ValueError(f"train_step got {count} micro-batches for --accum-steps {accum_steps}")
     scaler.unscale_(optimizer)  # clipping and the finiteness test see the true gradients
-    params = list(model.parameters())
     grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     applied = bool(torch.isfinite(grad_norm))  # the step's host sync; every rank has the same all-reduced gradients
     if applied:
@@ -224,7 +224,7 @@ def train_one_epoch(run, state, time_first_step=False):
     run.data.train_loader.sampler.set_epoch(state.epoch, skip_batches=state.batch_in_epoch, batch_size=cfg.batch_size)
     window, epoch = utils.MetricMeter(run.device), utils.MetricMeter(run.device)
     micro_batches = device_batches(run, state, window)
-    skips = SkippedSteps(run.net, state, run.scaler)
+    skips, params = SkippedSteps(run.net, state, run.scaler), list(run.net.parameters())
     bar = tqdm(total=batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                disable=not run.show_progress, dynamic_ncols=True, leave=False)
     run.model.train()
@@ -234,7 +234,7 @@ def train_one_epoch(run, state, time_first_step=False):
         if state.step * cfg.bn_momentum <= 10 and not cfg.compile:  # a changing float would recompile every step
             warm_up_bn_momentum(run.net, state.step, cfg.bn_momentum)
         progress = state.progress(run.steps_per_epoch, cfg.accum_steps)
-        figures = train_step(run.model, itertools.islice(micro_batches, cfg.accum_steps),
+        figures = train_step(run.model, params, itertools.islice(micro_batches, cfg.accum_steps),
                              run.lr * lr_factor(progress, cfg, run.steps_per_epoch), run.optimizer, run.scaler,
                              run.autocast, run.criterion, skips, cfg.accum_steps, run.ema, run.teacher, cfg.kd_alpha,
                              cfg.kd_temperature, cfg.clip_grad_norm, run.ddp.no_sync if run.ddp else None)
@@ -448,10 +448,11 @@ def announce_run(run):
 
 
 def open_tensorboard(run, state):
+    if run.rank != 0:
+        return None
     from torch.utils.tensorboard import SummaryWriter
     # purge_step drops events a killed run wrote after its last checkpoint: no duplicated steps on resume
-    return SummaryWriter(os.path.join(run.config.log_dir, run.config.run_name), purge_step=state.step + 1) \
-        if run.rank == 0 else None
+    return SummaryWriter(os.path.join(run.config.log_dir, run.config.run_name), purge_step=state.step + 1)
 
 
 def close_tensorboard(run, state, outcome):

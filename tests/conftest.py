@@ -85,6 +85,6 @@ def trained(tiny_data, tmp_path_factory):
 
 
 def pytest_configure(config):
-    # tests and benchmark.py call torchvision's deprecated decoders directly, to compare with (dataset.py silences
+    # tests and tools/benchmark.py call torchvision's deprecated decoders directly, to compare with (dataset.py silences
     # the notice around its own calls only)
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision")

@@ -125,7 +125,7 @@ part_crossover() {
 decoders() {  # --decode-on device: TorchCodec's batched nvjpeg against torchvision's, 256 JPEGs a call
     python - "$WORK/data" <<'EOF'
 import sys, time, torch
-import dataset, decode
+import decode, layouts
 index = layouts.find_dataset(sys.argv[1]).train
 jpegs = [decode.read_image_file(index.path(i))[0] for i in range(min(256, len(index)))]
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU in a dry run
@@ -133,10 +133,10 @@ sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 decoders = {"torchcodec": decode.decode_with_torchcodec, "torchvision": decode.decode_with_torchvision}
 rates = {name: [] for name in decoders}
 for round in range(6):
-    for name, decode in decoders.items():
+    for name, decoder in decoders.items():
         sync()
         start = time.perf_counter()
-        decode(device, jpegs)
+        decoder(device, jpegs)
         sync()
         if round:  # the first round warms both decoders up
             rates[name].append(len(jpegs) / (time.perf_counter() - start))

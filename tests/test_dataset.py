@@ -510,7 +510,7 @@ class WorkerPriority(torch.utils.data.Dataset):
 
 @pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities here")
 def test_workers_keep_this_process_priority_unless_asked():
-    """train.py's workers keep its priority (a lower one starved them next to busy processes); benchmark.py
+    """train.py's workers keep its priority (a lower one starved them next to busy processes); tools/benchmark.py
     measures the alternative through worker_nice."""
     def worker_priorities(**options):
         loader = dataset.build_loader(WorkerPriority(), dataset.EpochSampler(2, shuffle=False), batch_size=1,

@@ -115,11 +115,11 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tin
     real_step = train.train_step
     calls = {"n": 0}
 
-    def poisoned_step(model, micro_batches, *args, **kwargs):
+    def poisoned_step(model, params, micro_batches, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] in poisoned:  # NaN inputs: NaN activations (and BN statistics), loss and gradients
             micro_batches = [(images * float("nan"), targets) for images, targets in micro_batches]
-        return real_step(model, micro_batches, *args, **kwargs)
+        return real_step(model, params, micro_batches, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", poisoned_step)
     poisoned = {3, 4, 5}  # a few bad steps: skipped and counted, training goes on

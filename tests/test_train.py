@@ -194,11 +194,11 @@ def test_grad_scaler_overflow_skips_are_not_divergence(tiny_data, tmp_path, monk
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real_scaler(device, init_scale=2.0 ** 100))
     real_step, calls = train.train_step, {"n": 0}
 
-    def one_nan_loss(model, micro_batches, *args, **kwargs):
+    def one_nan_loss(model, params, micro_batches, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             micro_batches = [(images * float("nan"), targets) for images, targets in micro_batches]
-        return real_step(model, micro_batches, *args, **kwargs)
+        return real_step(model, params, micro_batches, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", one_nan_loss)
     run_train(*tiny_train_args(tiny_data, tmp_path, "--amp", "--amp-dtype", "float16", "--epochs", "1"))
@@ -418,8 +418,8 @@ def test_an_update_with_too_few_micro_batches_is_refused_before_the_step():
     batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
 
     def step(micro_batches):
-        return train.train_step(run.model, micro_batches, 1e-3, run.optimizer, run.scaler, run.autocast,
-                                run.criterion, skips, config.accum_steps, run.ema)
+        return train.train_step(run.model, list(net.parameters()), micro_batches, 1e-3, run.optimizer, run.scaler,
+                                run.autocast, run.criterion, skips, config.accum_steps, run.ema)
     with pytest.raises(ValueError, match="1 micro-batches for --accum-steps 2"):
         step([batch])
     assert run.ema.num_updates == 0  # no step, no EMA update

@@ -339,12 +339,12 @@ def model_only(name, trainer, settings, batch_size=None, img_size=None, **row):
     if trainer.config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 1000, (batch_size,), device=trainer.device)
-    skips = train.SkippedSteps(trainer.net, train.TrainState(), trainer.scaler)
+    skips, params = train.SkippedSteps(trainer.net, train.TrainState(), trainer.scaler), list(trainer.net.parameters())
 
     def run(steps):
         for _ in range(steps):
-            train.train_step(trainer.model, [(images, targets)], trainer.lr, trainer.optimizer, trainer.scaler,
-                             trainer.autocast, trainer.criterion, skips, ema=trainer.ema)
+            train.train_step(trainer.model, params, [(images, targets)], trainer.lr, trainer.optimizer,
+                             trainer.scaler, trainer.autocast, trainer.criterion, skips, ema=trainer.ema)
     return Variant(name, run, batch_size, **row)
 
 
