@@ -1,5 +1,6 @@
 """train.py: it learns, logs, checkpoints, resumes exactly, and runs under torchrun."""
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -514,3 +515,37 @@ def test_a_resume_that_switches_channels_last_lays_the_ema_out_like_the_weights(
     monkeypatch.setattr(train, "train_epochs", look_at_the_resumed_run)
     run_train(*common, "--channels-last", "--max-steps", "2", "--resume", "auto")
     assert seen["channels_last"] and seen["matching"] and all(seen["matching"])
+
+
+def layer_output_dtypes_while_training(monkeypatch):
+    """A list that fills, during training forwards only (train mode, gradients on), with the output dtype of
+    every convolution and linear layer of the networks train.py builds."""
+    import model as model_lib
+    seen, real_build = [], model_lib.build_model
+
+    def record(module, inputs, output):
+        if module.training and torch.is_grad_enabled():
+            seen.append(output.dtype)
+
+    def build_with_hooks(*args, **kwargs):
+        net = real_build(*args, **kwargs)
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.register_forward_hook(record)
+        return net
+    monkeypatch.setattr(model_lib, "build_model", build_with_hooks)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [((), torch.float32),
+                                              (("--amp", "--amp-dtype", "bfloat16"), torch.bfloat16),
+                                              (("--amp", "--amp-dtype", "float16"), torch.float16)],
+                         ids=["fp32", "bf16", "fp16"])
+def test_the_training_forward_computes_in_the_precision_asked_for(tiny_data, tmp_path, monkeypatch, precision, dtype):
+    """--amp runs the training step's forward under autocast: every convolution and linear layer computes in the
+    low-precision dtype (the 2021 original never entered autocast, so its "AMP" trained in fp32)."""
+    import model as model_lib
+    seen = layer_output_dtypes_while_training(monkeypatch)
+    run_train(*tiny_train_args(tiny_data, tmp_path, *precision, "--max-steps", "2"))
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model_lib.MobileNetV3("small", 0.5).modules())
+    assert seen == [dtype] * (2 * layers)  # two steps, each layer once per forward
