@@ -549,3 +549,36 @@ def test_the_training_forward_computes_in_the_precision_asked_for(tiny_data, tmp
     run_train(*tiny_train_args(tiny_data, tmp_path, *precision, "--max-steps", "2"))
     layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model_lib.MobileNetV3("small", 0.5).modules())
     assert seen == [dtype] * (2 * layers)  # two steps, each layer once per forward
+
+
+def test_every_training_step_moves_the_ema_as_its_decay_says(tiny_data, tmp_path, monkeypatch):
+    """The EMA in last.pth is the decay-weighted average of the weights after each step, from the initial
+    weights, with torch-ema's warm-up: shadow_n = shadow_(n-1) + (1 - d_n) (weights_n - shadow_(n-1)),
+    d_n = min(decay, (1 + n) / (10 + n))."""
+    decay, steps = 0.5, 4
+    after_step, real_step = [], train.train_step
+
+    def tensors(net):  # what the EMA averages: the parameters and the floating-point buffers, by name
+        return {k: v.detach().double().clone() for k, v in [*net.named_parameters(), *net.named_buffers()]
+                if v.is_floating_point()}
+
+    def recording_step(model, *args, **kwargs):
+        if not after_step:
+            after_step.append(tensors(model))  # the weights the EMA starts from
+        figures = real_step(model, *args, **kwargs)
+        after_step.append(tensors(model))
+        return figures
+    monkeypatch.setattr(train, "train_step", recording_step)
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--max-steps", str(steps), "--ema-decay", str(decay)))
+    assert len(after_step) == steps + 1
+    expected = dict(after_step[0])
+    for n in range(1, steps + 1):
+        d = min(decay, (1 + n) / (10 + n))
+        expected = {k: s + (1 - d) * (after_step[n][k] - s) for k, s in expected.items()}
+    saved = load(tmp_path / "ckpt/last.pth")["ema_model"]
+    for k, value in expected.items():
+        torch.testing.assert_close(saved[k].double(), value, rtol=0, atol=1e-6, msg=k)
+    # the expectation tells an EMA from the initial weights (never updated) and from a copy of the final ones
+    farthest = {name: max((expected[k] - w[k]).abs().max().item() for k in expected)
+                for name, w in (("initial", after_step[0]), ("final", after_step[-1]))}
+    assert min(farthest.values()) > 1e-3, farthest
