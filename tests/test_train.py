@@ -582,3 +582,32 @@ def test_every_training_step_moves_the_ema_as_its_decay_says(tiny_data, tmp_path
     farthest = {name: max((expected[k] - w[k]).abs().max().item() for k in expected)
                 for name, w in (("initial", after_step[0]), ("final", after_step[-1]))}
     assert min(farthest.values()) > 1e-3, farthest
+
+
+def test_mixup_and_cutmix_reach_the_loss_as_soft_targets_and_are_logged(tiny_data, tmp_path, monkeypatch):
+    """With --mixup-alpha and --cutmix-alpha, each training batch is mixed: the loss gets soft targets, each row
+    a pair of classes weighted lam and 1 - lam, and what it returns is the loss TensorBoard logs."""
+    seen, real_build = [], train.build_trainer
+
+    def build_watching_the_loss(*args, **kwargs):
+        run = real_build(*args, **kwargs)
+        run.criterion.register_forward_hook(lambda module, inputs, loss: seen.append((inputs[1].detach().clone(),
+                                                                                      loss.item())))
+        return run
+    monkeypatch.setattr(train, "build_trainer", build_watching_the_loss)
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
+                               "--max-steps", "4"))
+    assert len(seen) == 4
+    for targets, loss in seen:
+        assert targets.shape == (8, 3) and targets.dtype == torch.float32
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+        assert ((targets > 0).sum(dim=1) <= 2).all()                 # at most two classes in each row
+        mixed = targets[(targets > 0).sum(dim=1) == 2]
+        assert len(mixed), targets                                   # some rows really mix two classes
+        lam = mixed.max().item()                                     # one lam (or 1 - lam) for the whole batch
+        pairs = mixed.sort(dim=1).values[:, 1:]
+        torch.testing.assert_close(pairs, torch.tensor([[1 - lam, lam]]).expand(len(mixed), 2))
+        assert math.isfinite(loss)
+    logged = scalars(str(tmp_path / "runs/t"))["train/loss"]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert [v for _, v in logged] == pytest.approx([loss for _, loss in seen], rel=1e-5)
