@@ -611,3 +611,21 @@ def test_mixup_and_cutmix_reach_the_loss_as_soft_targets_and_are_logged(tiny_dat
     logged = scalars(str(tmp_path / "runs/t"))["train/loss"]
     assert [s for s, _ in logged] == [1, 2, 3, 4]
     assert [v for _, v in logged] == pytest.approx([loss for _, loss in seen], rel=1e-5)
+
+
+def test_a_trained_teacher_distils_better_than_an_untrained_one(trained, tiny_data, tmp_path):
+    """Pure distillation (--kd-alpha 1: the labels reach the student only through the teacher): a student of the
+    trained teacher scores well on the labels, a student of an untrained one of the same file format does not."""
+    import model as model_lib
+    trained_teacher = trained / "ckpt/best_weights.pth"
+    weights = load(trained_teacher)
+    torch.manual_seed(0)
+    torch.save(dict(weights, model=model_lib.build_model(**weights["model_config"]).state_dict()),
+               tmp_path / "untrained.pth")
+    scores = {}
+    for name, teacher in (("trained", trained_teacher), ("untrained", tmp_path / "untrained.pth")):
+        run_train(*tiny_train_args(tiny_data, tmp_path / name, "--epochs", "2", "--deterministic", "--ema-decay", "0",
+                                   "--teacher", str(teacher), "--kd-alpha", "1.0"))
+        scores[name] = load(tmp_path / name / "ckpt/last.pth")["metrics"]
+    assert scores["trained"]["val_top1"] >= scores["untrained"]["val_top1"] + 20, scores  # 3 classes: chance 33%
+    assert scores["trained"]["val_loss"] < scores["untrained"]["val_loss"] - 0.3, scores
