@@ -281,3 +281,20 @@ def test_a_validation_split_of_only_unreadable_files_is_an_error(trained, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "error: the only validation image in" in err and "could not be read" in err
     assert "Traceback" not in err
+
+
+def test_predict_names_the_class_of_images_whose_class_is_known(trained, tiny_data, tmp_path):
+    """The trained model separates the tiny data's colours: --predict's top-1 name is the folder's class for the
+    images validation scored right (best_top1 of 18), and the probabilities are its softmax, most likely first."""
+    images = sorted(os.path.join(tiny_data, "val", c, f) for c in os.listdir(os.path.join(tiny_data, "val"))
+                    for f in os.listdir(os.path.join(tiny_data, "val", c)))
+    run_eval(trained / "ckpt/best.pth", "--predict", *images, "--json", tmp_path / "p.json")
+    predictions = json.load(open(tmp_path / "p.json"))["predictions"]
+    assert sorted(predictions) == images
+    right = [path for path in images if predictions[path][0][0] == os.path.basename(os.path.dirname(path))]
+    best = torch.load(trained / "ckpt/best.pth", weights_only=True)
+    assert 100 * len(right) / len(images) == pytest.approx(best["best_top1"]) and len(right) >= 12, right
+    for top in predictions.values():
+        assert sorted(name for name, _ in top) == ["n00000001", "n00000002", "n00000003"]
+        probabilities = [p for _, p in top]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1)
