@@ -68,7 +68,8 @@ def test_torchrun_with_one_process_starts_the_process_group(monkeypatch):
     assert utils.setup_distributed("cpu") == (0, 1, torch.device("cpu")) and not utils.is_distributed()
 
 
-def test_fail_together_in_one_process_raises_the_error_itself():  # two ranks: test_the_collectives_combine_two_ranks
+def test_fail_together_in_one_process_raises_the_error_itself():
+    """(Two ranks: test_the_collectives_combine_two_ranks.)"""
     with pytest.raises(utils.UserError, match="disk on fire"):
         utils.fail_together(lambda: (_ for _ in ()).throw(utils.UserError("disk on fire")))
 
