@@ -557,7 +557,8 @@ def test_the_training_forward_computes_in_the_precision_asked_for(tiny_data, tmp
     import model as model_lib
     seen = layer_output_dtypes_while_training(monkeypatch)
     run_train(*tiny_train_args(tiny_data, tmp_path, *precision, "--max-steps", "2"))
-    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model_lib.MobileNetV3("small", 0.5).modules())
+    net = model_lib.MobileNetV3("small", 0.5)
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules())
     assert seen == [dtype] * (2 * layers)  # two steps, each layer once per forward
 
 
