@@ -792,6 +792,36 @@ def test_train_transform_gives_uint8_crops(auto_augment):
     assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
 
 
+
+@pytest.mark.parametrize("policy, make_policy", [
+    ("ra", lambda: torchvision.transforms.v2.RandAugment()),
+    ("ta_wide", lambda: torchvision.transforms.v2.TrivialAugmentWide()),
+    ("imagenet", lambda: torchvision.transforms.v2.AutoAugment(torchvision.transforms.v2.AutoAugmentPolicy.IMAGENET))],
+    ids=["ra", "ta_wide", "imagenet"])
+def test_auto_augment_applies_its_policy_after_the_crop_and_flip(tiny_data, tmp_path, policy, make_policy):
+    """train.py --auto-augment: a training sample is the plain sample (the same crop box and flip, drawn first from
+    the sample's seed) put through the policy, which draws next from that seed; the policy changes most samples."""
+    import flags
+    import train
+    from conftest import tiny_train_args
+
+    def training_set(*extra):
+        args = flags.get_args_parser().parse_args(tiny_train_args(tiny_data, tmp_path, *extra))
+        config = flags.resolve_config(args, torch.device("cpu"), str(tmp_path / "ckpt"), "t")
+        return train.build_data(config, 0, 1, torch.device("cpu")).train_set
+    plain, augmented = training_set(), training_set("--auto-augment", policy)
+    changed = 0
+    for position, seed in zip(range(0, 48, 3), range(1000, 1016)):
+        cropped = plain[(position, seed)][0]
+        with dataset.sample_rng(seed):
+            plain.transform(decode.decode_image_file(plain.index.path(position)))  # the crop's and flip's draws
+            expected = make_policy()(cropped)
+        sample = augmented[(position, seed)][0]
+        assert torch.equal(sample, expected), (policy, position)
+        changed += not torch.equal(sample, cropped)
+    assert changed >= 10, changed  # of 16 (a policy may draw the identity, or leave a flat image alone)
+
+
 def test_val_transform_and_unknown_auto_augment():
     image = torch.from_numpy(image_pixels((50, 40))).permute(2, 0, 1)
     out = dataset.val_transform(36, 32)(image)

@@ -281,3 +281,55 @@ def test_a_validation_split_of_only_unreadable_files_is_an_error(trained, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "error: the only validation image in" in err and "could not be read" in err
     assert "Traceback" not in err
+
+
+def test_predict_names_the_class_of_images_whose_class_is_known(trained, tiny_data, tmp_path):
+    """The trained model separates the tiny data's colours: --predict's top-1 name is the folder's class for the
+    images validation scored right (best_top1 of 18), and the probabilities are its softmax, most likely first."""
+    images = sorted(os.path.join(tiny_data, "val", c, f) for c in os.listdir(os.path.join(tiny_data, "val"))
+                    for f in os.listdir(os.path.join(tiny_data, "val", c)))
+    run_eval(trained / "ckpt/best.pth", "--predict", *images, "--json", tmp_path / "p.json")
+    predictions = json.load(open(tmp_path / "p.json"))["predictions"]
+    assert sorted(predictions) == images
+    right = [path for path in images if predictions[path][0][0] == os.path.basename(os.path.dirname(path))]
+    best = torch.load(trained / "ckpt/best.pth", weights_only=True)
+    assert 100 * len(right) / len(images) == pytest.approx(best["best_top1"]) and len(right) >= 12, right
+    for top in predictions.values():
+        assert sorted(name for name, _ in top) == ["n00000001", "n00000002", "n00000003"]
+        probabilities = [p for _, p in top]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("num_classes", [3, 400])  # the matrix as an image, and as one square per cell
+def test_the_confusion_picture_shows_each_share_in_its_row_and_column(tmp_path, monkeypatch, num_classes):
+    """The drawn matrix has rows for true classes and columns for predicted ones: each cell's colour is its share
+    of the row on the colour scale, off-diagonal cells included, and cells without images are left white."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+    a, b, c = (0, 1, 2) if num_classes == 3 else (10, 11, 12)  # of 400, cells away from the axes' frame
+    truth = torch.arange(num_classes).repeat_interleave(4)
+    predicted = truth.clone()
+    predicted[truth == a] = c                      # class a always taken for class c
+    predicted[(truth == b).nonzero()[:2]] = a      # class b half right, half taken for class a
+    confusion = torch.bincount(truth * num_classes + predicted, minlength=num_classes ** 2).view(num_classes, -1)
+    cells = {(a, c): 1.0, (b, b): 0.5, (b, a): 0.5, (c, c): 1.0,     # (true, predicted): share of the row
+             (a, a): 0, (c, a): 0, (a, b): 0, (c, b): 0, (b, c): 0}  # the transposed cells and the other empty ones
+    drawn, real_savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), real_savefig(self, *a, **k))[1])
+    evaluate.draw_confusion(confusion, [f"c{i}" for i in range(num_classes)], tmp_path / "cm.png")
+    figure = drawn[0]
+    figure.set_dpi(evaluate.CONFUSION_DPI)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].astype(int)
+    axes = figure.axes[0]
+    colour_of = matplotlib.colormaps["magma_r"]
+    scale = PowerNorm(0.5, vmin=0, vmax=1)
+    inside = 0.3 if num_classes <= 30 else 0  # away from the count written in the middle of a cell
+    for (true, guess), share in cells.items():
+        x, y = axes.transData.transform((guess + inside, true + inside))
+        seen = pixels[len(pixels) - 1 - int(round(y)), int(round(x))]
+        expected = np.array(colour_of(scale(share))[:3]) * 255 if share else np.array([255, 255, 255])
+        assert np.abs(seen - expected).max() <= 8, ((true, guess), share, seen, expected)

@@ -124,7 +124,16 @@ def test_madds_at_224(arch, width_mult):
 
 def test_count_madds_is_quiet_and_keeps_train_mode(capsys):
     model = MobileNetV3("small", 0.5).train()
-    assert count_madds(model, img_size=64) > 0
+    madds = []  # counted by hand: output positions x (input channels / groups) x kernel area, per layer
+
+    def count(module, inputs, output):
+        per_position = module.in_features if isinstance(module, nn.Linear) else \
+            module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        madds.append(output[0].numel() * per_position)
+    layers = [module for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    for module in layers:
+        module.register_forward_hook(count)
+    assert count_madds(model, img_size=64) == sum(madds) and len(madds) == len(layers)  # one forward
     assert model.training
     assert capsys.readouterr().out == ""
 

@@ -1,5 +1,6 @@
 """train.py: it learns, logs, checkpoints, resumes exactly, and runs under torchrun."""
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -41,8 +42,16 @@ def test_end_to_end_learns_writes_checkpoints_and_tensorboard(tiny_data, tmp_pat
     assert best["best_weights"] in ("raw", "ema")
     assert best["classes"] == ["n00000001", "n00000002", "n00000003"]
     assert best["model_config"]["arch"] == "small"
-    for key in ("model", "ema", "ema_model", "optimizer", "rng", "args", "class_names"):
-        assert best[key] is not None, key
+    import model as model_lib
+    net = model_lib.build_model("small", 0.5, 3)
+    assert set(best["model"]) == set(best["ema_model"]) == set(net.state_dict())
+    assert best["ema"]["decay"] == 0.9 and best["ema"]["num_updates"] == best["step"]  # one EMA update a step
+    optimizer_state = best["optimizer"]["state"]  # every parameter stepped at every step
+    assert len(optimizer_state) == len(list(net.parameters()))
+    assert {float(s["step"]) for s in optimizer_state.values()} == {best["step"]}
+    assert len(best["rng"]) == 1 and set(best["rng"][0]) == {"python", "numpy", "torch"}  # one process's states
+    assert best["args"]["lr"] == 2e-3 and best["args"]["epochs"] == 4
+    assert best["class_names"] == best["classes"]  # no file of names: the folder names
     tags = scalars(str(tmp_path / "runs/t"))
     for tag in ("train/loss", "train/top1", "train/lr", "train/images_per_sec", "train/data_wait_fraction",
                 "epoch/train_loss", "epoch/train_top1", "epoch/time_sec", "val/loss", "val/top1", "val/top5",
@@ -182,7 +191,8 @@ def test_fp16_with_a_grad_scaler_on_the_cpu_trains_and_saves_the_scaler(tiny_dat
     run_train(*tiny_train_args(tiny_data, tmp_path, "--amp", "--amp-dtype", "float16", "--max-steps", "3"))
     assert "precision fp16 + GradScaler" in capsys.readouterr().out
     last = load(tmp_path / "ckpt/last.pth")
-    assert last["step"] == 3 and last["scaler"] is not None and last["scaler"]["scale"] > 0
+    # the default initial scale, halved at each overflow, not yet grown (that takes 2000 steps)
+    assert last["step"] == 3 and last["scaler"]["scale"] == 2.0 ** 16 * 0.5 ** last["scaler_skips"]
     assert last["nonfinite_steps"] == 0
 
 
@@ -206,7 +216,8 @@ def test_grad_scaler_overflow_skips_are_not_divergence(tiny_data, tmp_path, monk
     last, best = load(tmp_path / "ckpt/last.pth"), load(tmp_path / "ckpt/best.pth")
     assert last["step"] == 6 and last["scaler_skips"] == 5 and last["nonfinite_steps"] == 1
     assert last["scaler"]["scale"] == 2.0 ** 94  # halved at each of the 6 skipped updates
-    assert best["best_top1"] == last["best_top1"] >= 0
+    metrics = last["metrics"]
+    assert best["best_top1"] == last["best_top1"] == max(metrics["val_top1"], metrics["val_ema_top1"])
     assert "1 non-finite steps skipped, 5 fp16 overflow steps skipped by the GradScaler" in out
     tags = scalars(str(tmp_path / "runs/t"))
     assert tags["train/scaler_skips"][-1] == (6, 5.0) and tags["train/nonfinite_steps"][-1] == (6, 1.0)
@@ -514,3 +525,118 @@ def test_a_resume_that_switches_channels_last_lays_the_ema_out_like_the_weights(
     monkeypatch.setattr(train, "train_epochs", look_at_the_resumed_run)
     run_train(*common, "--channels-last", "--max-steps", "2", "--resume", "auto")
     assert seen["channels_last"] and seen["matching"] and all(seen["matching"])
+
+
+def layer_output_dtypes_while_training(monkeypatch):
+    """A list that fills, during training forwards only (train mode, gradients on), with the output dtype of
+    every convolution and linear layer of the networks train.py builds."""
+    import model as model_lib
+    seen, real_build = [], model_lib.build_model
+
+    def record(module, inputs, output):
+        if module.training and torch.is_grad_enabled():
+            seen.append(output.dtype)
+
+    def build_with_hooks(*args, **kwargs):
+        net = real_build(*args, **kwargs)
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.register_forward_hook(record)
+        return net
+    monkeypatch.setattr(model_lib, "build_model", build_with_hooks)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [((), torch.float32),
+                                              (("--amp", "--amp-dtype", "bfloat16"), torch.bfloat16),
+                                              (("--amp", "--amp-dtype", "float16"), torch.float16)],
+                         ids=["fp32", "bf16", "fp16"])
+def test_the_training_forward_computes_in_the_precision_asked_for(tiny_data, tmp_path, monkeypatch, precision, dtype):
+    """--amp runs the training step's forward under autocast: every convolution and linear layer computes in the
+    low-precision dtype (the 2021 original never entered autocast, so its "AMP" trained in fp32)."""
+    import model as model_lib
+    seen = layer_output_dtypes_while_training(monkeypatch)
+    run_train(*tiny_train_args(tiny_data, tmp_path, *precision, "--max-steps", "2"))
+    net = model_lib.MobileNetV3("small", 0.5)
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules())
+    assert seen == [dtype] * (2 * layers)  # two steps, each layer once per forward
+
+
+def test_every_training_step_moves_the_ema_as_its_decay_says(tiny_data, tmp_path, monkeypatch):
+    """The EMA in last.pth is the decay-weighted average of the weights after each step, from the initial
+    weights, with torch-ema's warm-up: shadow_n = shadow_(n-1) + (1 - d_n) (weights_n - shadow_(n-1)),
+    d_n = min(decay, (1 + n) / (10 + n))."""
+    decay, steps = 0.5, 4
+    after_step, real_step = [], train.train_step
+
+    def tensors(net):  # what the EMA averages: the parameters and the floating-point buffers, by name
+        return {k: v.detach().double().clone() for k, v in [*net.named_parameters(), *net.named_buffers()]
+                if v.is_floating_point()}
+
+    def recording_step(model, *args, **kwargs):
+        if not after_step:
+            after_step.append(tensors(model))  # the weights the EMA starts from
+        figures = real_step(model, *args, **kwargs)
+        after_step.append(tensors(model))
+        return figures
+    monkeypatch.setattr(train, "train_step", recording_step)
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--max-steps", str(steps), "--ema-decay", str(decay)))
+    assert len(after_step) == steps + 1
+    expected = dict(after_step[0])
+    for n in range(1, steps + 1):
+        d = min(decay, (1 + n) / (10 + n))
+        expected = {k: s + (1 - d) * (after_step[n][k] - s) for k, s in expected.items()}
+    saved = load(tmp_path / "ckpt/last.pth")["ema_model"]
+    for k, value in expected.items():
+        torch.testing.assert_close(saved[k].double(), value, rtol=0, atol=1e-6, msg=k)
+    # the expectation tells an EMA from the initial weights (never updated) and from a copy of the final ones
+    farthest = {name: max((expected[k] - w[k]).abs().max().item() for k in expected)
+                for name, w in (("initial", after_step[0]), ("final", after_step[-1]))}
+    assert min(farthest.values()) > 1e-3, farthest
+
+
+def test_mixup_and_cutmix_reach_the_loss_as_soft_targets_and_are_logged(tiny_data, tmp_path, monkeypatch):
+    """With --mixup-alpha and --cutmix-alpha, each training batch is mixed: the loss gets soft targets, each row
+    a pair of classes weighted lam and 1 - lam, and what it returns is the loss TensorBoard logs."""
+    seen, real_build = [], train.build_trainer
+
+    def build_watching_the_loss(*args, **kwargs):
+        run = real_build(*args, **kwargs)
+        run.criterion.register_forward_hook(lambda module, inputs, loss: seen.append((inputs[1].detach().clone(),
+                                                                                      loss.item())))
+        return run
+    monkeypatch.setattr(train, "build_trainer", build_watching_the_loss)
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
+                               "--max-steps", "4"))
+    assert len(seen) == 4
+    for targets, loss in seen:
+        assert targets.shape == (8, 3) and targets.dtype == torch.float32
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+        assert ((targets > 0).sum(dim=1) <= 2).all()                 # at most two classes in each row
+        mixed = targets[(targets > 0).sum(dim=1) == 2]
+        assert len(mixed), targets                                   # some rows really mix two classes
+        lam = mixed.max().item()                                     # one lam (or 1 - lam) for the whole batch
+        pairs = mixed.sort(dim=1).values[:, 1:]
+        torch.testing.assert_close(pairs, torch.tensor([[1 - lam, lam]]).expand(len(mixed), 2))
+        assert math.isfinite(loss)
+    logged = scalars(str(tmp_path / "runs/t"))["train/loss"]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert [v for _, v in logged] == pytest.approx([loss for _, loss in seen], rel=1e-5)
+
+
+def test_a_trained_teacher_distils_better_than_an_untrained_one(trained, tiny_data, tmp_path):
+    """Pure distillation (--kd-alpha 1: the labels reach the student only through the teacher): a student of the
+    trained teacher scores well on the labels, a student of an untrained one of the same file format does not."""
+    import model as model_lib
+    trained_teacher = trained / "ckpt/best_weights.pth"
+    weights = load(trained_teacher)
+    torch.manual_seed(0)
+    torch.save(dict(weights, model=model_lib.build_model(**weights["model_config"]).state_dict()),
+               tmp_path / "untrained.pth")
+    scores = {}
+    for name, teacher in (("trained", trained_teacher), ("untrained", tmp_path / "untrained.pth")):
+        run_train(*tiny_train_args(tiny_data, tmp_path / name, "--epochs", "2", "--deterministic", "--ema-decay", "0",
+                                   "--teacher", str(teacher), "--kd-alpha", "1.0"))
+        scores[name] = load(tmp_path / name / "ckpt/last.pth")["metrics"]
+    assert scores["trained"]["val_top1"] >= scores["untrained"]["val_top1"] + 20, scores  # 3 classes: chance 33%
+    assert scores["trained"]["val_loss"] < scores["untrained"]["val_loss"] - 0.3, scores

@@ -68,7 +68,8 @@ def test_torchrun_with_one_process_starts_the_process_group(monkeypatch):
     assert utils.setup_distributed("cpu") == (0, 1, torch.device("cpu")) and not utils.is_distributed()
 
 
-def test_fail_together_raises_the_error_on_every_rank():
+def test_fail_together_in_one_process_raises_the_error_itself():
+    """(Two ranks: test_the_collectives_combine_two_ranks.)"""
     with pytest.raises(utils.UserError, match="disk on fire"):
         utils.fail_together(lambda: (_ for _ in ()).throw(utils.UserError("disk on fire")))
 
@@ -104,3 +105,72 @@ def test_a_folder_given_as_checkpoint_says_so(tmp_path):
         checkpoint.load_checkpoint(str(tmp_path))
     with pytest.raises(utils.CheckpointError, match="checkpoint not found"):
         checkpoint.load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+TWO_RANKS = r"""
+import json, sys
+import torch
+import utils
+
+rank, world_size, device = utils.setup_distributed("cpu")
+seen = {"rank": rank, "world_size": world_size, "backend": utils.backend_name()}
+seen["any_one"] = utils.any_rank(rank == 1)     # true on rank 1 only
+seen["any_none"] = utils.any_rank(False)
+seen["sum"] = utils.all_reduce_sum(torch.tensor([rank + 1.0, 10.0 * rank], dtype=torch.float64)).tolist()
+tensors = [torch.full((3,), float(rank)), torch.arange(4) * (rank + 1)]
+utils.broadcast_tensors(tensors)
+seen["broadcast"] = [t.tolist() for t in tensors]
+seen["gathered"] = utils.gather_objects({"rank": rank})
+seen["object"] = utils.broadcast_object(f"from rank {rank}")
+
+
+def together(failing, error=utils.UserError):
+    def step():
+        if rank in failing:
+            raise error(f"{error.__name__} on rank {rank}")
+        return rank
+    try:
+        return ["returned", utils.fail_together(step)]
+    except utils.UserError as e:
+        return [type(e).__name__, str(e)]
+
+
+seen["none_fails"] = together(())
+seen["rank1_fails"] = together((1,), utils.DataError)
+seen["rank0_fails"] = together((0,))
+seen["both_fail"] = together((0, 1))
+utils.cleanup_distributed()
+json.dump(seen, open(sys.argv[1], "w"))
+"""
+
+
+def test_the_collectives_combine_two_ranks(tmp_path):
+    """Two processes on Gloo, as torchrun starts them: each collective combines what both ranks hold, and a
+    failure on one rank reaches the other, so no rank waits for a peer that stopped."""
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO
+    port = free_port()
+    processes = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+        processes.append(subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(tmp_path / f"rank{rank}.json")],
+                                          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    seen = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in range(2)]
+    for rank, mine in enumerate(seen):
+        assert (mine["rank"], mine["world_size"], mine["backend"]) == (rank, 2, "cpu:gloo")
+        assert mine["any_one"] is True and mine["any_none"] is False
+        assert mine["sum"] == [1.0 + 2.0, 0.0 + 10.0]
+        assert mine["broadcast"] == [[0.0, 0.0, 0.0], [0, 1, 2, 3]]  # rank 0's tensors, in place
+        assert mine["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert mine["object"] == "from rank 0"
+        assert mine["none_fails"] == ["returned", rank]
+        # the failing rank raises its own error; the other one a UserError with the same message
+        assert mine["rank1_fails"] == ["DataError" if rank == 1 else "UserError", "DataError on rank 1"]
+        assert mine["rank0_fails"] == ["UserError", "UserError on rank 0"]
+        assert mine["both_fail"] == ["UserError", f"UserError on rank {rank}"]  # each failing rank: its own error
