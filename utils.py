@@ -236,9 +236,9 @@ def broadcast_tensors(tensors, src=0):
 
 
 def fail_together(step, *args, **kwargs):
-    """step(*args, **kwargs) on every rank; if it raised a UserError on any rank, every rank raises that error
-    (the lowest failing rank's message), so no rank goes on to wait for a peer that has stopped. step must
-    run no collective itself, since a failing rank would skip it."""
+    """step(*args, **kwargs) on every rank; if it raised a UserError on any rank, every rank raises: a failing rank
+    its own error, the others the lowest failing rank's message, so no rank goes on to wait for a peer that has
+    stopped. step must run no collective itself, since a failing rank would skip it."""
     error, result = None, None
     try:
         result = step(*args, **kwargs)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny generated datasets (real JPEG files in ImageNet layouts) and helpers to run the scripts."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -55,6 +56,13 @@ def tiny_train_args(data_path, out, *extra):
     return ["--data-path", str(data_path), "--output-dir", str(out / "ckpt"), "--log-dir", str(out / "runs"),
             "--run-name", "t", "--arch", "small", "--width-mult", "0.5", "--img-size", "32", "-b", "8",
             "--workers", "0", "--device", "cpu", "--print-freq", "1", "--lr", "2e-3", *extra]
+
+
+def free_port():
+    """A TCP port nothing listens on now: torchrun runs of tests running side by side never collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_script(script, *args, timeout=240, env=None):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import evaluate
 import utils
-from conftest import REPO, run_script
+from conftest import REPO, free_port, run_script
 
 
 def run_eval(*argv):
@@ -93,7 +93,7 @@ def test_two_process_evaluation_equals_one_process(trained, tmp_path):
         f.write(open(os.path.join(data, "val", "n00000002", "n00000002_0.JPEG"), "rb").read()[:300])
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run_eval(trained / "ckpt/best.pth", "--data-path", data, "--workers", "0", "-b", "4", "--json", one)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(REPO, "evaluate.py"), str(trained / "ckpt/best.pth"), "--data-path", data,
            "--workers", "0", "-b", "4", "--device", "cpu", "--json", str(two)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -15,7 +15,7 @@ import flags
 import train
 import checkpoint
 import utils
-from conftest import REPO, assert_clean_error, make_class_folders, run_script, tiny_train_args
+from conftest import REPO, assert_clean_error, free_port, make_class_folders, run_script, tiny_train_args
 
 # Runs train.main with torch.save slowed down after the bytes are written and before the rename, so a kill can be
 # aimed at the middle of a checkpoint write.
@@ -239,9 +239,9 @@ def test_bad_inputs_from_the_real_command_line_have_no_traceback(tmp_path, capsy
     assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
 
 
-def run_torchrun(argv, port, timeout=120):
+def run_torchrun(argv, timeout=120):
     """train.py under torchrun with 2 Gloo processes: (CompletedProcess, seconds)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(REPO, "train.py"), *map(str, argv)]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
@@ -258,7 +258,7 @@ def test_one_failing_rank_ends_every_rank_with_its_one_line_message(tmp_path):
     data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=2)
     # rank 0 cannot write its checkpoints: rank 1 must not wait for it
     proc, seconds = run_torchrun(tiny_train_args(data, tmp_path / "a", "-b", "4", "--epochs", "1",
-                                                 "--output-dir", "/proc/no-such-dir"), port=29514)
+                                                 "--output-dir", "/proc/no-such-dir"))
     assert proc.returncode != 0 and seconds < 60
     assert "error: cannot write checkpoints to --output-dir /proc/no-such-dir" in proc.stderr
     assert_no_traceback_of_ours(proc)
@@ -267,7 +267,7 @@ def test_one_failing_rank_ends_every_rank_with_its_one_line_message(tmp_path):
     with open(bad, "r+b") as f:
         f.truncate(100)
     proc, seconds = run_torchrun(tiny_train_args(data, tmp_path / "b", "-b", "4", "--epochs", "1",
-                                                 "--strict-data", "--workers", "1"), port=29515)
+                                                 "--strict-data", "--workers", "1"))
     assert proc.returncode != 0 and seconds < 60
     assert f"error: cannot read image {bad}" in proc.stderr
     assert_no_traceback_of_ours(proc)

@@ -15,7 +15,7 @@ import flags
 import layouts
 import train
 import utils
-from conftest import REPO, make_class_folders, tiny_train_args
+from conftest import REPO, free_port, make_class_folders, tiny_train_args
 
 
 def run_train(*argv):
@@ -106,7 +106,7 @@ def test_resume_mid_epoch_gives_the_same_weights_and_steps(tiny_data, tmp_path):
 def test_torchrun_two_processes_with_gloo(tmp_path):
     data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=5)  # 15 val images: uneven
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29512",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(REPO, "train.py"), *tiny_train_args(data, out, "--epochs", "2", "-b", "4")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

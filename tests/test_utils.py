@@ -1,6 +1,5 @@
 """utils.py: process-group setup as a GPU run does it, collectives on every backend, checkpoint files, versions."""
 import os
-import socket
 import stat
 
 import pytest
@@ -9,12 +8,7 @@ import torch.distributed as dist
 
 import checkpoint
 import utils
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def torchrun_environment(monkeypatch, world_size=1, rank=0):
