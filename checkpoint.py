@@ -254,6 +254,22 @@ def checkpoint_state(run, state, rng_states):
     }
 
 
+class SaveSchedule:
+    """When train_one_epoch saves inside an epoch: --save-every-minutes of training after the last save, or every
+    --save-every-steps steps. Each rank asks its own clock; the loop's one all-reduce a step (utils.any_rank) then
+    makes the first rank's "due" every rank's, so the ranks agree without a sync of their own."""
+
+    def __init__(self, minutes, steps):
+        self.seconds, self.steps, self.last = minutes * 60, steps, time.monotonic()
+
+    def due(self, step):
+        every_steps = bool(self.steps) and step % self.steps == 0
+        return every_steps or (self.seconds > 0 and time.monotonic() - self.last >= self.seconds)
+
+    def saved(self):
+        self.last = time.monotonic()
+
+
 def can_save(run, state):
     """A checkpoint is never written in a non-finite streak or with non-finite weights (rank 0 decides)."""
     finite = all(bool(torch.isfinite(t).all()) for t in run.net.state_dict().values() if t.is_floating_point())

@@ -20,7 +20,7 @@ CHECKPOINTS = "checkpoints"  # default parent of the run folders, relative to wh
 # flags that may differ in a resumed run without being worth a word: where things go, how fast, for how long
 RESUME_QUIET_FLAGS = {"resume", "output_dir", "log_dir", "run_name", "workers", "device", "max_steps", "print_freq",
                       "data_path", "compile", "deterministic", "strict_data", "eval_every", "overwrite", "pretrained",
-                      "config"}
+                      "config", "save_every_minutes", "save_every_steps"}
 
 
 def get_args_parser():
@@ -117,6 +117,11 @@ def get_args_parser():
     group.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
                        help="also keep the raw weights of the last K epochs (epoch_NNNN.pth), for "
                             "`python export.py FILES --format average`")
+    group.add_argument("--save-every-minutes", type=float, default=10.0,
+                       help="also save last.pth inside an epoch after this many minutes of training (0: off), so a "
+                            "kill -9 loses at most that much")
+    group.add_argument("--save-every-steps", type=int, default=0,
+                       help="also save last.pth every this many optimizer steps inside an epoch (0: off)")
     group.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     group.add_argument("--print-freq", type=int, default=10, help="steps between logged training metrics")
     group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
@@ -133,7 +138,8 @@ def validate_args(args):
     check(("batch_size", "accum_steps", "eval_every", "print_freq", "lr_step_size", "lr_base_batch", "epochs"),
           lambda v: v >= 1, "at least 1")
     check(("workers", "keep_checkpoints", "max_steps", "weight_decay", "label_smoothing", "mixup_alpha",
-           "cutmix_alpha", "clip_grad_norm", "warmup_epochs", "random_erase"), lambda v: v >= 0, "0 or more")
+           "cutmix_alpha", "clip_grad_norm", "warmup_epochs", "random_erase", "save_every_minutes",
+           "save_every_steps"), lambda v: v >= 0, "0 or more")
     check(("img_size", "val_crop_size", "val_resize_size"), lambda v: v >= 32, "at least 32 pixels")
     check(("lr", "width_mult", "kd_temperature"), lambda v: math.isfinite(v) and v > 0, "a positive number")
     check(("val_split_fraction", "ema_decay", "label_smoothing", "dropout"), lambda v: 0 <= v < 1, "in [0, 1)")

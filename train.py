@@ -65,10 +65,8 @@ def make_optimizer(model, args, device):
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused Adam is the fastest on CUDA; on the CPU it gains nothing measurable (docs/performance.md)
     fast = {"fused": True} if device.type == "cuda" and args.opt in ("adam", "adamw") else {"foreach": True}
-    if args.opt == "adam":
-        return torch.optim.Adam(groups, lr=args.lr, **fast)
-    if args.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=args.lr, **fast)
+    if args.opt in ("adam", "adamw"):
+        return (torch.optim.Adam if args.opt == "adam" else torch.optim.AdamW)(groups, lr=args.lr, **fast)
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0, foreach=True)
     # TF-style RMSprop settings from the paper (section 6.1: momentum 0.9, decay 0.9)
@@ -225,6 +223,7 @@ def train_one_epoch(run, state, time_first_step=False):
     window, epoch = utils.MetricMeter(run.device), utils.MetricMeter(run.device)
     micro_batches = device_batches(run, state, window)
     skips, params = SkippedSteps(run.net, state, run.scaler), list(run.net.parameters())
+    schedule = checkpoint.SaveSchedule(cfg.save_every_minutes, cfg.save_every_steps)
     bar = tqdm(total=batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                disable=not run.show_progress, dynamic_ncols=True, leave=False)
     run.model.train()
@@ -252,15 +251,27 @@ def train_one_epoch(run, state, time_first_step=False):
         if state.nonfinite_streak >= MAX_NONFINITE_STREAK:
             outcome = Outcome.DIVERGED
             break
-        # every rank must stop at the same step, whichever of them got the signal
-        if utils.any_rank(run.stop) or (cfg.max_steps and state.step >= cfg.max_steps):
+        # every rank stops (or saves) at the same step, whichever of them got the signal (or saw the time first)
+        stop, save_due = utils.any_rank(run.stop, schedule.due(state.step))
+        if stop or (cfg.max_steps and state.step >= cfg.max_steps):
             outcome = Outcome.STOPPED if state.batch_in_epoch < batches else Outcome.DONE
             break
+        if save_due and state.batch_in_epoch < batches:  # the epoch's end saves anyway
+            save_inside_epoch(run, state, schedule, window, epoch)
     bar.close()
     utils.all_reduce_sum(epoch.sums)
     if outcome == Outcome.DONE:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     return outcome, epoch.read()
+
+
+def save_inside_epoch(run, state, schedule, *meters):
+    """last.pth at this step (a kill -9 then loses at most the interval); the meters do not count its time."""
+    start = time.perf_counter()
+    checkpoint.save(run, state)
+    schedule.saved()
+    for meter in meters:
+        meter.start += time.perf_counter() - start
 
 
 def device_batches(run, state, window):
@@ -363,23 +374,19 @@ def log_training(run, state, window, progress, bar):
     lr = run.optimizer.param_groups[0]["lr"]
     speed = figures["images"] * run.world_size / max(figures["time"], 1e-9)
     bar.set_postfix(loss=f"{figures['loss']:.3f}", top1=f"{figures['top1']:.1f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
-    w = run.writer
-    if w is None:
+    if run.writer is None:
         return
-    w.add_scalar("train/loss", figures["loss"], state.step)
-    w.add_scalar("train/top1", figures["top1"], state.step)
-    w.add_scalar("train/lr", lr, state.step)
-    w.add_scalar("train/epoch", progress, state.step)  # where the last step's lr was taken
-    w.add_scalar("train/images_per_sec", speed, state.step)
-    w.add_scalar("train/data_wait_fraction", window.data_wait / max(figures["time"], 1e-9), state.step)
-    w.add_scalar("train/nonfinite_steps", state.nonfinite_steps, state.step)
+    scalars = {"loss": figures["loss"], "top1": figures["top1"], "lr": lr, "epoch": progress,  # the lr's epoch
+               "images_per_sec": speed, "data_wait_fraction": window.data_wait / max(figures["time"], 1e-9),
+               "nonfinite_steps": state.nonfinite_steps}
     if run.teacher is not None:
-        w.add_scalar("train/kd_loss", figures["kd_loss"], state.step)
+        scalars["kd_loss"] = figures["kd_loss"]
     if run.scaler.is_enabled():
-        w.add_scalar("train/scaler_skips", state.scaler_skips, state.step)
-        w.add_scalar("train/loss_scale", run.scaler.get_scale(), state.step)
+        scalars.update(scaler_skips=state.scaler_skips, loss_scale=run.scaler.get_scale())
     if run.device.type == "cuda":
-        w.add_scalar("train/gpu_memory_mb", torch.cuda.max_memory_allocated(run.device) / 2**20, state.step)
+        scalars["gpu_memory_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    for tag, value in scalars.items():
+        run.writer.add_scalar(f"train/{tag}", value, state.step)
 
 
 def log_augmented_images(writer, images, mean, std):
@@ -403,9 +410,8 @@ def report_epoch(run, state, figures):
     print0(f"epoch {state.epoch}/{cfg.epochs}: train loss {figures['loss']:.4f} top-1 {figures['top1']:.2f}% "
            f"({seconds:.1f}s, {figures['images'] / max(seconds, 1e-9):.0f} img/s)")
     if run.writer:
-        run.writer.add_scalar("epoch/train_loss", figures["loss"], state.step)
-        run.writer.add_scalar("epoch/train_top1", figures["top1"], state.step)
-        run.writer.add_scalar("epoch/time_sec", seconds, state.step)
+        for tag, value in (("train_loss", figures["loss"]), ("train_top1", figures["top1"]), ("time_sec", seconds)):
+            run.writer.add_scalar(f"epoch/{tag}", value, state.step)
     skipped = run.data.train_set.skipped + run.data.val_set.skipped
     if skipped:
         print0(f"warning: {plural(skipped, 'unreadable image')} skipped so far (see the lines above)")
@@ -588,8 +594,7 @@ def build_model(config, num_classes, device, world_size):
 
 def place_model(net, config, device):
     """The network on the training device, in the memory format --channels-last asks for."""
-    net = net.to(device)
-    return net.to(memory_format=torch.channels_last) if config.channels_last else net
+    return net.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
 
 
 def load_teacher(config, classes, num_classes, device):
@@ -620,9 +625,7 @@ def build_trainer(config, net, device, steps_per_epoch, world_size=None, **parts
     if utils.is_distributed():
         # DDP first, then torch.compile: dynamo then splits the graph at DDP's bucket boundaries, so gradient
         # all-reduces overlap the backward pass (PyTorch's recommended order)
-        cuda = device.type == "cuda"
-        ddp = DistributedDataParallel(net, device_ids=[device.index] if cuda else None,
-                                      output_device=device.index if cuda else None)
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     model = net if ddp is None else ddp
     if config.compile:
         model = torch.compile(model)

@@ -176,7 +176,12 @@ def setup_distributed(device_name="auto"):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=process_group_backend(device))
+    try:
+        dist.init_process_group(backend=process_group_backend(device))
+    except (RuntimeError, ValueError) as e:  # DistNetworkError, Gloo's "connectFullMesh failed", a timeout
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"rank {os.environ['RANK']}: could not join the process group ({reason}); with torchrun "
+                        "--max-restarts, launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see README)") from None
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -218,14 +223,16 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def any_rank(flag):
-    """True on every rank when flag is true on any rank: decisions that change the flow must agree.
-    A CPU tensor, which the Gloo backend of the group carries on every device type."""
-    if not is_distributed():
-        return bool(flag)
-    box = torch.tensor([float(bool(flag))])
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return bool(box.item())
+def any_rank(*flags):
+    """For each flag, True on every rank when it is true on any rank: decisions that change the flow must agree.
+    One all-reduce of a CPU tensor (which the Gloo backend carries on every device type) for all the flags;
+    one flag gives a bool, several a list."""
+    agreed = [bool(flag) for flag in flags]
+    if is_distributed():
+        box = torch.tensor(agreed, dtype=torch.float32)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        agreed = [bool(value) for value in box.tolist()]
+    return agreed[0] if len(agreed) == 1 else agreed
 
 
 def broadcast_tensors(tensors, src=0):

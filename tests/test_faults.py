@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import flags
 import train
-import checkpoint
 import utils
 from conftest import REPO, assert_clean_error, free_port, make_class_folders, run_script, tiny_train_args
 
@@ -29,6 +29,20 @@ def slow_save(obj, f, *a, **k):
     time.sleep(0.4)
 torch.save = slow_save
 import flags, train, utils
+sys.exit(utils.run_cli(train.main, flags.get_args_parser().parse_args(sys.argv[1:])))
+"""
+
+# Runs train.main writing each finished step's number to the file named by STEP_LOG: what a kill -9 interrupted.
+STEP_LOG = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import flags, train, utils
+real_after_step = train.SkippedSteps.after_step
+def after_step(self, applied, figures):
+    real_after_step(self, applied, figures)
+    with open(os.environ["STEP_LOG"], "a") as f:
+        f.write(f"{{self.state.step + 1}}\\n")
+train.SkippedSteps.after_step = after_step
 sys.exit(utils.run_cli(train.main, flags.get_args_parser().parse_args(sys.argv[1:])))
 """
 
@@ -85,6 +99,111 @@ def test_kill_9_at_random_moments_then_resume_auto_finishes_the_run(tiny_data, t
     assert last["epoch"] == 5 and last["step"] == 5 * 6 and last["batch_in_epoch"] == 0
     assert all_checkpoints_load(ckpt_dir) == 3  # last.pth, best.pth, best_weights.pth
     assert not glob.glob(str(ckpt_dir / ".tmp-*"))  # temp files of killed writes are cleaned up on restart
+
+
+def test_kill_9_loses_at_most_the_save_interval_and_the_run_ends_as_an_uninterrupted_one(tmp_path):
+    """--save-every-steps 3: after a kill -9 at a random step the run resumes from a checkpoint at most 3 steps old,
+    and the run, killed three times, ends with the weights of a run never interrupted."""
+    data = make_class_folders(tmp_path / "data", train_per_class=24, val_per_class=2)  # 72 images: 18 steps of 4
+    common = ["--epochs", "2", "-b", "4", "--deterministic", "--ema-decay", "0.99", "--save-every-steps", "3"]
+    assert train.main(flags.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "a", *common))) == 0
+    argv = tiny_train_args(data, tmp_path / "b", *common, "--resume", "auto")
+    step_log, last = tmp_path / "steps.log", tmp_path / "b/ckpt/last.pth"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", STEP_LOG=str(step_log))
+    finished = lambda: int(step_log.read_text().split()[-1]) if step_log.exists() and step_log.read_text() else 0  # noqa: E731
+    rng, lost = random.Random(1), []
+    for target in sorted(rng.sample(range(4, 34), 3)):
+        proc = subprocess.Popen([sys.executable, "-c", STEP_LOG.format(repo=REPO), *map(str, argv)], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: proc.poll() is not None or finished() >= target, timeout=120)
+        proc.kill()
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        lost.append(finished() - torch.load(last, weights_only=True)["step"])
+    assert all(0 <= steps <= 3 for steps in lost), lost
+    assert train.main(flags.get_args_parser().parse_args(argv)) == 0
+    a, b = (torch.load(tmp_path / run / "ckpt/last.pth", weights_only=True) for run in ("a", "b"))
+    assert a["step"] == b["step"] == 36
+    for key in ("model", "ema_model"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+
+
+def test_the_minutes_interval_saves_inside_an_epoch(tiny_data, tmp_path, monkeypatch):
+    saved_at = []  # (epoch, micro-batch) of every checkpoint written
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda run, state, also_best=False: (
+        saved_at.append((state.epoch, state.batch_in_epoch)), real_save(run, state, also_best))[1])
+    argv = tiny_train_args(tiny_data, tmp_path, "--epochs", "1", "--save-every-minutes", "1e-9")
+    assert train.main(flags.get_args_parser().parse_args(argv)) == 0
+    assert saved_at == [(0, batch) for batch in range(1, 6)] + [(1, 0)]  # after every step, then the epoch's end
+
+
+# train.py for torchrun, each worker writing its pid (pids/<rank>) and rank 0 each finished step (steps.log)
+ELASTIC_WORKER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import flags, train, utils
+folder = {folder!r}
+with open(os.path.join(folder, "pids", os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
+real_after_step = train.SkippedSteps.after_step
+def after_step(self, applied, figures):
+    real_after_step(self, applied, figures)
+    if os.environ["RANK"] == "0":
+        with open(os.path.join(folder, "steps.log"), "a") as f:
+            f.write(f"{{self.state.step + 1}}\\n")
+train.SkippedSteps.after_step = after_step
+sys.exit(utils.run_cli(train.main, flags.get_args_parser().parse_args(sys.argv[1:])))
+"""
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_job_ends_as_an_uninterrupted_one(tmp_path):
+    """torchrun --max-restarts with the README's launcher setting: one of two workers killed with SIGKILL mid-epoch,
+    torchrun restarts both, they resume from the interval checkpoint and end with the weights of a run never
+    interrupted."""
+    data = make_class_folders(tmp_path / "data", train_per_class=24, val_per_class=2)  # 72 images: 9 steps of 4 x 2
+    (tmp_path / "pids").mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(ELASTIC_WORKER.format(repo=REPO, folder=str(tmp_path)))
+    common = ["--epochs", "2", "-b", "4", "--deterministic", "--ema-decay", "0.99", "--save-every-steps", "2",
+              "--resume", "auto"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+
+    def torchrun(run):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts=2", str(worker), *map(str, tiny_train_args(data, tmp_path / run,
+                                                                                             *common))],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    reference = torchrun("a")
+    out, _ = reference.communicate(timeout=120)
+    assert reference.returncode == 0, out[-3000:]
+    (tmp_path / "steps.log").unlink()
+    job = torchrun("b")
+    steps = lambda: (tmp_path / "steps.log").read_text().split() if (tmp_path / "steps.log").exists() else []  # noqa
+    assert wait_for(lambda: job.poll() is not None or len(steps()) >= 5, timeout=120)
+    os.kill(int((tmp_path / "pids/1").read_text()), signal.SIGKILL)  # rank 1, mid-epoch 1
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "Traceback" not in out.split("resumed from")[-1], out[-3000:]
+    a, b = (torch.load(tmp_path / run / "ckpt/last.pth", weights_only=True) for run in ("a", "b"))
+    assert a["step"] == b["step"] == 18
+    for key in ("model", "ema_model"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+
+
+def test_a_process_group_that_cannot_start_is_one_line(tiny_data, tmp_path):
+    import socket
+    with socket.socket() as taken:  # the port rank 0 must listen on is in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(taken.getsockname()[1]))
+        proc = run_script("train.py", *tiny_train_args(tiny_data, tmp_path), env=env, timeout=120)
+    assert_clean_error(proc, "rank 0: could not join the process group", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
