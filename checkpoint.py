@@ -365,6 +365,9 @@ def resume_if_asked(run, state, followed_latest):
 def resume(run, state, path, followed_latest=False):
     """Load the checkpoint at path into the run's objects and into state, after checking it belongs to this run."""
     ckpt = load_checkpoint(path)
+    if ckpt.get("format") == WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path} holds weights only (no optimizer, EMA or progress): start a new run from it "
+                              f"with --pretrained {path}, or resume a run from its last.pth")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
     want, have = run.net.config.as_dict(), ckpt["model_config"]

@@ -73,8 +73,19 @@ def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=Fals
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), (image.height, image.width)
         if exif_orientation:
             image = ImageOps.exif_transpose(image)
-        pixels = np.array(image.convert("RGB"))
+        pixels = np.array(eight_bit(image).convert("RGB"))
     return torch.from_numpy(pixels).permute(2, 0, 1), None
+
+
+def eight_bit(image):
+    """A PIL image whose convert("RGB") gives its true picture: 16-bit greys scaled to 8 bits (convert would clip
+    them to white); 32-bit integer and float pixels, whose range no file states, refused."""
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
+    if image.mode in ("I", "F"):
+        raise ValueError(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels have no fixed "
+                         "range: save the image with 8 (or 16) bits per channel")
+    return image
 
 
 def decode_image_file(path, exif_orientation=False):

@@ -346,6 +346,10 @@ def validate_and_track_best(run, state):
     results = validate(run)
     if results is None:
         return None
+    if results["raw"]["images"] == 0:  # no image is no measurement: never a 0% top-1, never a best
+        checkpoint.save(run, state)
+        raise UserError(f"none of the {len(run.data.val_set)} validation images could be read (see the warnings "
+                        "above): replace or remove them, then continue with --resume auto (last.pth is saved)")
     which = max(results, key=lambda k: (results[k]["top1"], k == "ema"))  # ties go to the EMA
     top1 = results[which]["top1"]
     is_best = top1 > state.best_top1 and checkpoint.can_save(run, state)  # best_top1 describes a best.pth on disk

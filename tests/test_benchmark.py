@@ -18,7 +18,7 @@ FIGURES = ("model_only", "torchvision", "ours_width_1", "ours_vs_torchvision",
            "loader_ours", "loader_ours_normalized", "loader_torchvision_decoder", "loader_scaled_decoding_off",
            "loader_resized_copy", "loader_imagefolder", "loader_vs_imagefolder",
            "index_cold", "index_cached", "index_imagefolder", "workers_uss_FileIndex", "workers_uss_list",
-           "evaluation", "peak_rss_main", "peak_rss_workers", "precision_fp32", "precision_bf16", "adam_foreach",
+           "evaluation", "save_seconds", "save_check_us", "peak_rss_main", "peak_rss_workers", "precision_fp32", "precision_bf16", "adam_foreach",
            "adam_for-loop", "adam_fused", "ema_update_torch-ema_loop", "ema_update_one_foreach_lerp",
            "inference_b1_pytorch_eager", "inference_b1_onnx_fp32", "inference_b1_onnx_int8",
            "inference_b32_pytorch_eager", "inference_b32_onnx_fp32", "inference_b32_onnx_int8",
@@ -67,6 +67,7 @@ def test_benchmark_writes_every_figure(tiny_run):
         assert figures[key]["median"] > 0 and figures[key]["ratio"] > 0, key  # img/s and the ratio to the default
     assert figures["inference_b1_onnx_int8"]["ratio"] > 0 and figures["inference_b1_onnx_int8"]["target"]
     assert figures["file_mb_int8"]["median"] < figures["file_mb_fp32"]["median"]  # int8 weights
+    assert 0 < figures["save_seconds"]["ratio"] < 1 and 0 < figures["save_check_us"]["ratio"] < 1  # of the interval
 
 
 def test_the_benchmark_leaves_its_args_as_parsed(tiny_run):

@@ -273,6 +273,37 @@ def test_odd_files_decode_to_rgb(tmp_path, mode, format, name):
     assert (image.int() - expected.int()).abs().float().mean() < 1.0
 
 
+@pytest.mark.parametrize("mode, format", [("I;16", "PNG"), ("I;16", "TIFF"), ("I;16B", "TIFF"), ("LA", "PNG"),
+                                          ("1", "PNG"), ("YCbCr", "TIFF"), ("LAB", "TIFF")])
+def test_every_mode_the_loader_accepts_decodes_to_its_true_picture(tmp_path, mode, format):
+    """A grey ramp, with a bright half: each mode's pixels are the ramp's own, to within a grey level or two (16-bit
+    greys were clipped to white by PIL's convert("RGB"))."""
+    ramp = np.tile(np.linspace(0, 1, 40), (32, 1))
+    if mode.startswith("I;16"):
+        order = ">u2" if mode == "I;16B" else "<u2"
+        image = Image.frombytes(mode, (40, 32), (ramp * 65535).astype(order).tobytes())
+    elif mode == "1":
+        image, ramp = Image.fromarray((ramp > 0.5).astype(np.uint8) * 255).convert("1"), (ramp > 0.5) * 1.0
+    else:
+        image = Image.fromarray((ramp * 255).astype(np.uint8)).convert("RGB").convert(mode)
+    image.save(tmp_path / f"x.{format.lower()}", format=format)
+    with Image.open(tmp_path / f"x.{format.lower()}") as saved:
+        assert saved.mode == mode  # the mode the loader really meets
+    decoded = decode.decode_image_file(tmp_path / f"x.{format.lower()}").float()
+    assert decoded.shape == (3, 32, 40)
+    assert (decoded - torch.from_numpy(ramp * 255).float()).abs().max() <= 3, mode
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_pixels_without_a_fixed_range_are_refused_naming_why(tmp_path, mode):
+    Image.fromarray(np.full((32, 40), 1000, dtype=np.int32 if mode == "I" else np.float32)).save(tmp_path / "x.tiff")
+    with pytest.raises(ValueError, match="have no fixed range: save the image with 8"):
+        decode.decode_image_file(tmp_path / "x.tiff")
+    index = layouts.FileIndex(tmp_path, [b"x.tiff"], [0])
+    with pytest.raises(DataError, match="cannot read image .*x.tiff: .* have no fixed range"):  # counted as unreadable
+        dataset.ValidationImageFiles(index, None, strict=True)[0]
+
+
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"  # only in the workspace
 
 

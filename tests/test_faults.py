@@ -322,6 +322,10 @@ def test_resume_from_an_incompatible_or_broken_checkpoint(trained, tiny_data, tm
     torch.save({"just": "a dict"}, tmp_path / "other.pth")
     code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path, "--resume", tmp_path / "other.pth"))
     assert code == 2 and "not a checkpoint of this project" in err, err
+    weights = trained / "ckpt/best_weights.pth"  # this project's file, but weights only
+    code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path, "--resume", weights))
+    assert code == 2 and "holds weights only" in err and f"--pretrained {weights}" in err and "last.pth" in err, err
+    assert err.count("\n") == 1, err
 
 
 class CreatesAFile:
@@ -332,6 +336,18 @@ class CreatesAFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_a_validation_split_without_one_readable_image_is_an_error_not_a_best(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", train_per_class=8, val_per_class=2)
+    for image in (tmp_path / "data/val").rglob("*.JPEG"):
+        image.write_bytes(b"not a jpeg")
+    code, err = cli(capsys, *tiny_train_args(data, tmp_path, "--epochs", "2"))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "none of the 6 validation images could be read" in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "ckpt/best.pth").exists()
+    last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
+    assert last["epoch"] == 1 and last["validation_pending"] and last["best_top1"] == -1.0  # the epoch's work kept
 
 
 def test_a_malicious_pickle_is_refused_and_runs_nothing(tiny_data, tmp_path, capsys):

@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.benchmark import Timer
 from torchvision import transforms as pil_transforms
 
+import checkpoint
 import dataset
 import decode
 import evaluate
@@ -550,7 +551,24 @@ def bench_memory(report, settings, root, folder):
     if settings.device.type == "cuda":
         report.add("6", "peak GPU memory allocated", [torch.cuda.max_memory_allocated(settings.device) / 2**20], "MB",
                    "peak_gpu_memory")
+    saves = [timed(lambda steps: checkpoint.save(pipe.epochs[MEMORY_PROBE_STEPS], pipe.state), settings.device)
+             for _ in range(3)]  # last.pth of this run, as --save-every-minutes writes it inside an epoch
     pipe.close()
+    return saves
+
+
+def report_save_interval(report, settings, save_seconds, step_rate):
+    """What train.py's checkpoint inside an epoch costs: one save against its default interval, and the check every
+    step makes (the schedule's clock; the all-reduce that carries it is the stop check's, made anyway)."""
+    minutes = flags.get_args_parser().get_default("save_every_minutes")
+    schedule = checkpoint.SaveSchedule(minutes, 0)
+    check = Timer("schedule.due(7)", globals={"schedule": schedule}).blocked_autorange()
+    step_seconds = settings.batch_size / step_rate
+    report.add("C", f"checkpoint inside an epoch (--save-every-minutes {minutes:g})")
+    report.add("C", "  one save of last.pth", save_seconds, "s", "save_seconds",
+               ratio=statistics.median(save_seconds) / (60 * minutes), label="of the interval")
+    report.add("C", "  the check, every step", [1e6 * check.median], "us", "save_check_us",
+               ratio=check.median / step_seconds, label="of a step")
 
 
 # ---------------------------------------------------------------- section C: the choices behind train.py's defaults
@@ -1044,8 +1062,9 @@ def main(args):
         splits = layouts.find_dataset(root, cache_dir=os.path.join(folder, "cache"))
         print(f"benchmarking on {env['device_name']} ({settings.device}) with {data_description} ...", flush=True)
         if not settings.inference_only:
-            bench_memory(report, settings, root, folder)
+            save_seconds = bench_memory(report, settings, root, folder)
             trainer, step_rates = bench_training(report, settings, root, folder)
+            report_save_interval(report, settings, save_seconds, statistics.median(step_rates))
             bench_eval(report, settings, trainer, splits)
             bench_loader(report, settings, splits, root, folder)
             if settings.index_files > 0:
