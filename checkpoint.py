@@ -9,6 +9,7 @@ import dataclasses
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -79,9 +80,12 @@ def save_checkpoint(state, path):
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
-                              "the previous checkpoint (if any) is unchanged") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... unexpected pos ...")
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        full = "no space left on device" if free < 2**26 else str(e).splitlines()[0]
+        reason = f"{getattr(e, 'strerror', None) or full}, {free / 2**20:.0f} MB free there"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous checkpoint (if any) is "
+                              "unchanged") from None
     finally:
         if tmp_path is not None and os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -266,8 +270,13 @@ class SaveSchedule:
         every_steps = bool(self.steps) and step % self.steps == 0
         return every_steps or (self.seconds > 0 and time.monotonic() - self.last >= self.seconds)
 
-    def saved(self):
+    def save(self, run, state, *meters):
+        """last.pth at this step (a kill -9 then loses at most the interval); the meters do not count its time."""
+        start = time.perf_counter()
+        save(run, state)
         self.last = time.monotonic()
+        for meter in meters:
+            meter.start += time.perf_counter() - start
 
 
 def can_save(run, state):

@@ -224,54 +224,45 @@ def train_one_epoch(run, state, time_first_step=False):
     micro_batches = device_batches(run, state, window)
     skips, params = SkippedSteps(run.net, state, run.scaler), list(run.net.parameters())
     schedule = checkpoint.SaveSchedule(cfg.save_every_minutes, cfg.save_every_steps)
-    bar = tqdm(total=batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-               disable=not run.show_progress, dynamic_ncols=True, leave=False)
-    run.model.train()
-    outcome = Outcome.DONE
-    while state.batch_in_epoch < batches:
-        start, waited = time.perf_counter(), window.data_wait
-        if state.step * cfg.bn_momentum <= 10 and not cfg.compile:  # a changing float would recompile every step
-            warm_up_bn_momentum(run.net, state.step, cfg.bn_momentum)
-        progress = state.progress(run.steps_per_epoch, cfg.accum_steps)
-        figures = train_step(run.model, params, itertools.islice(micro_batches, cfg.accum_steps),
-                             run.lr * lr_factor(progress, cfg, run.steps_per_epoch), run.optimizer, run.scaler,
-                             run.autocast, run.criterion, skips, cfg.accum_steps, run.ema, run.teacher, cfg.kd_alpha,
-                             cfg.kd_temperature, cfg.clip_grad_norm, run.ddp.no_sync if run.ddp else None)
-        state.step += 1
-        state.batch_in_epoch += cfg.accum_steps
-        window.add(figures)
-        epoch.add(figures)
-        bar.update(cfg.accum_steps)
-        if time_first_step:  # --compile: the first step of this process compiles the model
-            log_compile_time(run, state, figures, start, window.data_wait - waited)
-            time_first_step = False
-        if state.step % cfg.print_freq == 0:
-            log_training(run, state, window, progress, bar)
-            window.reset()
-        if state.nonfinite_streak >= MAX_NONFINITE_STREAK:
-            outcome = Outcome.DIVERGED
-            break
-        # every rank stops (or saves) at the same step, whichever of them got the signal (or saw the time first)
-        stop, save_due = utils.any_rank(run.stop, schedule.due(state.step))
-        if stop or (cfg.max_steps and state.step >= cfg.max_steps):
-            outcome = Outcome.STOPPED if state.batch_in_epoch < batches else Outcome.DONE
-            break
-        if save_due and state.batch_in_epoch < batches:  # the epoch's end saves anyway
-            save_inside_epoch(run, state, schedule, window, epoch)
-    bar.close()
+    with tqdm(total=batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+              disable=not run.show_progress, dynamic_ncols=True, leave=False) as bar:  # closed on an error too
+        run.model.train()
+        outcome = Outcome.DONE
+        while state.batch_in_epoch < batches:
+            start, waited = time.perf_counter(), window.data_wait
+            if state.step * cfg.bn_momentum <= 10 and not cfg.compile:  # a changing float would recompile each step
+                warm_up_bn_momentum(run.net, state.step, cfg.bn_momentum)
+            progress = state.progress(run.steps_per_epoch, cfg.accum_steps)
+            figures = train_step(run.model, params, itertools.islice(micro_batches, cfg.accum_steps),
+                                 run.lr * lr_factor(progress, cfg, run.steps_per_epoch), run.optimizer, run.scaler,
+                                 run.autocast, run.criterion, skips, cfg.accum_steps, run.ema, run.teacher,
+                                 cfg.kd_alpha, cfg.kd_temperature, cfg.clip_grad_norm,
+                                 run.ddp.no_sync if run.ddp else None)
+            state.step += 1
+            state.batch_in_epoch += cfg.accum_steps
+            window.add(figures)
+            epoch.add(figures)
+            bar.update(cfg.accum_steps)
+            if time_first_step:  # --compile: the first step of this process compiles the model
+                log_compile_time(run, state, figures, start, window.data_wait - waited)
+                time_first_step = False
+            if state.step % cfg.print_freq == 0:
+                log_training(run, state, window, progress, bar)
+                window.reset()
+            if state.nonfinite_streak >= MAX_NONFINITE_STREAK:
+                outcome = Outcome.DIVERGED
+                break
+            # every rank stops (or saves) at the same step, whichever got the signal (or saw the time) first
+            stop, save_due = utils.any_rank(run.stop, schedule.due(state.step))
+            if stop or (cfg.max_steps and state.step >= cfg.max_steps):
+                outcome = Outcome.STOPPED if state.batch_in_epoch < batches else Outcome.DONE
+                break
+            if save_due and state.batch_in_epoch < batches:  # the epoch's end saves anyway
+                schedule.save(run, state, window, epoch)
     utils.all_reduce_sum(epoch.sums)
     if outcome == Outcome.DONE:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     return outcome, epoch.read()
-
-
-def save_inside_epoch(run, state, schedule, *meters):
-    """last.pth at this step (a kill -9 then loses at most the interval); the meters do not count its time."""
-    start = time.perf_counter()
-    checkpoint.save(run, state)
-    schedule.saved()
-    for meter in meters:
-        meter.start += time.perf_counter() - start
 
 
 def device_batches(run, state, window):
@@ -492,7 +483,8 @@ def report_outcome(run, state, outcome):
             print0(f"{why}: the weights were not saved (see the warning); the previous checkpoint is kept")
     if outcome == Outcome.DONE:
         data_flag = "" if cfg.data_path is None else f" --data-path {cfg.data_path}"
-        overflow = f", {state.scaler_skips} fp16 overflow steps skipped by the GradScaler" if run.scaler.is_enabled() else ""
+        overflow = (f", {state.scaler_skips} fp16 overflow steps skipped by the GradScaler"
+                    if run.scaler.is_enabled() else "")
         print0(f"done: best top-1 {state.best_top1:.2f}% ({state.best_weights} weights) after "
                f"{plural(cfg.epochs, 'epoch')}, {state.nonfinite_steps} non-finite steps skipped{overflow}")
         print0(f"evaluate:    python evaluate.py {os.path.join(cfg.output_dir, 'best.pth')}{data_flag}")

@@ -1,4 +1,5 @@
 """Reliability: kills, preemption, divergence, failed writes, bad inputs and hostile checkpoints lose nothing."""
+import contextlib
 import glob
 import hashlib
 import os
@@ -270,6 +271,41 @@ def test_failed_checkpoint_write_is_one_error_and_the_old_file_survives(tmp_path
         checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}}, path)
     assert torch.load(path, weights_only=True)["model"]["w"].tolist() == [1, 1, 1]
     assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real filesystem of 4 MB (a tmpfs: needs root), filled but for a few KB."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder, leave=8192):
+    with open(folder / "filler", "wb") as f:
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * (os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize - leave))
+
+
+def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_stays(full_disk, tiny_data, capsys):
+    path = full_disk / "last.pth"
+    checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.ones(3)}}, path)
+    fill(full_disk)
+    with pytest.raises(utils.CheckpointError, match=r"could not write checkpoint .*: no space left on device, 0 MB"):
+        checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(10**6)}}, path)
+    assert torch.load(path, weights_only=True)["model"]["w"].tolist() == [1, 1, 1]
+    assert sorted(os.listdir(full_disk)) == ["filler", "last.pth"]  # no temp file left behind
+    (full_disk / "last.pth").unlink()
+    code, err = cli(capsys, *tiny_train_args(tiny_data, full_disk, "--max-steps", "1", "--log-dir",
+                                             full_disk.parent / "runs"))  # train.py, its checkpoints on the full disk
+    last_line = err.splitlines()[-1].split("\r")[-1]  # after the progress bar, which it clears
+    assert code == 2 and last_line.startswith("error: could not write checkpoint") and "no space left" in last_line
+    assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def cli(capsys, *argv):
