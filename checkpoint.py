@@ -6,6 +6,7 @@ checkpoints/latest points to the newest run. Every file is written atomically an
 """
 import contextlib
 import dataclasses
+import fcntl
 import os
 import pickle
 import re
@@ -27,6 +28,8 @@ WEIGHTS_FORMAT = "mobilenetv3-torch/weights/1"  # best_weights.pth: the model al
 RUN_FILES = re.compile(r"(last|best|best_weights|epoch_\d{4})\.pth")  # what a fresh start must not overwrite
 # how an optimizer runs, not what it learned: this run's choice, whatever the checkpoint's device chose
 IMPLEMENTATION_FLAGS = ("foreach", "fused")
+LOCKS = {}  # run folder -> its lock file, held open while this process trains there
+LOG_OWNER = ".checkpoint-folder"  # in a TensorBoard run folder: the checkpoint folder whose events it holds
 
 
 @dataclasses.dataclass
@@ -156,10 +159,10 @@ def choose_run_folder(args):
     continues the latest run (checkpoints/latest); --resume PATH continues in PATH's folder."""
     if args.output_dir is not None:
         folder = os.path.realpath(args.output_dir)  # checkpoints/latest/ given as a folder: the run it points to
-        return folder, args.run_name or os.path.basename(folder), False
+        return folder, args.run_name or log_name_of(folder, args.log_dir), False
     if args.resume not in (None, "auto"):
         folder = os.path.dirname(os.path.realpath(args.resume))
-        return folder, args.run_name or os.path.basename(folder), False
+        return folder, args.run_name or log_name_of(folder, args.log_dir), False
     latest = os.path.join(flags.CHECKPOINTS, "latest")
     if args.resume == "auto" and not args.run_name and os.path.isdir(latest):
         folder = os.path.realpath(latest)
@@ -179,11 +182,28 @@ def choose_run_folder(args):
     return folder, os.path.basename(folder), False
 
 
+def log_name_of(folder, log_dir):
+    """The TensorBoard run name of a checkpoint folder: its own name, or name-2, name-3, ... when another checkpoint
+    folder of that name logs there already (expA/ckpt and expB/ckpt are two runs, never one)."""
+    name = os.path.basename(folder)
+    for candidate in [name] + [f"{name}-{n}" for n in range(2, 1000)]:
+        try:
+            with open(os.path.join(log_dir, candidate, LOG_OWNER)) as f:
+                if f.read() != folder:
+                    continue
+        except OSError:
+            pass  # a new name, or a log folder that says nothing about its run
+        return candidate
+    return name
+
+
 def prepare_run_folders(config):
-    """A fresh start never destroys another run's files: refused unless --overwrite, which deletes them. Then the
+    """A fresh start never destroys another run's files: refused unless --overwrite, which deletes them, and a run
+    already training in the folder refuses any other start (a lock held until unlock_run_folders). Then the
     checkpoint and TensorBoard folders are made and probed (failing at start, not after an epoch) and temp files
-    of killed writes removed; a refused start changes nothing (a live run may be writing in that folder)."""
+    of killed writes removed; a refused start changes nothing in the folder."""
     log_folder = os.path.join(config.log_dir, config.run_name)
+    lock_run_folder(config.output_dir)
     found = []
     for folder, is_run_file in ((config.output_dir, RUN_FILES.fullmatch), (log_folder, lambda n: "tfevents" in n)):
         if config.resume is None and os.path.isdir(folder):
@@ -199,6 +219,9 @@ def prepare_run_folders(config):
         raise CheckpointError(f"cannot write checkpoints to --output-dir {config.output_dir}: {e.strerror or e}") \
             from None
     utils.prepare_log_dir(log_folder)
+    if not os.path.exists(os.path.join(log_folder, LOG_OWNER)):  # whose events these are (log_name_of)
+        with open(os.path.join(log_folder, LOG_OWNER), "w") as f:
+            f.write(os.path.realpath(config.output_dir))
     for path in found:
         try:
             os.remove(path)
@@ -208,6 +231,31 @@ def prepare_run_folders(config):
         if name.startswith(".tmp-"):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(config.output_dir, name))
+
+
+def lock_run_folder(folder):
+    """An exclusive lock on the run folder while this process trains there: two runs started into one folder at the
+    same moment cannot both pass the checks that follow (they read, then write)."""
+    if folder in LOCKS:  # this process holds it already (a benchmark builds several runs)
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a")
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to --output-dir {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"another run is training in {folder} right now: let it finish, or choose another "
+                        "--output-dir / --run-name") from None
+    LOCKS[folder] = lock
+
+
+def unlock_run_folders():
+    for lock in LOCKS.values():
+        lock.close()
+    LOCKS.clear()
 
 
 def point_latest_at(folder):

@@ -144,10 +144,18 @@ def validate_args(args):
     check(("lr", "width_mult", "kd_temperature"), lambda v: math.isfinite(v) and v > 0, "a positive number")
     check(("val_split_fraction", "ema_decay", "label_smoothing", "dropout"), lambda v: 0 <= v < 1, "in [0, 1)")
     check(("kd_alpha", "random_erase"), lambda v: 0 <= v <= 1, "in [0, 1]")
-    check(("min_scale",), lambda v: 0 < v <= 1, "in (0, 1]")
+    check(("min_scale", "bn_momentum", "lr_gamma"), lambda v: 0 < v <= 1, "in (0, 1]")
+    check(("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
+    check(("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)")
+    check(("run_name",), lambda v: v not in ("", ".", "..") and os.sep not in v, "a folder name, not a path")
     if args.decode_on == "device" and (args.auto_augment or args.random_erase):
         raise UserError("--decode-on device does the crop and flip only: drop --auto-augment and --random-erase, "
                         "or decode on the workers")
+    defaults = get_args_parser()
+    unused = [f"--{name.replace('_', '-')}" for name in ("kd_alpha", "kd_temperature")
+              if getattr(args, name) != defaults.get_default(name)]
+    if unused and args.teacher is None:
+        raise UserError(f"{' and '.join(unused)} set how a teacher distils: give one with --teacher, or drop them")
     check_paths(args)
 
 
@@ -247,15 +255,21 @@ def resolve_config(args, device, output_dir=None, run_name=None):
     defaults = DEMO_DEFAULTS if args.data_path is None else IMAGENET_DEFAULTS
     img_size = args.img_size or defaults["img_size"]
     val_crop_size = args.val_crop_size or img_size
+    val_resize_size = args.val_resize_size or round(val_crop_size / 0.875)
+    if val_resize_size < val_crop_size:
+        raise UserError(f"--val-resize-size {val_resize_size} is smaller than the validation crop {val_crop_size}: "
+                        "the crop would be padded with black; resize to at least the crop (default: crop / 0.875)")
+    amp = device.type != "cpu" if args.amp is None else args.amp
+    if args.amp_dtype != "auto" and not amp:
+        raise UserError(f"--amp-dtype {args.amp_dtype} needs --amp (mixed precision is off by default on the CPU)")
     output_dir = output_dir or args.output_dir
     return argparse.Namespace(**{
         **vars(args),
         "img_size": img_size,
         "epochs": args.epochs or defaults["epochs"],
         "val_crop_size": val_crop_size,
-        "val_resize_size": args.val_resize_size or round(val_crop_size / 0.875),
-        # off on the CPU, where bf16 autocast is slower than fp32 (docs/performance.md)
-        "amp": device.type != "cpu" if args.amp is None else args.amp,
+        "val_resize_size": val_resize_size,
+        "amp": amp,  # off on the CPU by default, where bf16 autocast is slower than fp32 (docs/performance.md)
         # faster on CUDA and on the CPU (docs/performance.md)
         "channels_last": device.type in ("cuda", "cpu") if args.channels_last is None else args.channels_last,
         "workers": utils.default_workers(device) if args.workers is None else args.workers,

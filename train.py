@@ -670,8 +670,11 @@ def main(args):
     utils.check_versions()
     flags.validate_args(args)
     rank, world_size, device = utils.setup_distributed(args.device)
-    with utils.StopRequest() as stop:  # SIGTERM/Ctrl-C: finish the step, save, exit
-        return train_run(args, rank, world_size, device, stop)
+    try:
+        with utils.StopRequest() as stop:  # SIGTERM/Ctrl-C: finish the step, save, exit
+            return train_run(args, rank, world_size, device, stop)
+    finally:
+        checkpoint.unlock_run_folders()
 
 
 def train_run(args, rank, world_size, device, stop):

@@ -328,6 +328,15 @@ def cli(capsys, *argv):
     (["--resume", "nowhere.pth"], "--resume file not found"),
     (["--ema-decay", "1.5"], "--ema-decay must be in"),
     (["--decode-on", "device", "--auto-augment", "ra"], "--decode-on device does the crop and flip only"),
+    (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1]"),
+    (["--momentum", "-0.9"], "--momentum must be in [0, 1)"),
+    (["--lr-gamma", "-0.1"], "--lr-gamma must be in (0, 1]"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--run-name", "../elsewhere"], "--run-name must be a folder name, not a path"),
+    (["--kd-alpha", "0.9"], "--kd-alpha set how a teacher distils: give one with --teacher"),
+    (["--val-crop-size", "64", "--val-resize-size", "48"], "--val-resize-size 48 is smaller than the validation crop 64"),
+    (["--amp-dtype", "float16"], "--amp-dtype float16 needs --amp"),
+    (["--save-every-minutes", "-1"], "--save-every-minutes must be 0 or more"),
 ])
 def test_bad_flag_values_are_one_line(tiny_data, tmp_path, capsys, flags, message):
     code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path), *flags)
@@ -372,6 +381,33 @@ class CreatesAFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_two_runs_started_into_one_folder_at_the_same_moment_one_trains_the_other_is_refused(tiny_data, tmp_path):
+    for attempt in range(2):
+        argv = tiny_train_args(tiny_data, tmp_path / str(attempt), "--epochs", "1", "--max-steps", "3")
+        racers = [start_training(argv) for _ in range(2)]
+        results = [(proc.communicate(timeout=120)[1], proc.returncode)[::-1] for proc in racers]
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 2], results
+        refused = next(err for code, err in results if code == 2).splitlines()[-1].split("\r")[-1]
+        assert ("another run is training in" in refused or "belongs to an earlier run" in refused), refused
+        assert torch.load(tmp_path / str(attempt) / "ckpt/last.pth", weights_only=True)["step"] == 3
+
+
+def test_two_output_folders_of_one_name_are_two_runs_in_tensorboard(tiny_data, tmp_path, capsys):
+    def run(experiment, *extra):
+        argv = [a for a in tiny_train_args(tiny_data, tmp_path) if a not in ("--run-name", "t")]
+        argv[argv.index("--output-dir") + 1] = str(tmp_path / experiment / "ckpt")
+        return cli(capsys, *argv, "--epochs", "1", *extra)[0]
+    assert run("expA") == 0 and run("expB") == 0  # the second is not refused: it is another run
+    assert sorted(os.listdir(tmp_path / "runs")) == ["ckpt", "ckpt-2"]
+    assert all(glob.glob(str(tmp_path / "runs" / name / "events*")) for name in ("ckpt", "ckpt-2"))
+    events = lambda name: len(glob.glob(str(tmp_path / "runs" / name / "events*")))  # noqa: E731
+    before = events("ckpt"), events("ckpt-2")
+    assert run("expA", "--epochs", "2", "--resume", "auto") == 0  # a resume logs to its own run's folder
+    assert sorted(os.listdir(tmp_path / "runs")) == ["ckpt", "ckpt-2"]
+    assert events("ckpt") > before[0] and events("ckpt-2") == before[1]
 
 
 def test_a_validation_split_without_one_readable_image_is_an_error_not_a_best(tmp_path, capsys):
