@@ -303,6 +303,8 @@ def checkpoint_state(run, state, rng_states):
         "norm": cfg.norm,
         "val_resize_size": cfg.val_resize_size,
         "val_crop_size": cfg.val_crop_size,
+        # --val-split-fraction's held-out images, so that the run and evaluate.py always score the same ones
+        "val_split_files": [os.fsdecode(path) for path in splits.val.paths] if cfg.val_split_fraction else None,
     }
 
 
@@ -365,7 +367,7 @@ def weights_file(ckpt):
     """best_weights.pth: only the best weights (EMA or raw) with what evaluate.py, export.py and --pretrained need
     to use them: a few MB, where best.pth also holds the other weights, the EMA's and the optimizer's state."""
     keep = ("model_config", "classes", "class_names", "norm", "val_resize_size", "val_crop_size", "best_top1",
-            "epoch", "data_path")
+            "epoch", "data_path", "val_split_files")
     weights = ckpt["best_weights"]
     return {"format": WEIGHTS_FORMAT, "weights": weights, **{key: ckpt.get(key) for key in keep},
             "model": ckpt["ema_model"] if weights == "ema" else ckpt["model"], "args": ckpt["args"]}
@@ -398,10 +400,23 @@ def repair_best(ckpt, output_dir):
 
 # ---------------------------------------------------------------- resuming
 
+def resume_path(config):
+    """The checkpoint --resume names (None without --resume; it may not exist yet with --resume auto)."""
+    return os.path.join(config.output_dir, "last.pth") if config.resume == "auto" else config.resume
+
+
+def recorded_val_split(config):
+    """The held-out files recorded by the run being resumed (val_split_files), or None."""
+    path = resume_path(config)
+    if not path or not os.path.isfile(path):
+        return None
+    return load_checkpoint(path).get("val_split_files")
+
+
 def resume_if_asked(run, state, followed_latest):
     """--resume: continue from the checkpoint, if there is one. Returns whether the run has epochs left to train."""
     cfg = run.config
-    path = os.path.join(cfg.output_dir, "last.pth") if cfg.resume == "auto" else cfg.resume
+    path = resume_path(cfg)
     # rank 0 decides, so that every rank resumes or none does (multi-node runs need a shared --output-dir)
     if not utils.broadcast_object(bool(path) and os.path.isfile(path)):
         if cfg.resume == "auto":

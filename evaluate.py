@@ -134,7 +134,8 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
             "val_crop_size": ckpt.get("val_crop_size"), "amp": args.get("amp", False),
             "amp_dtype": args.get("amp_dtype", "auto"),
             "data_path": ckpt.get("data_path") or args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config,
-            "val_split": (args.get("val_split_fraction") or 0, args.get("seed", 0))}
+            "val_split": (args.get("val_split_fraction") or 0, args.get("seed", 0)),
+            "val_split_files": ckpt.get("val_split_files")}
     return net, info
 
 
@@ -196,7 +197,7 @@ def load_onnx_for_eval(path):
     keys = ("classes", "class_names", "weights", "norm", "val_resize_size", "val_crop_size", "data_path", "epoch",
             "config")
     info = {**{key: meta[key] for key in keys}, "amp": False, "amp_dtype": "auto",
-            "val_split": tuple(meta.get("val_split", (0, 0)))}
+            "val_split": tuple(meta.get("val_split", (0, 0))), "val_split_files": None}  # redrawn from the seed
     return OnnxModel(session), info
 
 
@@ -422,7 +423,9 @@ def held_out_split(data_path, info):
     splits = layouts.find_dataset(data_path)
     if splits.val is not None or list(splits.classes) != list(info["classes"]):
         return None  # a real validation split, or other data: scored as usual
-    _, index = layouts.split_validation(splits.train, fraction, seed)
+    files = info.get("val_split_files")  # the run's own, whatever was added to the folder since
+    _, index = (layouts.hold_out(splits.train, files) if files is not None
+                else layouts.split_validation(splits.train, fraction, seed))
     return index, f"the {fraction:g} of each training class held out by --val-split-fraction (seed {seed})"
 
 

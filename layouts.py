@@ -99,6 +99,19 @@ def split_validation(index, fraction, seed=0):
     return keep(~held_out), keep(held_out)
 
 
+def hold_out(index, files):
+    """(train, val) FileIndex with exactly `files` (paths relative to index.root, as a run recorded them) held out;
+    images added since go to training. DataError when some of them are gone: the split would not be the run's."""
+    held_out = np.isin(index.paths, np.asarray([os.fsencode(path) for path in files], dtype=np.bytes_))
+    if held_out.sum() < len(files):
+        present = set(index.paths[held_out].tolist())
+        gone = [path for path in files if os.fsencode(path) not in present]
+        raise DataError(f"{len(gone)} of the {len(files)} images held out for this run's validation are missing "
+                        f"from {index.root} (the first: {gone[0]}): put them back, or start a new run")
+    keep = lambda mask: FileIndex(index.root, index.paths[mask], index.labels[mask])  # noqa: E731
+    return keep(~held_out), keep(held_out)
+
+
 def find_val_split(data_path, classes, cache_dir=None):
     """(FileIndex, layout description) of the validation images under data_path (the dataset root or the
     validation folder itself, in any layout), labelled by name with the given class list."""

@@ -538,8 +538,10 @@ def build_data(config, rank, world_size, device):
     splits = layouts.find_dataset(path)
     if splits.val is not None and config.val_split_fraction:
         raise UserError(f"--val-split-fraction: {path} has a validation split already ({splits.layout})")
-    if splits.val is None and config.val_split_fraction:
-        train, val = layouts.split_validation(splits.train, config.val_split_fraction, config.seed)
+    if splits.val is None and config.val_split_fraction:  # drawn once, then the resumed run's own files
+        recorded = checkpoint.recorded_val_split(config)
+        train, val = (layouts.split_validation(splits.train, config.val_split_fraction, config.seed)
+                      if recorded is None else layouts.hold_out(splits.train, recorded))
         splits = dataclasses.replace(splits, train=train, val=val, layout=splits.layout + (
             f"; validation: {config.val_split_fraction:g} of each training class, held out"))
     if splits.val is None:

@@ -2,6 +2,7 @@
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import random
 import signal
@@ -408,6 +409,35 @@ def test_two_output_folders_of_one_name_are_two_runs_in_tensorboard(tiny_data, t
     assert run("expA", "--epochs", "2", "--resume", "auto") == 0  # a resume logs to its own run's folder
     assert sorted(os.listdir(tmp_path / "runs")) == ["ckpt", "ckpt-2"]
     assert events("ckpt") > before[0] and events("ckpt-2") == before[1]
+
+
+def test_a_held_out_split_stays_the_runs_own_when_the_folder_changes(tmp_path, capsys):
+    import shutil
+    import evaluate
+    data = make_class_folders(tmp_path / "data", train_per_class=16, val_per_class=1)
+    shutil.rmtree(os.path.join(data, "val"))
+    argv = tiny_train_args(data, tmp_path, "--val-split-fraction", "0.25", "--resume", "auto")
+    assert cli(capsys, *argv, "--epochs", "1")[0] == 0
+    held_out = torch.load(tmp_path / "ckpt/best.pth", weights_only=True)["val_split_files"]
+    assert len(held_out) == 12
+    make_class_folders(tmp_path / "more", train_per_class=8, val_per_class=0)  # new images, other names
+    for folder in (tmp_path / "more/train").iterdir():
+        for image in folder.iterdir():
+            shutil.copy(image, tmp_path / "data/train" / folder.name / f"new_{image.name}")
+
+    def evaluate_best():
+        return utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args(
+            [str(tmp_path / "ckpt/best_weights.pth"), "--workers", "0", "--json", str(tmp_path / "m.json")]))
+    assert evaluate_best() == 0 and json.load(open(tmp_path / "m.json"))["images"] == 12
+    assert cli(capsys, *argv, "--epochs", "2")[0] == 0  # resumed: the same 12 validation images, not a new draw
+    last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
+    assert last["val_split_files"] == held_out and last["metrics"]["val_images"] == 12
+    assert last["steps_per_epoch"] == (36 + 24) // 8  # the images added since train
+    os.remove(os.path.join(data, "train", held_out[0]))
+    capsys.readouterr()
+    assert evaluate_best() == 2 and "1 of the 12 images held out for this run's validation are missing" in capsys.readouterr().err
+    code, err = cli(capsys, *argv, "--epochs", "3")
+    assert code == 2 and f"(the first: {held_out[0]}): put them back, or start a new run" in err and err.count("\n") == 1
 
 
 def test_a_validation_split_without_one_readable_image_is_an_error_not_a_best(tmp_path, capsys):
