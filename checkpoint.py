@@ -6,6 +6,7 @@ checkpoints/latest points to the newest run. Every file is written atomically an
 """
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import pickle
@@ -21,7 +22,7 @@ import torch
 
 import flags
 import utils
-from utils import CheckpointError, UserError, plural, print0
+from utils import CheckpointError, UserError, plural, print0, warn
 
 CHECKPOINT_FORMAT = "mobilenetv3-torch/1"
 WEIGHTS_FORMAT = "mobilenetv3-torch/weights/1"  # best_weights.pth: the model alone, for sharing and fine-tuning
@@ -84,6 +85,9 @@ def save_checkpoint(state, path):
         finally:
             os.close(dir_fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError("... unexpected pos ...")
+        if tmp_path is not None and os.path.exists(tmp_path):
+            os.remove(tmp_path)  # first, so that the free space below is what the disk really has
+            tmp_path = None
         free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
         full = "no space left on device" if free < 2**26 else str(e).splitlines()[0]
         reason = f"{getattr(e, 'strerror', None) or full}, {free / 2**20:.0f} MB free there"
@@ -166,7 +170,7 @@ def choose_run_folder(args):
     latest = os.path.join(flags.CHECKPOINTS, "latest")
     if args.resume == "auto" and not args.run_name and os.path.isdir(latest):
         folder = os.path.realpath(latest)
-        return folder, os.path.basename(folder), True
+        return folder, log_name_of(folder, args.log_dir), True
     name = args.run_name or f"{args.arch}_{args.width_mult:g}_{time.strftime('%Y%m%d-%H%M%S')}"
     folder = os.path.join(flags.CHECKPOINTS, name)
     for n in range(2, 1000):
@@ -187,14 +191,18 @@ def log_name_of(folder, log_dir):
     folder of that name logs there already (expA/ckpt and expB/ckpt are two runs, never one)."""
     name = os.path.basename(folder)
     for candidate in [name] + [f"{name}-{n}" for n in range(2, 1000)]:
-        try:
-            with open(os.path.join(log_dir, candidate, LOG_OWNER)) as f:
-                if f.read() != folder:
-                    continue
-        except OSError:
-            pass  # a new name, or a log folder that says nothing about its run
-        return candidate
+        if log_owner(os.path.join(log_dir, candidate)) in (None, folder):  # new, its own, or one that does not say
+            return candidate
     return name
+
+
+def log_owner(log_folder):
+    """The checkpoint folder whose TensorBoard events log_folder holds (its LOG_OWNER file), or None."""
+    try:
+        with open(os.path.join(log_folder, LOG_OWNER), encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def prepare_run_folders(config):
@@ -204,6 +212,10 @@ def prepare_run_folders(config):
     of killed writes removed; a refused start changes nothing in the folder."""
     log_folder = os.path.join(config.log_dir, config.run_name)
     lock_run_folder(config.output_dir)
+    owner = log_owner(log_folder)
+    if owner not in (None, os.path.realpath(config.output_dir)):
+        raise UserError(f"{log_folder} holds the TensorBoard events of another run ({owner}): choose another "
+                        "--run-name")
     found = []
     for folder, is_run_file in ((config.output_dir, RUN_FILES.fullmatch), (log_folder, lambda n: "tfevents" in n)):
         if config.resume is None and os.path.isdir(folder):
@@ -220,7 +232,7 @@ def prepare_run_folders(config):
             from None
     utils.prepare_log_dir(log_folder)
     if not os.path.exists(os.path.join(log_folder, LOG_OWNER)):  # whose events these are (log_name_of)
-        with open(os.path.join(log_folder, LOG_OWNER), "w") as f:
+        with open(os.path.join(log_folder, LOG_OWNER), "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(os.path.realpath(config.output_dir))
     for path in found:
         try:
@@ -243,10 +255,13 @@ def lock_run_folder(folder):
         lock = open(os.path.join(folder, ".lock"), "a")
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoints to --output-dir {folder}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    try:  # a POSIX record lock: forked loader workers do not inherit it, so it ends with the process itself
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
         lock.close()
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without locks (NFS without lockd, ...)
+            warn(f"cannot lock {folder} ({e.strerror}): two runs started into it at once would not be stopped")
+            return
         raise UserError(f"another run is training in {folder} right now: let it finish, or choose another "
                         "--output-dir / --run-name") from None
     LOCKS[folder] = lock
@@ -296,6 +311,7 @@ def checkpoint_state(run, state, rng_states):
         "rng": rng_states,               # one per rank: each rank's dropout/mixup stream resumes exactly
         "world_size": run.world_size,
         "steps_per_epoch": run.steps_per_epoch,
+        "train_images": len(run.data.train_set),  # with the seed, the order of every epoch's images
         "data_path": run.data.path,
         "args": dict(vars(cfg)),
         "classes": list(splits.classes),
@@ -316,15 +332,19 @@ class SaveSchedule:
     def __init__(self, minutes, steps):
         self.seconds, self.steps, self.last = minutes * 60, steps, time.monotonic()
 
-    def due(self, step):
-        every_steps = bool(self.steps) and step % self.steps == 0
+    def due(self, state):
+        if state.nonfinite_streak:  # no checkpoint is written then: asking every step would only repeat a warning
+            return False
+        every_steps = bool(self.steps) and state.step % self.steps == 0
         return every_steps or (self.seconds > 0 and time.monotonic() - self.last >= self.seconds)
 
     def save(self, run, state, *meters):
         """last.pth at this step (a kill -9 then loses at most the interval); the meters do not count its time."""
         start = time.perf_counter()
         save(run, state)
-        self.last = time.monotonic()
+        self.last = time.monotonic()  # also after a refused save (non-finite weights): the next try in an interval
+        if run.writer is not None:
+            run.writer.flush()  # the events up to this checkpoint survive a kill -9 too
         for meter in meters:
             meter.start += time.perf_counter() - start
 
@@ -462,6 +482,10 @@ def resume(run, state, path, followed_latest=False):
                                  in zip(run.ema.shadow_params, run.ema._get_parameters(None))]
     state.load_state_dict(ckpt)
     state.nonfinite_streak = 0
+    saved, cfg = ckpt.get("args", {}), run.config
+    if state.batch_in_epoch and (saved.get("batch_size"), saved.get("accum_steps"), ckpt.get("world_size", 1)) != (
+            cfg.batch_size, cfg.accum_steps, run.world_size):
+        continue_epoch_with_other_batches(run, state, ckpt)
     rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
     if len(rng) == run.world_size:
         utils.set_rng_state(rng[run.rank])  # each rank's dropout/mixup stream goes on exactly
@@ -469,6 +493,17 @@ def resume(run, state, path, followed_latest=False):
         utils.seed_everything(run.config.seed + run.rank + 1_000_003 * state.step)
     if run.rank == 0:
         repair_best(ckpt, run.config.output_dir)
+
+
+def continue_epoch_with_other_batches(run, state, ckpt):
+    """A checkpoint inside an epoch, resumed with another batch size or process count: the epoch goes on in its own
+    order (seed and images unchanged) after the images already trained, in whole steps of this run."""
+    cfg, saved = run.config, ckpt["args"]
+    seen = ckpt["batch_in_epoch"] * saved["batch_size"] * ckpt.get("world_size", 1)  # the epoch's order, so far
+    state.batch_in_epoch = seen // (cfg.batch_size * cfg.accum_steps * run.world_size) * cfg.accum_steps
+    print0(f"resume: epoch {state.epoch + 1} goes on after image {seen} of its order with another batch or process "
+           f"count, from step {state.batch_in_epoch // cfg.accum_steps} of {run.steps_per_epoch} (less than one step "
+           "of images trained twice; from here not bit for bit an uninterrupted run)")
 
 
 def check_resume_flags(run, ckpt, path, followed_latest):
@@ -481,11 +516,15 @@ def check_resume_flags(run, ckpt, path, followed_latest):
         now = (cfg.batch_size, cfg.accum_steps, run.world_size, cfg.seed, run.steps_per_epoch)
         then = (saved.get("batch_size"), saved.get("accum_steps"), ckpt.get("world_size", 1), saved.get("seed", 0),
                 ckpt.get("steps_per_epoch", run.steps_per_epoch))
-        if now != then:
+        same_order = (saved.get("seed", 0), ckpt.get("train_images")) == (cfg.seed, len(run.data.train_set))
+        if now != then and not same_order:  # another batch or process count alone is continued (resume)
             raise CheckpointError(
                 f"{path} stopped inside an epoch with batch size, accum steps, processes, seed and steps an epoch "
-                f"{then}; resume it with the same (this run has {now}: did the training folder change?), or "
-                "resume from a checkpoint written at the end of an epoch")
+                f"{then}; resume it with the same seed and training images (this run has {now}: did the training "
+                "folder change?), or resume from a checkpoint written at the end of an epoch")
+    if ckpt.get("val_split_files") is not None and saved.get("val_split_fraction") != cfg.val_split_fraction:
+        raise CheckpointError(f"{path} holds out {len(ckpt['val_split_files'])} images for validation, drawn with "
+                              f"--val-split-fraction {saved.get('val_split_fraction')}: resume with the same")
     changed = [f"--{key.replace('_', '-')} {saved[key]} -> {value}" for key, value in sorted(vars(cfg).items())
                if key in saved and saved[key] != value and key not in flags.RESUME_QUIET_FLAGS]
     other_run = [change for change in changed if not change.startswith("--epochs ")]  # more epochs: same run

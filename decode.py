@@ -79,8 +79,9 @@ def read_image_file(path, jpeg_modes=("RGB", "L", "CMYK"), exif_orientation=Fals
 
 def eight_bit(image):
     """A PIL image whose convert("RGB") gives its true picture: 16-bit greys scaled to 8 bits (convert would clip
-    them to white); 32-bit integer and float pixels, whose range no file states, refused."""
-    if image.mode.startswith("I;16"):
+    them to white; PNG and PGM files hold at most 16 bits, whatever mode PIL opens them in); 32-bit integer and
+    float pixels, whose range no file states, refused."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM")):
         return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
     if image.mode in ("I", "F"):
         raise ValueError(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels have no fixed "

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: sleeping, no
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -135,7 +136,8 @@ def load_model_for_eval(path, weights=None, arch=None, width_mult=None, num_clas
             "amp_dtype": args.get("amp_dtype", "auto"),
             "data_path": ckpt.get("data_path") or args.get("data_path"), "epoch": ckpt.get("epoch"), "config": config,
             "val_split": (args.get("val_split_fraction") or 0, args.get("seed", 0)),
-            "val_split_files": ckpt.get("val_split_files")}
+            "val_split_files": ckpt.get("val_split_files"),
+            "val_split_sha256": split_fingerprint(ckpt.get("val_split_files"))}
     return net, info
 
 
@@ -197,7 +199,8 @@ def load_onnx_for_eval(path):
     keys = ("classes", "class_names", "weights", "norm", "val_resize_size", "val_crop_size", "data_path", "epoch",
             "config")
     info = {**{key: meta[key] for key in keys}, "amp": False, "amp_dtype": "auto",
-            "val_split": tuple(meta.get("val_split", (0, 0))), "val_split_files": None}  # redrawn from the seed
+            "val_split": tuple(meta.get("val_split", (0, 0))), "val_split_files": None,  # redrawn, then checked
+            "val_split_sha256": meta.get("val_split_sha256")}
     return OnnxModel(session), info
 
 
@@ -424,9 +427,20 @@ def held_out_split(data_path, info):
     if splits.val is not None or list(splits.classes) != list(info["classes"]):
         return None  # a real validation split, or other data: scored as usual
     files = info.get("val_split_files")  # the run's own, whatever was added to the folder since
-    _, index = (layouts.hold_out(splits.train, files) if files is not None
-                else layouts.split_validation(splits.train, fraction, seed))
+    if files is not None:
+        _, index = layouts.hold_out(splits.train, files)
+    else:  # an .onnx file records only their fingerprint: drawn again, and checked against it
+        _, index = layouts.split_validation(splits.train, fraction, seed)
+        recorded = info.get("val_split_sha256")
+        if recorded and split_fingerprint([os.fsdecode(path) for path in index.paths]) != recorded:
+            raise UserError(f"{data_path} changed since training: the images drawn for validation are not the ones "
+                            "the run held out; evaluate its checkpoint instead, which records them")
     return index, f"the {fraction:g} of each training class held out by --val-split-fraction (seed {seed})"
+
+
+def split_fingerprint(files):
+    """sha256 of a held-out file list (None for None): what an .onnx file records of its run's split."""
+    return None if files is None else hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def check_args(args):

@@ -99,6 +99,7 @@ def make_metadata(info, img_size, batch_size, precision, source, calibration=Non
         "epoch": info["epoch"],
         "data_path": info["data_path"],
         "val_split": list(info.get("val_split", (0, 0))),  # (fraction, seed) of train.py --val-split-fraction
+        "val_split_sha256": evaluate.split_fingerprint(info.get("val_split_files")),  # its held-out files
         "config": info["config"],
         "source_checkpoint": os.path.abspath(source),
         "calibration": calibration,

@@ -146,8 +146,9 @@ def validate_args(args):
     check(("kd_alpha", "random_erase"), lambda v: 0 <= v <= 1, "in [0, 1]")
     check(("min_scale", "bn_momentum", "lr_gamma"), lambda v: 0 < v <= 1, "in (0, 1]")
     check(("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
-    check(("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)")
-    check(("run_name",), lambda v: v not in ("", ".", "..") and os.sep not in v, "a folder name, not a path")
+    check(("seed",), lambda v: -2**63 < v < 2**63, "in (-2**63, 2**63)")
+    check(("run_name",), lambda v: v not in ("", ".", "..", "latest") and os.sep not in v,
+          "a folder name, not a path (and not latest, the link to the newest run)")
     if args.decode_on == "device" and (args.auto_augment or args.random_erase):
         raise UserError("--decode-on device does the crop and flip only: drop --auto-augment and --random-erase, "
                         "or decode on the workers")

@@ -136,9 +136,8 @@ def distillation_loss(loss, logits, teacher_logits, alpha, temperature):
 
 def train_step(model, params, micro_batches, lr, optimizer, scaler, autocast, criterion, skips, accum_steps=1,
                ema=None, teacher=None, kd_alpha=0.5, kd_temperature=1.0, clip_grad_norm=0.0, no_sync=None):
-    """One optimizer step of model (its parameters: params) from `accum_steps` micro-batches (images, targets),
-    normalized and on the device. Returns its figures as one device tensor: loss x images, top-1 hits, images,
-    KD term x images."""
+    """One optimizer step of model (parameters: params) from `accum_steps` micro-batches (images, targets) on the
+    device. Returns its figures as one device tensor: loss x images, top-1 hits, images, KD term x images."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     skips.before_step()  # keeps the BN statistics, to take back after a non-finite step
@@ -253,7 +252,7 @@ def train_one_epoch(run, state, time_first_step=False):
                 outcome = Outcome.DIVERGED
                 break
             # every rank stops (or saves) at the same step, whichever got the signal (or saw the time) first
-            stop, save_due = utils.any_rank(run.stop, schedule.due(state.step))
+            stop, save_due = utils.any_rank(run.stop, schedule.due(state))
             if stop or (cfg.max_steps and state.step >= cfg.max_steps):
                 outcome = Outcome.STOPPED if state.batch_in_epoch < batches else Outcome.DONE
                 break
@@ -331,16 +330,15 @@ def validate(run):
 
 
 def validate_and_track_best(run, state):
-    """Validate the raw and the EMA weights after the epoch just finished, then save last.pth (and best.pth on a
-    new best). Returns whether the checkpoints were written, or None, having saved nothing, when a stop request
-    cut the validation short."""
+    """Validate the raw and the EMA weights after the epoch, then save last.pth (and best.pth on a new best). Returns
+    whether they were written, or None, having saved nothing, when a stop request cut the validation short."""
     results = validate(run)
     if results is None:
         return None
     if results["raw"]["images"] == 0:  # no image is no measurement: never a 0% top-1, never a best
-        checkpoint.save(run, state)
+        saved = "last.pth is saved" if checkpoint.save(run, state) else "see the warning: last.pth is the previous one"
         raise UserError(f"none of the {len(run.data.val_set)} validation images could be read (see the warnings "
-                        "above): replace or remove them, then continue with --resume auto (last.pth is saved)")
+                        f"above): replace or remove them, then continue with --resume auto ({saved})")
     which = max(results, key=lambda k: (results[k]["top1"], k == "ema"))  # ties go to the EMA
     top1 = results[which]["top1"]
     is_best = top1 > state.best_top1 and checkpoint.can_save(run, state)  # best_top1 describes a best.pth on disk
@@ -612,9 +610,8 @@ def load_teacher(config, classes, num_classes, device):
 
 
 def build_trainer(config, net, device, steps_per_epoch, world_size=None, **parts):
-    """A Run around a network already on its device: optimizer, EMA, precision, loss, and the DDP and
-    torch.compile wrappers; `parts` are the other fields of Run (data, teacher, mixup, rank, stop, ...).
-    tools/benchmark.py times the real update step on a Run built here."""
+    """A Run around a network on its device: optimizer, EMA, precision, loss, DDP and torch.compile wrappers; `parts`
+    are Run's other fields (data, teacher, ...). tools/benchmark.py times the real update step on a Run built here."""
     if world_size is None:  # the process group's, when there is one: DDP, the lr and the EMA decay agree
         world_size = torch.distributed.get_world_size() if utils.is_distributed() else 1
     lr, ema_decay = flags.scaled_to_global_batch(config, world_size)
@@ -691,8 +688,10 @@ def train_run(args, rank, world_size, device, stop):
     if checkpoint.resume_if_asked(run, state, followed_latest):
         run.writer = open_tensorboard(run, state)
         announce_run(run)
-        outcome = train_epochs(run, state)
-        close_tensorboard(run, state, outcome)
+        try:
+            outcome = train_epochs(run, state)
+        finally:  # an error too keeps the events written so far
+            close_tensorboard(run, state, outcome)
     report_outcome(run, state, outcome)
     return 0
 

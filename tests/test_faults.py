@@ -109,7 +109,8 @@ def test_kill_9_loses_at_most_the_save_interval_and_the_run_ends_as_an_uninterru
     data = make_class_folders(tmp_path / "data", train_per_class=24, val_per_class=2)  # 72 images: 18 steps of 4
     common = ["--epochs", "2", "-b", "4", "--deterministic", "--ema-decay", "0.99", "--save-every-steps", "3"]
     assert train.main(flags.get_args_parser().parse_args(tiny_train_args(data, tmp_path / "a", *common))) == 0
-    argv = tiny_train_args(data, tmp_path / "b", *common, "--resume", "auto")
+    # a loader worker alive at each kill: the run folder's lock must die with the process, not with its workers
+    argv = tiny_train_args(data, tmp_path / "b", *common, "--resume", "auto", "--workers", "1")
     step_log, last = tmp_path / "steps.log", tmp_path / "b/ckpt/last.pth"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", STEP_LOG=str(step_log))
     finished = lambda: int(step_log.read_text().split()[-1]) if step_log.exists() and step_log.read_text() else 0  # noqa: E731
@@ -332,7 +333,8 @@ def cli(capsys, *argv):
     (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1]"),
     (["--momentum", "-0.9"], "--momentum must be in [0, 1)"),
     (["--lr-gamma", "-0.1"], "--lr-gamma must be in (0, 1]"),
-    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--seed", str(2**63)], "--seed must be in (-2**63, 2**63)"),
+    (["--run-name", "latest"], "not latest, the link to the newest run"),
     (["--run-name", "../elsewhere"], "--run-name must be a folder name, not a path"),
     (["--kd-alpha", "0.9"], "--kd-alpha set how a teacher distils: give one with --teacher"),
     (["--val-crop-size", "64", "--val-resize-size", "48"], "--val-resize-size 48 is smaller than the validation crop 64"),
@@ -409,6 +411,10 @@ def test_two_output_folders_of_one_name_are_two_runs_in_tensorboard(tiny_data, t
     assert run("expA", "--epochs", "2", "--resume", "auto") == 0  # a resume logs to its own run's folder
     assert sorted(os.listdir(tmp_path / "runs")) == ["ckpt", "ckpt-2"]
     assert events("ckpt") > before[0] and events("ckpt-2") == before[1]
+    argv = tiny_train_args(tiny_data, tmp_path, "--epochs", "1")
+    argv[argv.index("--run-name") + 1], argv[argv.index("--output-dir") + 1] = "ckpt", str(tmp_path / "expC/other")
+    code, err = cli(capsys, *argv)  # runs/ckpt holds expA's events
+    assert code == 2 and "holds the TensorBoard events of another run" in err and "--resume" not in err, err
 
 
 def test_a_held_out_split_stays_the_runs_own_when_the_folder_changes(tmp_path, capsys):
@@ -420,6 +426,10 @@ def test_a_held_out_split_stays_the_runs_own_when_the_folder_changes(tmp_path, c
     assert cli(capsys, *argv, "--epochs", "1")[0] == 0
     held_out = torch.load(tmp_path / "ckpt/best.pth", weights_only=True)["val_split_files"]
     assert len(held_out) == 12
+    import export
+    onnx_file = tmp_path / "best.onnx"
+    assert export.main(export.get_args_parser().parse_args([str(tmp_path / "ckpt/best_weights.pth"), "--output",
+                                                            str(onnx_file), "--check-images", "4"])) == 0
     make_class_folders(tmp_path / "more", train_per_class=8, val_per_class=0)  # new images, other names
     for folder in (tmp_path / "more/train").iterdir():
         for image in folder.iterdir():
@@ -429,6 +439,9 @@ def test_a_held_out_split_stays_the_runs_own_when_the_folder_changes(tmp_path, c
         return utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args(
             [str(tmp_path / "ckpt/best_weights.pth"), "--workers", "0", "--json", str(tmp_path / "m.json")]))
     assert evaluate_best() == 0 and json.load(open(tmp_path / "m.json"))["images"] == 12
+    capsys.readouterr()  # an .onnx file holds the split's fingerprint only: a new draw is refused, never scored
+    assert utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args([str(onnx_file), "--workers", "0"])) == 2
+    assert "changed since training" in capsys.readouterr().err
     assert cli(capsys, *argv, "--epochs", "2")[0] == 0  # resumed: the same 12 validation images, not a new draw
     last = torch.load(tmp_path / "ckpt/last.pth", weights_only=True)
     assert last["val_split_files"] == held_out and last["metrics"]["val_images"] == 12

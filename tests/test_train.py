@@ -244,6 +244,20 @@ def test_resume_with_half_the_batch_continues_the_lr_schedule_at_the_same_epoch(
     assert len(shared) == 12 and all(split[e] == pytest.approx(straight[e], rel=1e-6) for e in shared)
 
 
+def test_a_checkpoint_inside_an_epoch_resumes_with_another_batch_size(tiny_data, tmp_path, capsys):
+    """--save-every-minutes makes last.pth nearly always a checkpoint inside an epoch: a resume with another batch
+    size (or process count) goes on in the epoch's order after the images already trained."""
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--max-steps", "3"))  # 24 of 48 images
+    capsys.readouterr()
+    run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "-b", "4", "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert "epoch 1 goes on after image 24 of its order with another batch or process count, from step 6 of 12" in out
+    last = load(tmp_path / "ckpt/last.pth")
+    assert last["epoch"] == 2 and last["step"] == 3 + 6 + 12 and last["batch_in_epoch"] == 0
+    steps = [s for s, _ in scalars(str(tmp_path / "runs/t"))["train/loss"]]
+    assert steps == list(range(1, 22))  # one TensorBoard step per optimizer step, none twice
+
+
 def test_resume_applies_changed_flags_or_refuses_them(tiny_data, tmp_path, capsys):
     run_train(*tiny_train_args(tiny_data, tmp_path, "--epochs", "2", "--max-steps", "3"))
     code = utils.run_cli(train.main, flags.get_args_parser().parse_args(

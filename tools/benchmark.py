@@ -313,7 +313,7 @@ def train_config(settings, *argv, **overrides):
     overrides for what a comparison changes."""
     parsed = flags.get_args_parser().parse_args(["--arch", settings.arch, "--width-mult", str(settings.width_mult),
                                                  "-b", str(settings.batch_size), "--img-size", str(settings.img_size),
-                                                 *argv])
+                                                 "--save-every-minutes", "0", *argv])  # no save in a timed window
     flags.validate_args(parsed)
     return flags.resolve_config(argparse.Namespace(**{**vars(parsed), **overrides}), settings.device)
 
@@ -562,7 +562,8 @@ def report_save_interval(report, settings, save_seconds, step_rate):
     step makes (the schedule's clock; the all-reduce that carries it is the stop check's, made anyway)."""
     minutes = flags.get_args_parser().get_default("save_every_minutes")
     schedule = checkpoint.SaveSchedule(minutes, 0)
-    check = Timer("schedule.due(7)", globals={"schedule": schedule}).blocked_autorange()
+    state = train.TrainState(step=7)
+    check = Timer("schedule.due(state)", globals={"schedule": schedule, "state": state}).blocked_autorange()
     step_seconds = settings.batch_size / step_rate
     report.add("C", f"checkpoint inside an epoch (--save-every-minutes {minutes:g})")
     report.add("C", "  one save of last.pth", save_seconds, "s", "save_seconds",
