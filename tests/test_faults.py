@@ -398,6 +398,28 @@ def test_two_runs_started_into_one_folder_at_the_same_moment_one_trains_the_othe
         assert torch.load(tmp_path / str(attempt) / "ckpt/last.pth", weights_only=True)["step"] == 3
 
 
+def test_the_run_folder_lock_dies_with_its_process_not_with_its_forked_children(tmp_path):
+    """A killed run's loader workers (forked, alive a few seconds more) must not keep its folder locked: an
+    immediate restart of the job would be refused."""
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+sys.path.insert(0, {REPO!r})
+import checkpoint
+checkpoint.lock_run_folder({str(tmp_path)!r})
+child = os.fork()
+print(child or os.getpid(), flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())  # the parent prints its forked child's pid
+    holder.kill()
+    holder.wait()
+    try:
+        checkpoint.lock_run_folder(str(tmp_path))  # the child, like a loader worker, is still alive here
+    finally:
+        os.kill(child, signal.SIGKILL)
+        checkpoint.unlock_run_folders()
+
+
 def test_two_output_folders_of_one_name_are_two_runs_in_tensorboard(tiny_data, tmp_path, capsys):
     def run(experiment, *extra):
         argv = [a for a in tiny_train_args(tiny_data, tmp_path) if a not in ("--run-name", "t")]
