@@ -135,8 +135,8 @@ def validate_args(args):
             value = getattr(args, name)
             if value is not None and not ok(value):  # `not ok` also catches NaN
                 raise UserError(f"--{name.replace('_', '-')} must be {rule} (got {value})")
-    check(("batch_size", "accum_steps", "eval_every", "print_freq", "lr_step_size", "lr_base_batch", "epochs"),
-          lambda v: v >= 1, "at least 1")
+    check(("batch_size", "accum_steps", "eval_every", "print_freq", "lr_step_size", "lr_base_batch", "epochs",
+           "num_classes"), lambda v: v >= 1, "at least 1")
     check(("workers", "keep_checkpoints", "max_steps", "weight_decay", "label_smoothing", "mixup_alpha",
            "cutmix_alpha", "clip_grad_norm", "warmup_epochs", "random_erase", "save_every_minutes",
            "save_every_steps"), lambda v: v >= 0, "0 or more")

@@ -340,6 +340,7 @@ def cli(capsys, *argv):
     (["--val-crop-size", "64", "--val-resize-size", "48"], "--val-resize-size 48 is smaller than the validation crop 64"),
     (["--amp-dtype", "float16"], "--amp-dtype float16 needs --amp"),
     (["--save-every-minutes", "-1"], "--save-every-minutes must be 0 or more"),
+    (["--num-classes", "0"], "--num-classes must be at least 1"),
 ])
 def test_bad_flag_values_are_one_line(tiny_data, tmp_path, capsys, flags, message):
     code, err = cli(capsys, *tiny_train_args(tiny_data, tmp_path), *flags)
