@@ -447,6 +447,9 @@ def check_args(args):
     """Flag problems before any work: an unwritable output fails now, not after a long evaluation."""
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch-size must be at least 1 and --workers 0 or more")
+    for flag, size in (("--val-resize-size", args.val_resize_size), ("--val-crop-size", args.val_crop_size)):
+        if size is not None and size < 1:
+            raise UserError(f"{flag} must be at least 1 pixel (got {size})")
     if args.predict:
         unused = [flag for flag, value in (("--per-class", args.per_class), ("--confusion", args.confusion),
                                            ("--log-dir", args.log_dir)) if value]
@@ -470,6 +473,10 @@ def resolve_settings(args, info, device):
     """A new namespace: args with the defaults that come from the checkpoint and the device filled in, as --help
     says. args itself stays as parsed."""
     crop = args.val_crop_size or info["val_crop_size"] or 224
+    resize = args.val_resize_size or info["val_resize_size"] or round(crop / 0.875)
+    if resize < crop:
+        raise UserError(f"--val-resize-size {resize} is smaller than the crop {crop}: the crop would be padded with "
+                        "black; resize to at least the crop")
     amp = info["amp"] if args.amp is None else args.amp
     if args.amp is None and device.type == "cpu":
         amp = False  # CPU bf16 autocast measured slower than fp32, as train.py decides too
@@ -479,7 +486,7 @@ def resolve_settings(args, info, device):
         "data_path": args.data_path or info["data_path"],
         "norm": args.norm or info["norm"],
         "val_crop_size": crop,
-        "val_resize_size": args.val_resize_size or info["val_resize_size"] or round(crop / 0.875),
+        "val_resize_size": resize,
         "amp": amp,
         "amp_dtype": args.amp_dtype or info["amp_dtype"],
     })

@@ -149,7 +149,11 @@ def test_refuses_the_2021_checkpoint_and_conflicting_flags(trained, tmp_path, ca
                           ([trained / "ckpt/best.pth", "--log-dir", tmp_path / "original.pth" / "runs"],
                            "cannot write TensorBoard logs"),
                           ([trained / "ckpt/best.pth", "--predict", tmp_path / "a.jpg", "--confusion", tmp_path / "c.png",
-                            "--log-dir", tmp_path / "runs"], "--confusion, --log-dir write a validation run's results")):
+                            "--log-dir", tmp_path / "runs"], "--confusion, --log-dir write a validation run's results"),
+                          ([trained / "ckpt/best.pth", "--val-resize-size", "-5"], "--val-resize-size must be at least 1"),
+                          ([trained / "ckpt/best.pth", "--val-crop-size", "0"], "--val-crop-size must be at least 1"),
+                          ([trained / "ckpt/best.pth", "--val-crop-size", "64", "--val-resize-size", "32"],
+                           "--val-resize-size 32 is smaller than the crop 64")):
         code = utils.run_cli(evaluate.main, evaluate.get_args_parser().parse_args([str(a) for a in argv]))
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
