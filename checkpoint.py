@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 import zipfile
 
@@ -30,7 +31,7 @@ RUN_FILES = re.compile(r"(last|best|best_weights|epoch_\d{4})\.pth")  # what a f
 # how an optimizer runs, not what it learned: this run's choice, whatever the checkpoint's device chose
 IMPLEMENTATION_FLAGS = ("foreach", "fused")
 LOCKS = {}  # run folder -> its lock file, held open while this process trains there
-LOG_OWNER = ".checkpoint-folder"  # in a TensorBoard run folder: the checkpoint folder whose events it holds
+RUN_ID = ".run-id"  # in a run's checkpoint folder and its TensorBoard folder alike: whose they are
 
 
 @dataclasses.dataclass
@@ -187,20 +188,21 @@ def choose_run_folder(args):
 
 
 def log_name_of(folder, log_dir):
-    """The TensorBoard run name of a checkpoint folder: its own name, or name-2, name-3, ... when another checkpoint
-    folder of that name logs there already (expA/ckpt and expB/ckpt are two runs, never one)."""
-    name = os.path.basename(folder)
+    """The TensorBoard run name of a checkpoint folder: its own name, or name-2, name-3, ... when another run's
+    events are there already (expA/ckpt and expB/ckpt are two runs, never one)."""
+    name, own = os.path.basename(folder), run_id(folder)
     for candidate in [name] + [f"{name}-{n}" for n in range(2, 1000)]:
-        if log_owner(os.path.join(log_dir, candidate)) in (None, folder):  # new, its own, or one that does not say
+        if run_id(os.path.join(log_dir, candidate)) in (None, own):  # new, this run's, or one that does not say
             return candidate
     return name
 
 
-def log_owner(log_folder):
-    """The checkpoint folder whose TensorBoard events log_folder holds (its LOG_OWNER file), or None."""
+def run_id(folder):
+    """The id a run wrote into its checkpoint and TensorBoard folders (RUN_ID), or None. An id, not a path: the two
+    folders may move or be mounted elsewhere and still belong together."""
     try:
-        with open(os.path.join(log_folder, LOG_OWNER), encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
+        with open(os.path.join(folder, RUN_ID)) as f:
+            return f.read().strip() or None
     except OSError:
         return None
 
@@ -212,10 +214,9 @@ def prepare_run_folders(config):
     of killed writes removed; a refused start changes nothing in the folder."""
     log_folder = os.path.join(config.log_dir, config.run_name)
     lock_run_folder(config.output_dir)
-    owner = log_owner(log_folder)
-    if owner not in (None, os.path.realpath(config.output_dir)):
-        raise UserError(f"{log_folder} holds the TensorBoard events of another run ({owner}): choose another "
-                        "--run-name")
+    own, logged = run_id(config.output_dir), run_id(log_folder)
+    if logged is not None and logged != own:
+        raise UserError(f"{log_folder} holds the TensorBoard events of another run: choose another --run-name")
     found = []
     for folder, is_run_file in ((config.output_dir, RUN_FILES.fullmatch), (log_folder, lambda n: "tfevents" in n)):
         if config.resume is None and os.path.isdir(folder):
@@ -231,9 +232,11 @@ def prepare_run_folders(config):
         raise CheckpointError(f"cannot write checkpoints to --output-dir {config.output_dir}: {e.strerror or e}") \
             from None
     utils.prepare_log_dir(log_folder)
-    if not os.path.exists(os.path.join(log_folder, LOG_OWNER)):  # whose events these are (log_name_of)
-        with open(os.path.join(log_folder, LOG_OWNER), "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(os.path.realpath(config.output_dir))
+    own = own or uuid.uuid4().hex  # a new run's
+    for folder in (config.output_dir, log_folder):
+        if run_id(folder) is None:
+            with open(os.path.join(folder, RUN_ID), "w") as f:
+                f.write(own)
     for path in found:
         try:
             os.remove(path)

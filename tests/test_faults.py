@@ -438,6 +438,12 @@ def test_two_output_folders_of_one_name_are_two_runs_in_tensorboard(tiny_data, t
     argv[argv.index("--run-name") + 1], argv[argv.index("--output-dir") + 1] = "ckpt", str(tmp_path / "expC/other")
     code, err = cli(capsys, *argv)  # runs/ckpt holds expA's events
     assert code == 2 and "holds the TensorBoard events of another run" in err and "--resume" not in err, err
+    import shutil  # a run moved elsewhere, both its folders, is still one run
+    shutil.copytree(tmp_path / "expA", tmp_path / "moved/expA")
+    shutil.copytree(tmp_path / "runs/ckpt", tmp_path / "moved/runs/ckpt")
+    argv = tiny_train_args(tiny_data, tmp_path / "moved", "--epochs", "3", "--resume", "auto")
+    argv[argv.index("--run-name") + 1], argv[argv.index("--output-dir") + 1] = "ckpt", str(tmp_path / "moved/expA/ckpt")
+    assert cli(capsys, *argv)[0] == 0
 
 
 def test_a_held_out_split_stays_the_runs_own_when_the_folder_changes(tmp_path, capsys):
