@@ -210,8 +210,8 @@ def run_id(folder):
 def prepare_run_folders(config):
     """A fresh start never destroys another run's files: refused unless --overwrite, which deletes them, and a run
     already training in the folder refuses any other start (a lock held until unlock_run_folders). Then the
-    checkpoint and TensorBoard folders are made and probed (failing at start, not after an epoch) and temp files
-    of killed writes removed; a refused start changes nothing in the folder."""
+    checkpoint and TensorBoard folders are made and probed (failing at start, not after an epoch), both marked with
+    the run's id, and temp files of killed writes removed; a refused start touches none of another run's files."""
     log_folder = os.path.join(config.log_dir, config.run_name)
     lock_run_folder(config.output_dir)
     own, logged = run_id(config.output_dir), run_id(log_folder)
@@ -225,8 +225,7 @@ def prepare_run_folders(config):
         raise UserError(f"{found[0]} belongs to an earlier run: add --resume auto to continue it, --overwrite to "
                         f"start afresh (deleting {plural(len(found), 'file')} of it), or choose another "
                         f"--output-dir / --run-name")
-    try:
-        os.makedirs(config.output_dir, exist_ok=True)
+    try:  # lock_run_folder made the folder: can this process write there?
         tempfile.NamedTemporaryFile(dir=config.output_dir, prefix=".tmp-probe-").close()
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoints to --output-dir {config.output_dir}: {e.strerror or e}") \
